@@ -1,0 +1,153 @@
+"""The ``mutualkd`` command: run, validate, plugins, report.
+
+Every error the user can fix is printed as one message (where, what, how to fix) with
+exit code 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+import sys
+from typing import Annotated, Optional
+
+from rich.console import Console
+from rich.table import Table
+import typer
+
+from mutualkd.errors import EXIT_BAD_INPUT, NonFiniteLossError, UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Mutual learning and knowledge distillation for timm models.",
+)
+err_console = Console(stderr=True, highlight=False)
+out_console = Console(highlight=False)
+
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override a recipe field, e.g. --set run.epochs=5 (repeatable)."),
+]
+BlockOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--block-plugin", help="Do not load this plugin (name or kind:name); repeatable."),
+]
+
+
+def _fail(e: UserError) -> None:
+    err_console.print("[bold red]error:[/] ", end="")
+    err_console.print(str(e), markup=False, soft_wrap=True)
+    raise typer.Exit(e.exit_code)
+
+
+def _load(recipe: Path, overrides: list[str] | None):
+    from mutualkd.config import load_recipe
+
+    return load_recipe(recipe, overrides or [])
+
+
+@app.command()
+def run(
+    recipe: Annotated[Optional[Path], typer.Argument(help="The TOML recipe to run.")] = None,
+    set_: SetOpt = None,
+    resume: Annotated[
+        Optional[Path], typer.Option("--resume", help="Continue the run in this folder from its latest checkpoint.")
+    ] = None,
+    block_plugin: BlockOpt = None,
+) -> None:
+    """Train the peers of RECIPE."""
+    from mutualkd._registry import registry
+    from mutualkd.engine import RunInterrupted, Trainer
+
+    try:
+        registry.block(block_plugin or [])
+        if recipe is None:
+            if resume is None:
+                raise UserError("no recipe given", hint="run `mutualkd run RECIPE.toml` or `mutualkd run --resume RUN_DIR`")
+            recipe = resume / "recipe.toml"
+        rec = _load(recipe, set_)
+        trainer = Trainer(rec, recipe_file=str(recipe), resume=resume)
+        trainer.fit()
+    except UserError as e:
+        _fail(e)
+    except NonFiniteLossError as e:
+        err_console.print("[bold red]training stopped:[/] ", end="")
+        err_console.print(str(e), markup=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
+    except RunInterrupted as e:
+        err_console.print(
+            f"interrupted (signal {e.signum}); a checkpoint was written. Resume with:\n"
+            f"  mutualkd run --resume {e.run_dir}",
+            markup=False,
+        )
+        raise typer.Exit(e.exit_code) from None
+
+
+@app.command()
+def validate(
+    recipe: Annotated[Path, typer.Argument(help="The TOML recipe to check.")],
+    set_: SetOpt = None,
+    data: Annotated[bool, typer.Option("--data/--no-data", help="Also check that the data set can be loaded.")] = True,
+) -> None:
+    """Check RECIPE (fields, strategy and its parameters, model names, data) without training."""
+    import timm
+
+    from mutualkd.data import load_dataset
+    from mutualkd.engine import resolve_strategy
+    from mutualkd.errors import RecipeError, unknown_name_hint
+    import mutualkd.models  # noqa: F401
+
+    try:
+        rec = _load(recipe, set_)
+        resolve_strategy(rec, str(recipe))
+        for i, pc in enumerate(rec.peers):
+            if not timm.is_model(pc.model):
+                raise RecipeError(
+                    f"unknown model '{pc.model}'", file=str(recipe), field=f"peers[{i}].model",
+                    hint=unknown_name_hint("timm model", pc.model, timm.list_models()),
+                )
+        if data:
+            load_dataset(rec.data, seed=rec.run.seed)
+    except UserError as e:
+        _fail(e)
+    names = ", ".join(f"{n} ({p.model})" for n, p in zip(rec.peer_names(), rec.peers))
+    out_console.print(f"[green]ok[/] {recipe}: strategy {rec.strategy.name}, {len(rec.peers)} peers: {names}; data {rec.data.dataset}")
+
+
+@app.command()
+def plugins(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    block_plugin: BlockOpt = None,
+) -> None:
+    """List the installed strategy and metric plugins and their status."""
+    from mutualkd._registry import registry
+
+    registry.block(block_plugin or [])
+    infos = registry.infos(load=True)
+    if as_json:
+        sys.stdout.write(json.dumps([i.as_dict() for i in infos], indent=2) + "\n")
+        return
+    table = Table(title="mutualkd plugins")
+    for col in ("kind", "name", "distribution", "version", "module", "status"):
+        table.add_column(col)
+    for i in infos:
+        status = {"ok": "[green]ok[/]", "blocked": "[yellow]blocked[/]"}.get(i.status, f"[red]{i.status}[/]")
+        if i.error and i.status != "blocked":
+            status += f": {i.error}"
+        table.add_row(i.kind, i.name, i.distribution, i.version, i.value, status)
+    out_console.print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except UserError as e:  # pragma: no cover - commands catch their own
+        err_console.print(f"error: {e}", markup=False)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+if __name__ == "__main__":
+    main()

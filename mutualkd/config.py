@@ -1,0 +1,358 @@
+"""Recipes: TOML files validated by pydantic models.
+
+A recipe has the sections ``[run]``, ``[data]``, ``[[peers]]``, ``[optimizer]`` and
+``[scheduler]`` (shared defaults a peer may override), ``[strategy]`` and ``[schedule]``.
+Unknown keys are refused everywhere. The strategy's own parameters live in
+``[strategy]`` next to its ``name`` and are validated by the pydantic model the
+strategy plugin provides (see :mod:`mutualkd.strategy`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+import tomllib
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mutualkd.errors import RecipeError
+
+__all__ = [
+    "Recipe",
+    "RunConfig",
+    "DataConfig",
+    "PeerConfig",
+    "OptimizerConfig",
+    "SchedulerConfig",
+    "StrategyConfig",
+    "ScheduleConfig",
+    "load_recipe",
+    "parse_recipe",
+    "apply_overrides",
+    "format_validation_error",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class RunConfig(_Strict):
+    """``[run]``: what the run is called, where it writes, and how it is logged."""
+
+    name: str = "run"
+    seed: int = 0
+    epochs: PositiveInt = 1
+    out_dir: str = "runs"
+    deterministic: bool = False
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    device: Literal["auto", "cpu"] = "auto"
+    log_every: PositiveInt = 50
+    checkpoint_every: Annotated[int, Field(ge=0)] = 0
+    keep_checkpoints: Annotated[int, Field(ge=2)] = 2
+    max_steps: Annotated[int, Field(gt=0)] | None = None
+    resume: Literal["never", "auto"] = "never"
+    channels_last: bool = False
+    compile: bool = False
+    progress: bool = True
+
+
+class DataConfig(_Strict):
+    """``[data]``: which data set, where it lies, and how batches are drawn."""
+
+    dataset: Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "image_folder"] = "digits"
+    root: str | None = None
+    download: bool = False
+    batch_size: PositiveInt = 64
+    eval_batch_size: PositiveInt = 512
+    augment: bool = True
+    train_subset: PositiveInt | None = None
+    test_subset: PositiveInt | None = None
+    image_size: PositiveInt | None = None
+    drop_last: bool = True
+
+
+class OptimizerConfig(_Strict):
+    """An optimizer: SGD (momentum, Nesterov) or AdamW."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: Annotated[float, Field(gt=0)] = 0.1
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    nesterov: bool = True
+    weight_decay: Annotated[float, Field(ge=0)] = 5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> OptimizerConfig:
+        if self.name == "sgd" and self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov = true needs momentum > 0; set momentum or nesterov = false")
+        return self
+
+
+class SchedulerConfig(_Strict):
+    """A learning-rate schedule, stepped once per epoch, with optional linear warmup."""
+
+    name: Literal["constant", "multistep", "cosine"] = "constant"
+    milestones: list[PositiveInt] = Field(default_factory=list)
+    gamma: Annotated[float, Field(gt=0)] = 0.1
+    min_lr: Annotated[float, Field(ge=0)] = 0.0
+    warmup_epochs: Annotated[int, Field(ge=0)] = 0
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        if any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError("milestones must be strictly increasing epochs, e.g. [60, 120, 160]")
+        return v
+
+
+class PeerConfig(_Strict):
+    """``[[peers]]``: one network, any timm model name with its keyword arguments."""
+
+    model: str
+    name: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    optimizer: OptimizerConfig | None = None
+    scheduler: SchedulerConfig | None = None
+
+    @field_validator("kwargs")
+    @classmethod
+    def _no_reserved(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in ("num_classes", "in_chans"):
+            if key in v:
+                raise ValueError(f"'{key}' is taken from the data set; remove it from kwargs")
+        if v.get("pretrained"):
+            raise ValueError(
+                "pretrained weights are downloaded from a hub at run time, which mutualkd does not do;"
+                " load weights through a checkpoint instead"
+            )
+        return v
+
+
+class StrategyConfig(BaseModel):
+    """``[strategy]``: the strategy's name; every other key belongs to the strategy."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "kl_dml"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ScheduleConfig(_Strict):
+    """``[schedule]``: faithful sequential updates or one shared forward for all peers."""
+
+    mode: Literal["alternating", "simultaneous"] = "alternating"
+
+
+class Recipe(_Strict):
+    """A whole recipe."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    peers: list[PeerConfig] = Field(min_length=1)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+    def peer_optimizer(self, i: int) -> OptimizerConfig:
+        return self.peers[i].optimizer or self.optimizer
+
+    def peer_scheduler(self, i: int) -> SchedulerConfig:
+        return self.peers[i].scheduler or self.scheduler
+
+    def peer_names(self) -> list[str]:
+        return [p.name or f"peer{i}" for i, p in enumerate(self.peers)]
+
+    @model_validator(mode="after")
+    def _unique_peer_names(self) -> Recipe:
+        names = self.peer_names()
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"peer names must be unique; {', '.join(dupes)} appears more than once")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(self.model_dump_json(exclude_none=True))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _loc_to_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def format_validation_error(err: ValidationError, file: str, prefix: str = "") -> RecipeError:
+    """Turn pydantic's error list into one RecipeError naming the TOML path of each field."""
+    lines = []
+    first_field = None
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        field = _loc_to_path(loc)
+        if prefix:
+            field = f"{prefix}.{field}" if field else prefix
+        first_field = first_field or field
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        elif e["type"] == "literal_error":
+            expected = e.get("ctx", {}).get("expected", "")
+            msg = f"got {e.get('input')!r}, expected one of {expected}"
+        elif "input" in e and e["type"] not in ("model_type",):
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"[{field}] {msg}")
+    head = lines[0].split("] ", 1)[1] if len(lines) == 1 else f"{len(lines)} fields are invalid:\n  " + "\n  ".join(lines)
+    return RecipeError(
+        head,
+        file=file,
+        field=first_field if len(lines) == 1 else None,
+        hint="edit the recipe (or the --set override) so each field above has a value of the expected kind",
+    )
+
+
+def parse_recipe(data: dict[str, Any], file: str = "<recipe>") -> Recipe:
+    """Validate a recipe given as a dict (already overridden)."""
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise _with_key_suggestions(format_validation_error(err, file), err, data) from None
+
+
+_SECTION_KEYS: dict[str, type[BaseModel]] = {
+    "run": RunConfig,
+    "data": DataConfig,
+    "optimizer": OptimizerConfig,
+    "scheduler": SchedulerConfig,
+    "schedule": ScheduleConfig,
+}
+
+
+def _with_key_suggestions(rerr: RecipeError, err: ValidationError, data: dict[str, Any]) -> RecipeError:
+    """Add "did you mean" hints to unknown-key errors."""
+    from mutualkd.errors import close_matches
+
+    hints = []
+    for e in err.errors():
+        if e["type"] != "extra_forbidden":
+            continue
+        loc = e["loc"]
+        key = str(loc[-1])
+        if len(loc) == 1:
+            known = list(Recipe.model_fields)
+        elif loc[0] == "peers":
+            known = list(PeerConfig.model_fields)
+            if len(loc) >= 4 and loc[2] in ("optimizer", "scheduler"):
+                known = list((OptimizerConfig if loc[2] == "optimizer" else SchedulerConfig).model_fields)
+        elif loc[0] in _SECTION_KEYS:
+            known = list(_SECTION_KEYS[str(loc[0])].model_fields)
+        else:
+            continue
+        m = close_matches(key, known)
+        hints.append(f"'{key}': " + (f"did you mean {' or '.join(repr(x) for x in m)}?" if m else f"known keys: {', '.join(known)}"))
+    if hints:
+        rerr.hint = "; ".join(hints)
+    return rerr
+
+
+def _coerce_value(text: str) -> Any:
+    """Read a --set value as TOML (numbers, booleans, strings, lists); bare words are strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], file: str = "<recipe>") -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (``peers.0.model=...`` indexes lists) to a raw recipe dict."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(
+                f"--set {item!r} is not of the form key=value",
+                file=file,
+                hint="write e.g. --set run.epochs=5 or --set peers.0.model=cifar_resnet32",
+            )
+        path, _, raw = item.partition("=")
+        keys = path.strip().split(".")
+        if not all(keys):
+            raise RecipeError(f"--set {item!r} has an empty key", file=file, hint="write e.g. --set run.epochs=5")
+        node: Any = data
+        for depth, key in enumerate(keys[:-1]):
+            if isinstance(node, list):
+                node = _list_item(node, key, ".".join(keys[: depth + 1]), file)
+            else:
+                node = node.setdefault(key, {})
+                if not isinstance(node, (dict, list)):
+                    raise RecipeError(
+                        f"--set {item!r}: {'.'.join(keys[: depth + 1])} is a value, not a table",
+                        file=file,
+                        field=".".join(keys[: depth + 1]),
+                    )
+        last = keys[-1]
+        value = _coerce_value(raw.strip())
+        if isinstance(node, list):
+            idx = _index(last, path, file, len(node))
+            node[idx] = value
+        else:
+            node[last] = value
+    return data
+
+
+def _index(key: str, path: str, file: str, length: int) -> int:
+    if not key.isdigit() or int(key) >= length:
+        raise RecipeError(
+            f"--set: '{key}' is not an index of a list of length {length}",
+            file=file,
+            field=path,
+            hint=f"use an index from 0 to {length - 1}, e.g. peers.0.model=...",
+        )
+    return int(key)
+
+
+def _list_item(node: list[Any], key: str, path: str, file: str) -> Any:
+    return node[_index(key, path, file, len(node))]
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file, turning every way it can fail into a RecipeError."""
+    p = Path(path)
+    if not p.exists():
+        raise RecipeError("recipe file not found", file=str(p), hint="check the path; recipes/ holds the shipped recipes")
+    if p.is_dir():
+        raise RecipeError("this is a folder, not a recipe file", file=str(p), hint="name a .toml file")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(
+            f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})",
+            file=str(p),
+            hint="save the recipe as UTF-8 text",
+        ) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"TOML syntax error: {e}", file=str(p), hint="fix the TOML syntax at the line and column named") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file."""
+    data = read_toml(path)
+    data = apply_overrides(data, overrides or [], file=str(path))
+    return parse_recipe(data, file=str(path))

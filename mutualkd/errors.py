@@ -1,0 +1,103 @@
+"""Errors that reach the user as a message and an exit code, never as a traceback.
+
+Every error a user can fix by editing a recipe, a path or a command line is a
+:class:`UserError`; the CLI prints it and exits with :data:`EXIT_BAD_INPUT`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+import difflib
+
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_NON_FINITE",
+    "UserError",
+    "RecipeError",
+    "DataError",
+    "PluginError",
+    "CheckpointError",
+    "NonFiniteLossError",
+    "close_matches",
+]
+
+#: Exit code for input the user has to fix (recipe, data, paths, command line).
+EXIT_BAD_INPUT = 2
+#: Exit code when training diverged (a loss term became NaN or Inf).
+EXIT_NON_FINITE = 3
+
+
+def close_matches(name: str, known: Iterable[str], n: int = 3) -> list[str]:
+    """Names in ``known`` that look like ``name`` (for "did you mean" hints)."""
+    return difflib.get_close_matches(name, sorted(known), n=n, cutoff=0.5)
+
+
+def unknown_name_hint(kind: str, name: str, known: Sequence[str]) -> str:
+    """A one-paragraph hint for an unknown name: close matches first, then everything known."""
+    matches = close_matches(name, known)
+    parts = []
+    if matches:
+        parts.append("did you mean " + " or ".join(repr(m) for m in matches) + "?")
+    shown = sorted(known)
+    if len(shown) > 30:
+        parts.append(f"{len(shown)} {kind}s are known; e.g. " + ", ".join(shown[:30]) + ", ...")
+    else:
+        parts.append(f"known {kind}s: " + (", ".join(shown) if shown else "(none installed)"))
+    return "; ".join(parts)
+
+
+class UserError(Exception):
+    """Something the user can fix. ``where`` says where (file and field), ``hint`` how."""
+
+    exit_code = EXIT_BAD_INPUT
+
+    def __init__(self, message: str, *, where: str | None = None, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.where = where
+        self.hint = hint
+
+    def __str__(self) -> str:
+        text = f"{self.where}: {self.message}" if self.where else self.message
+        if self.hint:
+            text += f"\n  fix: {self.hint}"
+        return text
+
+
+class RecipeError(UserError):
+    """A recipe that cannot be read or does not validate."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        field: str | None = None,
+        hint: str | None = None,
+    ):
+        where = None
+        if file and field:
+            where = f"{file} [{field}]"
+        elif file or field:
+            where = file or f"[{field}]"
+        super().__init__(message, where=where, hint=hint)
+        self.file = file
+        self.field = field
+
+
+class DataError(UserError):
+    """A data set that is missing, incomplete or malformed."""
+
+
+class PluginError(UserError):
+    """A plugin that is unknown, duplicated or broken."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, incomplete, corrupted or does not fit the recipe."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or Inf; training stops on every process."""
+
+    exit_code = EXIT_NON_FINITE

@@ -1,0 +1,123 @@
+"""Peers: timm models wrapped so that one call gives features and logits.
+
+The features are what ``forward_features`` returns (last stage, before pooling) and the
+logits come from ``forward_head`` on those same features, so a forward pass computes the
+backbone once. The wrapper's ``forward`` does both, which is also what lets
+DistributedDataParallel see the call (it only hooks ``forward``).
+
+Feature maps are handed to strategies as ``[B, C, H, W]``:
+
+* NCHW maps (CNNs) as they are; NHWC maps (timm models with ``output_fmt == "NHWC"``,
+  e.g. Swin) are permuted;
+* token sequences ``[B, N, C]`` (ViT-style) drop their ``num_prefix_tokens`` prefix
+  tokens (class / register tokens) and are laid out on the patch grid, row-major,
+  which needs ``N - prefix`` to equal the grid's ``H * W``;
+* anything else is refused with a message naming the model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from mutualkd.errors import RecipeError, UserError, unknown_name_hint
+
+__all__ = ["PeerModule", "create_peer", "to_feature_map"]
+
+
+def to_feature_map(raw: Tensor, model: nn.Module, model_name: str) -> Tensor:
+    """Lay ``forward_features`` output out as ``[B, C, H, W]`` by the rules above."""
+    if raw.ndim == 4:
+        if getattr(model, "output_fmt", "NCHW") == "NHWC" or str(getattr(model, "output_fmt", "")).endswith("NHWC"):
+            return raw.permute(0, 3, 1, 2)
+        return raw
+    if raw.ndim == 3:
+        prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
+        tokens = raw[:, prefix:, :]
+        n = tokens.shape[1]
+        grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+        if grid is not None and int(grid[0]) * int(grid[1]) == n:
+            h, w = int(grid[0]), int(grid[1])
+        elif math.isqrt(n) ** 2 == n:
+            h = w = math.isqrt(n)
+        else:
+            raise UserError(
+                f"model '{model_name}' returns {n} tokens after dropping {prefix} prefix tokens,"
+                " which do not form a square patch grid",
+                hint="use a model whose forward_features returns a feature map or a square token grid",
+            )
+        return tokens.transpose(1, 2).reshape(raw.shape[0], raw.shape[2], h, w)
+    raise UserError(
+        f"model '{model_name}' returns features of shape {tuple(raw.shape)} from forward_features;"
+        " this strategy needs a feature map [B, C, H, W] or ViT tokens [B, N, C]",
+        hint="choose a convolutional or ViT-style model, or a strategy that only uses logits",
+    )
+
+
+class PeerModule(nn.Module):
+    """A timm model whose forward returns ``(features, logits)`` with one backbone pass."""
+
+    def __init__(self, model: nn.Module, model_name: str, feature_map: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        self.model_name = model_name
+        self.feature_map = feature_map
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raw = self.model.forward_features(x)
+        logits = self.model.forward_head(raw)
+        feats = to_feature_map(raw, self.model, self.model_name) if self.feature_map else raw
+        return feats, logits
+
+
+def create_peer(
+    model_name: str,
+    *,
+    num_classes: int,
+    in_chans: int,
+    kwargs: dict[str, Any] | None = None,
+    file: str = "<recipe>",
+    field: str = "peers",
+) -> nn.Module:
+    """``timm.create_model`` with the data set's class and channel counts, or a RecipeError."""
+    import mutualkd.models  # noqa: F401  (registers the CIFAR families into timm)
+
+    if not timm.is_model(model_name):
+        raise RecipeError(
+            f"unknown model '{model_name}'",
+            file=file,
+            field=f"{field}.model",
+            hint=unknown_name_hint("timm model", model_name, timm.list_models()),
+        )
+    try:
+        model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **(kwargs or {}))
+    except TypeError as e:
+        raise RecipeError(
+            f"model '{model_name}' does not accept these kwargs: {e}",
+            file=file,
+            field=f"{field}.kwargs",
+            hint="remove or rename the keyword; see the model's constructor in timm",
+        ) from None
+    for attr in ("forward_features", "forward_head"):
+        if not hasattr(model, attr):
+            raise RecipeError(
+                f"model '{model_name}' lacks timm's {attr}()", file=file, field=f"{field}.model",
+                hint="use a model built on timm's model API",
+            )
+    return model
+
+
+@torch.no_grad()
+def probe_feature_shape(peer: PeerModule, in_chans: int, image_size: tuple[int, int], device: torch.device) -> tuple[int, ...]:
+    """Shape (without batch) of a peer's feature map, from one forward pass on zeros."""
+    was_training = peer.training
+    peer.eval()
+    try:
+        feats, _ = peer(torch.zeros(2, in_chans, *image_size, device=device))
+    finally:
+        peer.train(was_training)
+    return tuple(feats.shape[1:])

@@ -1,0 +1,225 @@
+"""The strategy contract: what a distillation strategy declares and computes.
+
+A strategy never runs a training loop. It declares
+
+* its parameters, as a pydantic model ``Params`` (the ``[strategy]`` table of a recipe,
+  minus ``name``, is validated against it, unknown keys refused);
+* the auxiliary modules it needs (autoencoders, encoders, a frozen teacher), created in
+  :meth:`Strategy.setup` and attached to *units*: a unit is a set of parameters that one
+  optimizer updates together. Each peer's backbone is the unit named after the peer;
+* its *stages* (e.g. IE-KD trains the teacher's autoencoder first, then the student),
+  each a list of :class:`Step` run in order for every mini-batch;
+* for each step, :meth:`Strategy.compute` returns the named loss terms, grouped by peer:
+  ``{"peer0": {"ce": tensor, "kl": tensor}}``. The engine sums them, backpropagates once,
+  steps the optimizers of the step's units, and logs every term.
+
+Peer outputs are requested through :meth:`StepContext.output`. The engine caches them:
+a peer that was not updated since its last forward pass on this batch is not run again;
+one that was updated is recomputed, so every step sees the current networks (that is
+what makes sequential schedules faithful). The engine decides whether a forward pass
+records a graph: it does when the peer will still be updated later in the batch. Targets
+taken from other peers must be detached by the strategy.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from mutualkd.config import OptimizerConfig, Recipe, SchedulerConfig
+    from mutualkd.data import DatasetInfo
+
+__all__ = [
+    "Strategy",
+    "StrategyParams",
+    "Step",
+    "Stage",
+    "PeerOutput",
+    "PeerInfo",
+    "SetupContext",
+    "StepContext",
+    "LossTerms",
+]
+
+#: Loss terms of one step, grouped by peer name: ``{"peer0": {"ce": t, "kl": t}}``.
+LossTerms = dict[str, dict[str, Tensor]]
+Mode = Literal["alternating", "simultaneous"]
+
+
+class StrategyParams(BaseModel):
+    """Base for a strategy's parameter model: unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One update in a mini-batch.
+
+    ``name`` is logged with every term the step produces; ``updates`` names the units
+    whose optimizers step after the backward pass (a peer's name is the unit of its
+    backbone and of whatever the strategy attached to it).
+    """
+
+    name: str
+    updates: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A phase of training: ``steps`` run for each batch, for ``epochs`` epochs.
+
+    ``epochs=None`` means the recipe's ``run.epochs``. ``evaluate`` says whether the
+    peers are evaluated at the end of each epoch of this stage.
+    """
+
+    name: str
+    steps: tuple[Step, ...]
+    epochs: int | None = None
+    evaluate: bool = True
+
+
+@dataclass
+class PeerOutput:
+    """A peer's forward pass on the current batch: feature map and logits."""
+
+    features: Tensor
+    logits: Tensor
+    has_grad: bool
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """What a strategy may know of a peer at set-up time."""
+
+    index: int
+    name: str
+    model_name: str
+    feature_shape: tuple[int, ...]  # without the batch dimension, e.g. (C, H, W)
+    model: nn.Module  # the unwrapped timm model (read-only use at set-up)
+
+
+@dataclass
+class SetupContext:
+    """Handed to :meth:`Strategy.setup`: the peers, the data set, and a way to add modules."""
+
+    peers: Sequence[PeerInfo]
+    recipe: Recipe
+    dataset: DatasetInfo
+    device: torch.device
+    recipe_file: str
+    _added: list[tuple[str, nn.Module, str, Any, Any, bool]] = field(default_factory=list)
+
+    def load_peer(self, path: str, peer: str | int, *, field: str = "strategy") -> nn.Module:
+        """A peer network from a checkpoint of an earlier mutualkd run, frozen.
+
+        ``path`` is a checkpoint folder or a run folder (its latest complete checkpoint);
+        ``peer`` a peer name or index of that run. The model is rebuilt from the run's
+        recorded architecture and checked against this recipe's data set.
+        """
+        from mutualkd.checkpoint import load_peer_model
+
+        return load_peer_model(
+            path, peer, num_classes=self.dataset.num_classes, in_chans=self.dataset.in_chans,
+            where=f"{self.recipe_file} [{field}]",
+        )
+
+    def add_module(
+        self,
+        name: str,
+        module: nn.Module,
+        *,
+        unit: str,
+        optimizer: OptimizerConfig | None = None,
+        scheduler: SchedulerConfig | None = None,
+        trainable: bool = True,
+    ) -> None:
+        """Register an auxiliary module.
+
+        ``unit`` is the optimizer group it is updated with: a peer's name (the module
+        trains jointly with that peer's backbone, with the peer's optimizer) or a new
+        unit name, which then gets its own optimizer built from ``optimizer`` and
+        ``scheduler`` (default: the recipe's shared ones). ``trainable=False`` keeps the
+        module frozen and in eval mode (e.g. a teacher loaded from a checkpoint).
+        """
+        self._added.append((name, module, unit, optimizer, scheduler, trainable))
+
+
+class StepContext(ABC):
+    """Handed to :meth:`Strategy.compute` for each step of each batch."""
+
+    inputs: Tensor
+    labels: Tensor
+    epoch: int
+    global_step: int
+    stage: str
+    #: Free per-batch storage for the strategy (cleared before each batch).
+    cache: dict[str, Any]
+
+    @abstractmethod
+    def output(self, peer: int) -> PeerOutput:
+        """Peer ``peer``'s output on this batch, from the cache while still current."""
+
+    @abstractmethod
+    def module(self, name: str) -> nn.Module:
+        """An auxiliary module registered in :meth:`Strategy.setup` (ready to call)."""
+
+
+class Strategy(ABC):
+    """Base class of every distillation strategy plugin.
+
+    Subclasses set ``Params`` (a :class:`StrategyParams` subclass), ``min_peers`` /
+    ``max_peers`` and ``modes`` (the ``[schedule] mode`` values they support), and
+    implement :meth:`steps` and :meth:`compute`. Register the class under the entry-point
+    group ``mutualkd.strategies``.
+    """
+
+    Params: ClassVar[type[StrategyParams]] = StrategyParams
+    min_peers: ClassVar[int] = 1
+    max_peers: ClassVar[int | None] = None
+    modes: ClassVar[tuple[str, ...]] = ("alternating", "simultaneous")
+    #: Whether :class:`PeerOutput.features` must be a ``[B, C, H, W]`` map (see mutualkd.peers).
+    needs_feature_maps: ClassVar[bool] = False
+
+    def __init__(self, params: StrategyParams, *, peers: Sequence[str], mode: Mode) -> None:
+        self.params = params
+        self.peers = list(peers)
+        self.mode = mode
+
+    # ------------------------------------------------------------------ declaration
+    def setup(self, ctx: SetupContext) -> None:
+        """Create auxiliary modules with ``ctx.add_module`` (default: none)."""
+
+    @abstractmethod
+    def steps(self) -> Sequence[Step]:
+        """The steps of one mini-batch of the main stage, in order."""
+
+    def stages(self) -> Sequence[Stage]:
+        """The stages of a run; by default one stage running :meth:`steps`."""
+        return [Stage("train", tuple(self.steps()))]
+
+    # ------------------------------------------------------------------ computation
+    @abstractmethod
+    def compute(self, step: Step, ctx: StepContext) -> LossTerms:
+        """The loss terms of ``step``, grouped by peer name."""
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Strategy state that is not inside a module (saved with every checkpoint)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    # ------------------------------------------------------------------ helpers
+    @classmethod
+    def describe(cls) -> str:
+        """First line of the docstring, for listings."""
+        return (cls.__doc__ or cls.__name__).strip().splitlines()[0]

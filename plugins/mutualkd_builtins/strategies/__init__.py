@@ -1,0 +1,1 @@
+"""Built-in strategies: ``independent``, ``kl_dml``, ``ie_kd``, ``ie_dml``."""

@@ -1,0 +1,108 @@
+"""What IE-KD and IE-DML share: parameters, the module set-up, and the IE loss.
+
+Huang et al., "Revisiting Knowledge Distillation: An Inheritance and Exploration
+Framework", CVPR 2021. A teacher's feature map f_T is compressed into a factor
+F_T = Enc_T(f_T) by a factor autoencoder (paraphraser) trained to reconstruct f_T. The
+student's feature map is split along channels into an inheritance part and an
+exploration part, each encoded into the teacher's factor space; the student minimises
+
+    CE + lambda_inh * d_inh(F_inh, F_T) - lambda_exp * d_exp(F_exp, F_T).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+from pydantic import Field
+import torch
+from torch import Tensor
+import torch.nn.functional as F
+
+from mutualkd import get_metric
+from mutualkd.config import OptimizerConfig, SchedulerConfig
+from mutualkd.strategy import SetupContext, StrategyParams
+from mutualkd_builtins.factor import InheritExploreEncoders, Paraphraser, factor_channels
+
+__all__ = ["IEParams", "ie_terms", "resolve_metrics", "make_paraphraser", "make_encoders"]
+
+
+class IEParams(StrategyParams):
+    """Parameters common to ``ie_kd`` and ``ie_dml``."""
+
+    inh_metric: str = Field("l1", description="distance for inheritance (a mutualkd.metrics plugin)")
+    exp_metric: str = Field("l1", description="distance for exploration (a mutualkd.metrics plugin)")
+    lambda_inh: float = Field(50.0, ge=0.0, description="weight of the inheritance term")
+    lambda_exp: float = Field(50.0, ge=0.0, description="weight of the exploration term")
+    rate: float = Field(0.5, gt=0.0, le=4.0, description="factor compression rate k: C' = round(k C)")
+    factor_channels: int | None = Field(None, gt=0, description="fixed C' instead of k C (the authors used 32 for wide maps)")
+    rec_loss: Literal["l1", "l2"] = Field("l1", description="reconstruction loss of the autoencoder")
+    split: Literal["natural", "random"] = Field("natural", description="how student channels are split")
+    ratio: float = Field(0.5, gt=0.0, lt=1.0, description="share of student channels used for inheritance")
+    split_seed: int = Field(0, description="seed of the random split (saved with the checkpoint)")
+
+
+Metric = Callable[[Tensor, Tensor], Tensor]
+
+
+def resolve_metrics(params: IEParams, ctx: SetupContext) -> tuple[Metric, Metric]:
+    """The two distance functions, looked up by name in the registry."""
+    d_inh = get_metric(params.inh_metric, where=f"{ctx.recipe_file} [strategy.inh_metric]")
+    d_exp = get_metric(params.exp_metric, where=f"{ctx.recipe_file} [strategy.exp_metric]")
+    return d_inh, d_exp
+
+
+def make_paraphraser(params: IEParams, channels: int) -> Paraphraser:
+    return Paraphraser(channels, rate=params.rate, fixed_channels=params.factor_channels, rec_loss=params.rec_loss)
+
+
+def make_encoders(params: IEParams, student_channels: int, teacher_factor_channels: int) -> InheritExploreEncoders:
+    return InheritExploreEncoders(
+        student_channels, teacher_factor_channels, split=params.split, ratio=params.ratio, generator_seed=params.split_seed
+    )
+
+
+def ae_optimizer(lr: float | None, base: OptimizerConfig) -> OptimizerConfig:
+    """The autoencoder's optimizer: the given one with ``lr`` replaced when set."""
+    return base if lr is None else base.model_copy(update={"lr": lr})
+
+
+CONSTANT = SchedulerConfig(name="constant")
+
+
+def match_grid(f_student: Tensor, teacher_factor: Tensor) -> Tensor:
+    """Pool the student's map to the teacher factor's spatial size when they differ."""
+    if f_student.shape[-2:] != teacher_factor.shape[-2:]:
+        return F.adaptive_avg_pool2d(f_student, teacher_factor.shape[-2:])
+    return f_student
+
+
+def ie_terms(
+    logits: Tensor,
+    labels: Tensor,
+    f_inh: Tensor,
+    f_exp: Tensor,
+    teacher_factor: Tensor,
+    *,
+    d_inh: Metric,
+    d_exp: Metric,
+    lambda_inh: float,
+    lambda_exp: float,
+) -> dict[str, Tensor]:
+    """The IE loss terms of a student: ``ce``, ``inh`` (= +lambda d) and ``exp`` (= -lambda d).
+
+    ``teacher_factor`` is a constant (detached here).
+    """
+    target = teacher_factor.detach().float()
+    return {
+        "ce": F.cross_entropy(logits.float(), labels),
+        "inh": lambda_inh * d_inh(f_inh.float(), target),
+        "exp": -lambda_exp * d_exp(f_exp.float(), target),
+    }
+
+
+def teacher_factor(ae: torch.nn.Module, features: Tensor) -> Tensor:
+    """F_T = Enc_T(f_T), with no gradient into the teacher or its autoencoder."""
+    with torch.no_grad():
+        factor, _ = ae(features.detach())
+    return factor

@@ -1,0 +1,32 @@
+"""``independent``: every peer trained alone with cross-entropy (the baseline)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pydantic import Field
+import torch.nn.functional as F
+
+from mutualkd.strategy import LossTerms, Step, StepContext, Strategy, StrategyParams
+
+
+class IndependentParams(StrategyParams):
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class Independent(Strategy):
+    """Independent training: each peer minimises its own cross-entropy, no distillation."""
+
+    Params = IndependentParams
+    min_peers = 1
+
+    def steps(self) -> Sequence[Step]:
+        # The peers do not interact, so one step updating all of them is exact in both modes.
+        return [Step("all", tuple(self.peers))]
+
+    def compute(self, step: Step, ctx: StepContext) -> LossTerms:
+        assert isinstance(self.params, IndependentParams)
+        return {
+            name: {"ce": F.cross_entropy(ctx.output(i).logits.float(), ctx.labels, label_smoothing=self.params.label_smoothing)}
+            for i, name in enumerate(self.peers)
+        }
