@@ -1,0 +1,28 @@
+# Set-up and everyday commands. Each target creates the virtual environment in .venv
+# and installs the project (and its example plugins) on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.mutualkd-installed
+EXAMPLE_PLUGINS := $(wildcard plugins/mutualkd-*/pyproject.toml)
+
+.PHONY: install quickstart test clean-runs
+
+$(STAMP): pyproject.toml $(EXAMPLE_PLUGINS)
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev,report]" $(foreach p,$(EXAMPLE_PLUGINS),-e $(dir $(p)))
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# Train two peers with Deep Mutual Learning on scikit-learn's digits (about a minute).
+quickstart: $(STAMP)
+	$(BIN)/mutualkd run recipes/quickstart.toml --set run.name=quickstart-$$(date +%Y%m%d-%H%M%S)
+
+# The whole test suite.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean-runs:
+	rm -rf runs
