@@ -10,7 +10,6 @@ EXAMPLE_PLUGINS := $(wildcard plugins/mutualkd-*/pyproject.toml)
 
 $(STAMP): pyproject.toml $(EXAMPLE_PLUGINS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[dev,report]" $(foreach p,$(EXAMPLE_PLUGINS),-e $(dir $(p)))
 	@touch $(STAMP)
 
