@@ -60,6 +60,8 @@ class RunConfig(_Strict):
     channels_last: bool = False
     compile: bool = False
     progress: bool = True
+    #: Plugins (``name`` or ``kind:name``) this recipe refuses to load, as ``--block-plugin``.
+    block_plugins: list[Annotated[str, Field(min_length=1)]] | None = None
 
 
 class DataConfig(_Strict):
@@ -272,6 +274,8 @@ def _with_key_suggestions(rerr: RecipeError, err: ValidationError, data: dict[st
 
 def _coerce_value(text: str) -> Any:
     """Read a --set value as TOML (numbers, booleans, strings, lists); bare words are strings."""
+    if text.lower().lstrip("+-") in ("nan", "inf"):
+        return text  # a bare word here is meant as a name, not a float
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:

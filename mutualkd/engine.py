@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from mutualkd import checkpoint as ckpt
-from mutualkd._registry import get_strategy
+from mutualkd._registry import get_strategy, registry
 from mutualkd.config import Recipe, format_validation_error
 from mutualkd.data import BatchLoader, DatasetInfo, load_dataset
 from mutualkd.errors import CheckpointError, NonFiniteLossError, RecipeError, UserError
@@ -170,10 +170,17 @@ class Trainer:
         )
         acc = self.accelerator
         self.device = acc.device
+        # fp16 loss scaling is done by the engine, not by Accelerate's optimizer wrapper,
+        # which would update the scale once per optimizer instead of once per iteration.
+        self.scaler: torch.amp.GradScaler | None = None
+        if getattr(acc, "scaler", None) is not None:
+            self.scaler = torch.amp.GradScaler(self.device.type)
+            acc.scaler = None
         self.is_main = acc.is_main_process
         self._configure_determinism()
 
         # --- strategy: looked up by name in the registry, parameters validated by its model
+        registry.block(run.block_plugins or [], source="run.block_plugins (recipe)")
         cls, params = resolve_strategy(recipe, recipe_file)
         self.strategy_cls = cls
         n = len(recipe.peers)
@@ -416,7 +423,15 @@ class Trainer:
                     completed=self.pos.batch, info="",
                 )
                 t0, images, batch = time.perf_counter(), 0, self.pos.batch
-                for x, y in self.train_loader:
+                data_wait = 0.0
+                batches = iter(self.train_loader)
+                while True:
+                    t_wait = time.perf_counter()
+                    try:
+                        x, y = next(batches)
+                    except StopIteration:
+                        break
+                    data_wait += time.perf_counter() - t_wait
                     terms = self._train_batch(stage, steps, grad_from, x, y)
                     batch += 1
                     self.pos.batch = batch
@@ -436,7 +451,7 @@ class Trainer:
                 train_time = time.perf_counter() - t0
                 progress.remove_task(task)
                 stopped_early = run.max_steps is not None and self.pos.global_step >= run.max_steps and batch < len(self.train_loader)
-                self._end_epoch(stage, writer, images / max(train_time, 1e-9), train_time)
+                self._end_epoch(stage, writer, images / max(train_time, 1e-9), train_time, data_wait)
                 if stopped_early or (run.max_steps is not None and self.pos.global_step >= run.max_steps):
                     return
             self.pos.stage += 1
@@ -468,9 +483,15 @@ class Trainer:
             units = [self.units[u] for u in step.updates]
             for u in units:
                 u.optimizer.zero_grad(set_to_none=True)
-            acc.backward(loss)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                acc.backward(loss)
             for u in units:
-                u.optimizer.step()
+                if self.scaler is not None:
+                    self.scaler.step(u.optimizer)  # unscales, skips the step on inf/NaN grads
+                else:
+                    u.optimizer.step()
                 u.scheduler.step()
                 if u.peer is not None:
                     # This peer changed: its cached output is stale for later steps.
@@ -478,6 +499,10 @@ class Trainer:
             logged[step.name] = {key: v.detach() for key, v in flat.items()}
             for key, v in flat.items():
                 self.epoch_acc[key] = self.epoch_acc.get(key, 0.0) + float(v.detach())
+        if self.scaler is not None:
+            # One scale update per iteration, after every optimizer of the batch stepped
+            # (PyTorch's recipe for several optimizers sharing one scaler).
+            self.scaler.update()
         self.epoch_count += 1
         self.last_forward_passes = ctx.forward_passes
         return logged
@@ -509,7 +534,7 @@ class Trainer:
         }
         writer.write(rec)
 
-    def _end_epoch(self, stage: Stage, writer: MetricsWriter, ips: float, train_time: float) -> None:
+    def _end_epoch(self, stage: Stage, writer: MetricsWriter, ips: float, train_time: float, data_wait: float) -> None:
         rec: dict[str, Any] = {
             "kind": "epoch",
             "stage": stage.name,
@@ -519,6 +544,7 @@ class Trainer:
             "lr": {u.name: u.optimizer.param_groups[0]["lr"] for u in self.units.values()},
             "images_per_s": ips,
             "train_seconds": train_time,
+            "data_wait_share": data_wait / max(train_time, 1e-9),
         }
         if stage.evaluate:
             top1 = self.evaluate()
@@ -592,7 +618,7 @@ class Trainer:
             "modules": modules,
             "optimizers": {u.name: u.optimizer.state_dict() for u in self.units.values()},
             "schedulers": {u.name: u.scheduler.state_dict() for u in self.units.values()},
-            "scaler": acc.scaler.state_dict() if getattr(acc, "scaler", None) is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "strategy": self.strategy.state_dict(),
             "position": vars(self.pos).copy(),
             "history": vars(self.history).copy(),
@@ -616,8 +642,8 @@ class Trainer:
         except (KeyError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint does not match the recipe's models: {e}", where=str(self._resume_from),
                                   hint="resume with the recipe the run was started with") from None
-        if state.get("scaler") is not None and getattr(acc, "scaler", None) is not None:
-            acc.scaler.load_state_dict(state["scaler"])
+        if state.get("scaler") is not None and self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
         self.strategy.load_state_dict(state.get("strategy", {}))
         self.pos = _Position(**state["position"])
         self.history = _History(**state["history"])
