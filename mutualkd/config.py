@@ -87,6 +87,7 @@ class OptimizerConfig(_Strict):
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     nesterov: bool = True
     weight_decay: Annotated[float, Field(ge=0)] = 5e-4
+    no_decay_1d: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
 
     @model_validator(mode="after")

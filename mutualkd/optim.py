@@ -19,14 +19,14 @@ from mutualkd.config import OptimizerConfig, SchedulerConfig
 __all__ = ["build_optimizer", "build_scheduler", "lr_factor"]
 
 
-def _param_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict]:
-    # No weight decay on biases and normalisation parameters (1-D tensors), the usual
-    # practice for these networks.
+def _param_groups(params: Iterable[nn.Parameter], weight_decay: float, skip_1d: bool) -> list[dict]:
+    # The papers decay every parameter; skip_1d exempts biases and normalisation
+    # parameters (1-D tensors), as many modern recipes do.
     decay, no_decay = [], []
     for p in params:
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 else decay).append(p)
+        (no_decay if skip_1d and p.ndim <= 1 else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
@@ -34,7 +34,7 @@ def _param_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[d
 
 
 def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    groups = _param_groups(params, cfg.weight_decay)
+    groups = _param_groups(params, cfg.weight_decay, cfg.no_decay_1d)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
