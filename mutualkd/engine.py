@@ -277,7 +277,7 @@ class Trainer:
         self.versions = [0] * n
         self.pos = _Position()
         self.history = _History()
-        self.epoch_acc: dict[str, float] = {}
+        self.epoch_acc: dict[str, Any] = {}  # per-term sums over the epoch, kept on the device
         self.epoch_count = 0
         self.last_forward_passes = 0
         self._stop_signal: int | None = None
@@ -479,7 +479,6 @@ class Trainer:
             if not flat:
                 raise UserError(f"strategy step '{step.name}' returned no loss term", hint="this is a bug in the strategy plugin")
             loss = torch.stack([v.float() for v in flat.values()]).sum()
-            self._check_finite(flat, step, stage)
             units = [self.units[u] for u in step.updates]
             for u in units:
                 u.optimizer.zero_grad(set_to_none=True)
@@ -497,8 +496,12 @@ class Trainer:
                     # This peer changed: its cached output is stale for later steps.
                     self.versions[u.peer] += 1
             logged[step.name] = {key: v.detach() for key, v in flat.items()}
-            for key, v in flat.items():
-                self.epoch_acc[key] = self.epoch_acc.get(key, 0.0) + float(v.detach())
+        # One host sync per batch: the finiteness check (all-reduced so that every process
+        # stops at the same batch), before anything of this batch is logged or saved.
+        self._check_finite(logged, stage)
+        for terms in logged.values():
+            for key, v in terms.items():
+                self.epoch_acc[key] = self.epoch_acc.get(key, 0.0) + v.float()
         if self.scaler is not None:
             # One scale update per iteration, after every optimizer of the batch stepped
             # (PyTorch's recipe for several optimizers sharing one scaler).
@@ -507,18 +510,23 @@ class Trainer:
         self.last_forward_passes = ctx.forward_passes
         return logged
 
-    def _check_finite(self, flat: Mapping[str, Tensor], step: Step, stage: Stage) -> None:
-        values = torch.stack([v.detach().float() for v in flat.values()])
-        bad = (~torch.isfinite(values)).float().max()
-        # Every process must stop at the same step, or the others would wait forever.
-        bad = self.accelerator.reduce(bad, reduction="sum") if self.accelerator.num_processes > 1 else bad
-        if float(bad) > 0:
-            local = [k for k, v in flat.items() if not torch.isfinite(v).all()]
-            raise NonFiniteLossError(
-                f"loss term {', '.join(local) or '(on another process)'} became non-finite in step '{step.name}'"
-                f" of stage '{stage.name}', epoch {self.pos.epoch + 1}, global step {self.pos.global_step + 1};"
-                " the last complete checkpoint is kept. Lower the learning rate or the loss weights."
-            )
+    def _check_finite(self, logged: Mapping[str, Mapping[str, Tensor]], stage: Stage) -> None:
+        values = torch.stack([v.float().reshape(()) for terms in logged.values() for v in terms.values()])
+        bad = (~torch.isfinite(values)).any().float()
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if float(bad) == 0:
+            return
+        first = next(
+            ((step, key) for step, terms in logged.items() for key, v in terms.items() if not torch.isfinite(v).all()),
+            None,
+        )
+        what = f"loss term {first[1]} became non-finite in step '{first[0]}'" if first else (
+            "a loss term became non-finite on another process")
+        raise NonFiniteLossError(
+            f"{what} of stage '{stage.name}', epoch {self.pos.epoch + 1}, global step {self.pos.global_step + 1};"
+            " the last complete checkpoint is kept. Lower the learning rate or the loss weights."
+        )
 
     def _log_step(self, stage: Stage, logged: Mapping[str, Mapping[str, Tensor]], writer: MetricsWriter, ips: float) -> None:
         rec = {
@@ -540,7 +548,7 @@ class Trainer:
             "stage": stage.name,
             "epoch": self.pos.epoch + 1,
             "global_step": self.pos.global_step,
-            "loss": {k: v / max(self.epoch_count, 1) for k, v in self.epoch_acc.items()},
+            "loss": {k: float(v) / max(self.epoch_count, 1) for k, v in self.epoch_acc.items()},
             "lr": {u.name: u.optimizer.param_groups[0]["lr"] for u in self.units.values()},
             "images_per_s": ips,
             "train_seconds": train_time,
@@ -622,7 +630,7 @@ class Trainer:
             "strategy": self.strategy.state_dict(),
             "position": vars(self.pos).copy(),
             "history": vars(self.history).copy(),
-            "epoch_acc": dict(self.epoch_acc),
+            "epoch_acc": {k: float(v) for k, v in self.epoch_acc.items()},
             "epoch_count": self.epoch_count,
             "versions": list(self.versions),
             "rng": rngs,
