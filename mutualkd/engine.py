@@ -31,7 +31,7 @@ from mutualkd import checkpoint as ckpt
 from mutualkd._registry import get_strategy, registry
 from mutualkd.config import Recipe, format_validation_error
 from mutualkd.data import BatchLoader, DatasetInfo, load_dataset
-from mutualkd.errors import CheckpointError, NonFiniteLossError, RecipeError, UserError
+from mutualkd.errors import CheckpointError, NonFiniteLossError, RecipeError, UserError, close_matches
 from mutualkd.optim import build_optimizer, build_scheduler
 from mutualkd.peers import PeerModule, create_peer, probe_feature_shape
 from mutualkd.runlog import MetricsWriter, atomic_write_text, console, dump_toml, summary_table
@@ -124,7 +124,16 @@ def resolve_strategy(recipe: Recipe, recipe_file: str = "<recipe>") -> tuple[typ
     try:
         params = cls.Params.model_validate(recipe.strategy.params)
     except ValidationError as e:
-        raise format_validation_error(e, recipe_file, prefix="strategy") from None
+        err = format_validation_error(e, recipe_file, prefix="strategy")
+        unknown = [str(x["loc"][-1]) for x in e.errors() if x["type"] == "extra_forbidden"]
+        if unknown:
+            known = sorted(cls.Params.model_fields)
+            err.hint = "; ".join(
+                f"'{k}': " + (f"did you mean {' or '.join(repr(m) for m in close_matches(k, known))}?"
+                              if close_matches(k, known) else "not a parameter of this strategy")
+                for k in unknown
+            ) + f"; parameters of '{recipe.strategy.name}': {', '.join(known)}"
+        raise err from None
     n = len(recipe.peers)
     if n < cls.min_peers or (cls.max_peers is not None and n > cls.max_peers):
         if cls.max_peers is None:
