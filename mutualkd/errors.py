@@ -40,9 +40,9 @@ def unknown_name_hint(kind: str, name: str, known: Sequence[str]) -> str:
         parts.append("did you mean " + " or ".join(repr(m) for m in matches) + "?")
     shown = sorted(known)
     if len(shown) > 30:
-        parts.append(f"{len(shown)} {kind}s are known; e.g. " + ", ".join(shown[:30]) + ", ...")
+        parts.append(f"{len(shown)} {kind} names are known")
     else:
-        parts.append(f"known {kind}s: " + (", ".join(shown) if shown else "(none installed)"))
+        parts.append(f"known {kind} names: " + (", ".join(shown) if shown else "(none installed)"))
     return "; ".join(parts)
 
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from mutualkd.errors import RecipeError, UserError, unknown_name_hint
 
-__all__ = ["PeerModule", "create_peer", "to_feature_map"]
+__all__ = ["PeerModule", "check_model_name", "create_peer", "to_feature_map"]
 
 
 def to_feature_map(raw: Tensor, model: nn.Module, model_name: str) -> Tensor:
@@ -74,6 +74,20 @@ class PeerModule(nn.Module):
         return feats, logits
 
 
+def check_model_name(model_name: str, *, file: str = "<recipe>", field: str = "peers") -> None:
+    """A RecipeError with close matches unless timm knows ``model_name``."""
+    import mutualkd.models  # noqa: F401  (registers the CIFAR families into timm)
+
+    if not timm.is_model(model_name):
+        raise RecipeError(
+            f"unknown model '{model_name}'",
+            file=file,
+            field=f"{field}.model",
+            hint=unknown_name_hint("timm model", model_name, timm.list_models())
+            + "; search them with timm.list_models('*pattern*')",
+        )
+
+
 def create_peer(
     model_name: str,
     *,
@@ -84,15 +98,7 @@ def create_peer(
     field: str = "peers",
 ) -> nn.Module:
     """``timm.create_model`` with the data set's class and channel counts, or a RecipeError."""
-    import mutualkd.models  # noqa: F401  (registers the CIFAR families into timm)
-
-    if not timm.is_model(model_name):
-        raise RecipeError(
-            f"unknown model '{model_name}'",
-            file=file,
-            field=f"{field}.model",
-            hint=unknown_name_hint("timm model", model_name, timm.list_models()),
-        )
+    check_model_name(model_name, file=file, field=field)
     try:
         model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **(kwargs or {}))
     except TypeError as e:
