@@ -575,6 +575,10 @@ class Trainer:
         else:
             is_best = False
         writer.write(rec)
+        if self.is_main and self.recipe.run.progress:
+            acc_text = "  ".join(f"{k} {v:.2f}%" for k, v in rec.get("top1", {}).items())
+            loss_text = "  ".join(f"{k} {v:.3f}" for k, v in rec["loss"].items())
+            console.print(f"[bold]{stage.name} epoch {self.pos.epoch + 1}[/]  {loss_text}  {acc_text}".rstrip(), highlight=False)
         self.epoch_acc, self.epoch_count = {}, 0
         self.pos.epoch += 1
         self.pos.stage_epoch += 1
