@@ -353,11 +353,6 @@ def test_unknown_strategy_param_names_path(base):
     assert "unknown key" in str(ei.value)
 
 
-@pytest.mark.xfail(
-    reason="BUG: engine.resolve_strategy turns the strategy Params ValidationError into a RecipeError"
-    " without the 'did you mean' close matches the core sections get (config._with_key_suggestions)",
-    strict=True,
-)
 def test_unknown_strategy_param_suggests_close_match(base):
     with pytest.raises(RecipeError) as ei:
         _resolve(base, temprature=4.0)
