@@ -121,23 +121,39 @@ def plugins(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
     block_plugin: BlockOpt = None,
 ) -> None:
-    """List the installed strategy and metric plugins and their status."""
-    from mutualkd._registry import registry
+    """List the installed strategy and metric plugins and their status.
 
-    registry.block(block_plugin or [])
+    A plugin whose import or validation fails is listed with status "error" and the
+    reason; the others keep working. MUTUALKD_DISABLE_PLUGIN_AUTOLOAD=1 switches off
+    every third-party plugin (status "disabled"); --block-plugin NAME, a recipe's
+    run.block_plugins and MUTUALKD_BLOCK_PLUGINS block single ones (status "blocked").
+    """
+    from mutualkd._registry import ENV_DISABLE_AUTOLOAD, registry
+
+    registry.block(block_plugin or [], source="--block-plugin")
     infos = registry.infos(load=True)
+    known = {i.name for i in infos} | {f"{i.kind}:{i.name}" for i in infos}
+    unmatched = sorted({n for names in registry.blocked().values() for n in names} - known)
     if as_json:
         sys.stdout.write(json.dumps([i.as_dict() for i in infos], indent=2) + "\n")
         return
     table = Table(title="mutualkd plugins")
     for col in ("kind", "name", "distribution", "version", "module", "status"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold", no_wrap=col in ("kind", "name", "version", "status"))
+    style = {"ok": "green", "blocked": "yellow", "disabled": "dim", "not loaded": "dim"}
     for i in infos:
-        status = {"ok": "[green]ok[/]", "blocked": "[yellow]blocked[/]"}.get(i.status, f"[red]{i.status}[/]")
-        if i.error and i.status != "blocked":
-            status += f": {i.error}"
-        table.add_row(i.kind, i.name, i.distribution, i.version, i.value, status)
+        table.add_row(i.kind, i.name, i.distribution, i.version, i.value, f"[{style.get(i.status, 'red')}]{i.status}[/]")
     out_console.print(table)
+    # Reasons are printed in full below the table: an import error does not fit a cell.
+    for i in infos:
+        if i.error and i.status not in ("disabled",):
+            colour = style.get(i.status, "red")
+            out_console.print(f"[{colour}]{i.status}[/] {i.kind} {i.name} ({i.distribution} {i.version}): ", end="")
+            out_console.print(i.error, markup=False, soft_wrap=True)
+    if not registry.autoload():
+        out_console.print(f"third-party plugins are disabled: {ENV_DISABLE_AUTOLOAD} is set", markup=False)
+    if unmatched:
+        out_console.print(f"note: blocked names that match no plugin: {', '.join(unmatched)}", markup=False)
 
 
 def main() -> None:

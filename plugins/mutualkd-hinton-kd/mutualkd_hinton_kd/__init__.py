@@ -1,0 +1,94 @@
+"""mutualkd-hinton-kd: classic knowledge distillation as a third-party strategy plugin.
+
+Hinton, Vinyals and Dean, "Distilling the Knowledge in a Neural Network", NIPS 2014 Deep
+Learning Workshop (arXiv 1503.02531). One student peer learns from the softened
+predictions of a frozen teacher, loaded from the checkpoint of an earlier mutualkd run.
+
+It uses only the public contract of :mod:`mutualkd.strategy`; the loss is a pure
+function, :func:`hinton_kd_terms`, tested on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import Field
+import torch
+from torch import Tensor
+import torch.nn.functional as F
+
+from mutualkd.strategy import LossTerms, SetupContext, Step, StepContext, Strategy, StrategyParams
+
+__all__ = ["HintonKD", "HintonKDParams", "hinton_kd_terms"]
+
+
+def hinton_kd_terms(
+    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, temperature: float, alpha: float
+) -> dict[str, Tensor]:
+    r"""The two terms of the KD loss, ``{"ce": ..., "kd": ...}``, whose sum is the loss.
+
+    .. math::
+
+        L = (1 - \alpha)\, \mathrm{CE}(y, z_S)
+            + \alpha\, T^2\, \mathrm{KL}\big(\mathrm{softmax}(z_T / T) \,\|\, \mathrm{softmax}(z_S / T)\big)
+
+    with the KL averaged over the batch. The ``T^2`` factor keeps the soft term's gradient
+    magnitude independent of ``T`` (Hinton et al., section 2). The teacher logits are a
+    constant: they are detached here. Computed in float32 whatever the input dtype.
+    """
+    t = float(temperature)
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.detach().float() / t, dim=1)
+    kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+    return {
+        "ce": (1.0 - alpha) * F.cross_entropy(student_logits.float(), labels),
+        "kd": alpha * t * t * kl,
+    }
+
+
+class HintonKDParams(StrategyParams):
+    """``[strategy]`` keys of ``hinton_kd`` (unknown keys are refused)."""
+
+    teacher: str = Field(description="run folder or checkpoint folder of an earlier mutualkd run")
+    teacher_peer: str | int = Field(0, description="which peer of that run is the teacher (name or index)")
+    temperature: float = Field(4.0, gt=0.0, description="softmax temperature T")
+    alpha: float = Field(0.9, ge=0.0, le=1.0, description="weight of the soft term; 1 - alpha weighs the CE")
+
+
+class HintonKD(Strategy):
+    """Hinton KD: one student matches a frozen teacher's softened predictions, plus CE.
+
+    The student (the recipe's single ``[[peers]]`` entry) minimises
+    ``(1 - alpha) CE + alpha T^2 KL(p_T || p_S)``. The teacher is a module of its own,
+    registered frozen: it is never updated, stays in eval mode, and runs once per batch.
+    """
+
+    Params = HintonKDParams
+    min_peers = 1
+    max_peers = 1
+    modes = ("alternating", "simultaneous")  # one student: both are the same single step
+
+    def __init__(self, params: HintonKDParams, *, peers: Sequence[str], mode: Any) -> None:
+        super().__init__(params, peers=peers, mode=mode)
+        self.p = params
+
+    def setup(self, ctx: SetupContext) -> None:
+        # load_peer checks the teacher was trained on this recipe's data (classes, channels).
+        teacher = ctx.load_peer(self.p.teacher, self.p.teacher_peer, field="strategy.teacher")
+        ctx.add_module("teacher", teacher, unit="teacher", trainable=False)
+
+    def steps(self) -> Sequence[Step]:
+        return [Step(self.peers[0], (self.peers[0],))]
+
+    def compute(self, step: Step, ctx: StepContext) -> LossTerms:
+        if "teacher_logits" not in ctx.cache:
+            # The teacher never changes, so its logits are computed once per batch, without a graph.
+            with torch.no_grad():
+                ctx.cache["teacher_logits"] = ctx.module("teacher")(ctx.inputs)
+        student = ctx.output(0).logits
+        return {
+            self.peers[0]: hinton_kd_terms(
+                student, ctx.cache["teacher_logits"], ctx.labels, temperature=self.p.temperature, alpha=self.p.alpha
+            )
+        }
