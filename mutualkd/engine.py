@@ -387,7 +387,7 @@ class Trainer:
         if self._resume_state is not None:
             self._load_state(self._resume_state)
             writer.truncate(self._resume_state.get("metrics_offset", 0))
-            if self.is_main:
+            if self.is_main and self.recipe.run.progress:
                 console.print(f"[bold]resumed[/] {self.run_dir} at step {self.pos.global_step} (epoch {self.pos.epoch})")
         elif self.is_main:
             atomic_write_text(self.run_dir / "recipe.toml", dump_toml(self.recipe_dict))
