@@ -1,0 +1,136 @@
+"""Tests of ``mutualkd report``: figures, the comparison table, grouping by seed, bad input.
+
+Three tiny digits runs (two epochs of 4 steps, 64 test images) are trained once per
+module: two seeds of one KL-DML recipe and one run of another recipe (independent).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+import shutil
+import statistics
+
+import pytest
+
+from mutualkd.errors import UserError
+from mutualkd.report import group_runs, load_run, make_report
+from _helpers import make_trainer, run_cli
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FIGURES = ("losses.png", "losses_steps.png", "top1.png")
+
+
+def _train(out: Path, name: str, seed: int, strategy: str) -> Path:
+    t = make_trainer(
+        out, name=name, strategy=strategy, max_steps=None, epochs=2, log_every=2,
+        run={"seed": seed}, data={"train_subset": 32, "test_subset": 64, "eval_batch_size": 64},
+    )
+    t.fit()
+    return out / name
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("runs")
+    return {
+        "dml-s0": _train(out, "dml-s0", 0, "kl_dml"),
+        "dml-s1": _train(out, "dml-s1", 1, "kl_dml"),
+        "indep": _train(out, "indep", 0, "independent"),
+    }
+
+
+@pytest.fixture(scope="module")
+def cli_report(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("report") / "rep"
+    proc = run_cli(["report", *(str(p) for p in runs.values()), "--out", str(out)], timeout=120)
+    return proc, out
+
+
+def _peer_mean_final(run_dir: Path) -> float:
+    top1 = json.loads((run_dir / "summary.json").read_text())["top1"]
+    vals = [row["final"] for name, row in top1.items() if name != "ensemble"]
+    return sum(vals) / len(vals)
+
+
+def _is_png(p: Path) -> bool:
+    data = p.read_bytes()
+    return data[:8] == PNG_MAGIC and len(data) > 5000
+
+
+def test_report_writes_valid_pngs(cli_report):
+    proc, out = cli_report
+    assert proc.returncode == 0, proc.stderr
+    for run in ("dml-s0", "dml-s1", "indep"):
+        for fig in FIGURES:
+            assert _is_png(out / run / fig), f"{run}/{fig}"
+    assert _is_png(out / "top1_comparison.png")
+
+
+def test_report_md_has_one_row_per_group_with_mean_std(cli_report, runs):
+    proc, out = cli_report
+    assert proc.returncode == 0, proc.stderr
+    md = (out / "report.md").read_text(encoding="utf-8")
+    group_section = md.split("## Per group", 1)[1].split("## Per run", 1)[0]
+    rows = [line for line in group_section.splitlines() if line.startswith("| ") and not line.startswith("| group")]
+    rows = [r for r in rows if not set(r) <= set("|-: ")]
+    assert len(rows) == 2, group_section
+    dml = next(r for r in rows if r.startswith("| dml |"))
+    indep = next(r for r in rows if r.startswith("| indep |"))
+    # two seeds: mean ± sample standard deviation of the runs' peer means
+    vals = [_peer_mean_final(runs["dml-s0"]), _peer_mean_final(runs["dml-s1"])]
+    assert f"{statistics.fmean(vals):.2f} ± {statistics.stdev(vals):.2f}" in dml
+    assert "| 0, 1 |" in dml and "kl_dml" in dml
+    # one run: a plain value, no spread
+    cells = [c.strip() for c in indep.strip("|").split("|")]
+    assert cells[5] == f"{_peer_mean_final(runs['indep']):.2f}"
+    assert "±" not in cells[5]
+    # the per-run table and links to every figure
+    for run in ("dml-s0", "dml-s1", "indep"):
+        assert f"| {run} |" in md
+        assert f"({run}/top1.png)" in md
+
+
+def test_rich_tables_are_printed(cli_report):
+    proc, _ = cli_report
+    assert proc.returncode == 0, proc.stderr
+    assert "test top-1 (%) per group of runs" in proc.stdout
+    assert "test top-1 (%) per run" in proc.stdout
+    assert "dml-s1" in proc.stdout and "report written to" in proc.stdout
+
+
+def test_not_a_run_folder_exits_2_without_traceback(tmp_path: Path, runs):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    proc = run_cli(["report", str(plain), "--out", str(tmp_path / "rep")], timeout=60)
+    assert proc.returncode == 2
+    assert "not a run folder" in proc.stderr and "metrics.jsonl" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "rep").exists()
+    # the parent of runs: the hint names them
+    with pytest.raises(UserError) as ei:
+        load_run(runs["indep"].parent)
+    assert "dml-s0" in str(ei.value) and "/*/" in str(ei.value)
+    with pytest.raises(UserError):
+        load_run(tmp_path / "missing")
+
+
+def test_grouping_ignores_seed_name_and_logging(runs):
+    groups = group_runs([load_run(p) for p in runs.values()])
+    assert [g.label for g in groups] == ["dml", "indep"]
+    assert [len(g.runs) for g in groups] == [2, 1]
+
+
+def test_incomplete_run_with_truncated_line(runs, tmp_path: Path):
+    run = tmp_path / "partial"
+    shutil.copytree(runs["indep"], run, ignore=shutil.ignore_patterns("checkpoints"))
+    (run / "summary.json").unlink()
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    last_epoch = max(i for i, line in enumerate(lines) if '"kind": "epoch"' in line)
+    # drop the last epoch record and leave half a line, as a run killed while writing
+    (run / "metrics.jsonl").write_text("\n".join(lines[:last_epoch]) + "\n" + lines[last_epoch][:40])
+    rep = make_report([run], tmp_path / "rep")
+    r = rep.runs[0]
+    assert not r.complete and r.bad_lines == 1 and len(r.evaluated) == 1
+    assert "incomplete, 1 unreadable line(s)" in rep.markdown
+    assert _is_png(tmp_path / "rep" / "partial" / "top1.png")
