@@ -49,8 +49,8 @@ def _all_modules(tr: Trainer) -> dict[str, torch.nn.Module]:
 # --------------------------------------------------------------------------- IE-DML, two peers
 
 
-def test_ie_dml_two_peer_schedule_declaration(tmp_path):
-    tr = make_trainer(tmp_path, strategy="ie_dml", peers=2, data=SMALL_TEST)
+def test_ie_dml_two_peer_schedule_declaration(one_batch):
+    tr = one_batch["trainer"]
     stages = tr.strategy.stages()
     assert len(stages) == 1
     steps = stages[0].steps
@@ -64,28 +64,40 @@ def test_ie_dml_two_peer_schedule_declaration(tmp_path):
     assert tr.units["peer0.ae"].modules == ["peer0.ae"]
 
 
-def test_ie_dml_each_step_changes_exactly_its_modules(tmp_path):
-    """The four steps of one batch: 1 AE of net 1, 2 net 2, 3 AE of net 2, 4 net 1."""
-    tr = make_trainer(tmp_path, strategy="ie_dml", peers=2, max_steps=1, data=SMALL_TEST)
+@pytest.fixture(scope="module")
+def one_batch(tmp_path_factory) -> dict[str, Any]:
+    """One IE-DML batch of two peers, with every parameter snapshotted before each step."""
+    tr = make_trainer(tmp_path_factory.mktemp("iedml"), strategy="ie_dml", peers=2, max_steps=1, data=SMALL_TEST)
     mods = _all_modules(tr)
-    snaps: list[dict[str, dict[str, torch.Tensor]]] = []
-    names: list[str] = []
-    feats: dict[str, dict[int, torch.Tensor]] = {}
-    inputs: list[torch.Tensor] = []
+    rec: dict[str, Any] = {"trainer": tr, "snaps": [], "names": [], "feats": {}, "inputs": [], "ae0_calls": []}
 
     def before(step, ctx):
-        names.append(step.name)
-        snaps.append(param_snapshot(mods))
+        rec["names"].append(step.name)
+        rec["snaps"].append(param_snapshot(mods))
 
     def after(step, ctx, terms):
-        feats[step.name] = {j: ctx.output(j).features.detach().clone() for j in range(2)}
-        inputs.append(ctx.inputs)
+        rec["feats"][step.name] = {j: ctx.output(j).features.detach().clone() for j in range(2)}
+        rec["inputs"].append(ctx.inputs)
 
     _wrap_compute(tr, before, after)
-    tr.fit()
-    snaps.append(param_snapshot(mods))
-    assert names == ["ae:peer0", "peer1", "ae:peer1", "peer0"]
+    ae0 = tr.aux["peer0.ae"]
+    original_forward = ae0.forward
 
+    def forward(f):
+        rec["ae0_calls"].append((torch.is_grad_enabled(), [p.detach().clone() for p in ae0.parameters()]))
+        return original_forward(f)
+
+    ae0.forward = forward  # type: ignore[method-assign]
+    tr.fit()
+    rec["snaps"].append(param_snapshot(mods))
+    return rec
+
+
+def test_ie_dml_each_step_changes_exactly_its_modules(one_batch):
+    """The four steps of one batch: 1 AE of net 1, 2 net 2, 3 AE of net 2, 4 net 1."""
+    snaps, names = one_batch["snaps"], one_batch["names"]
+    assert names == ["ae:peer0", "peer1", "ae:peer1", "peer0"]
+    assert len(snaps) == 5
     expected = [
         {"peer0.ae"},
         {"peer1", "peer1.ie.peer0"},
@@ -94,15 +106,19 @@ def test_ie_dml_each_step_changes_exactly_its_modules(tmp_path):
     ]
     for k, want in enumerate(expected):
         frac = changed(snaps[k], snaps[k + 1])
+        assert set(frac) == {"peer0", "peer1", "peer0.ae", "peer1.ae", "peer0.ie.peer1", "peer1.ie.peer0"}
         moved = {m for m, f in frac.items() if f > 0}
         assert moved == want, f"step {k + 1} ({names[k]}) changed {sorted(moved)}, expected {sorted(want)}"
         for m in want:
             # Every parameter tensor of an updated module receives a gradient and moves.
             assert frac[m] == 1.0, f"step {k + 1}: only {frac[m]:.0%} of {m}'s parameters changed"
 
+
+def test_ie_dml_recomputes_changed_nets_only(one_batch):
+    feats, x = one_batch["feats"], one_batch["inputs"][0]
+    assert all(i is x for i in one_batch["inputs"])
     # Step 3 trains net 2's autoencoder on net 2's *updated* features (recomputed after step 2).
-    x = inputs[0]
-    peer1 = tr.peer_modules[1]
+    peer1 = one_batch["trainer"].peer_modules[1]
     peer1.train()
     with torch.no_grad():
         f1_now = peer1(x)[0]
@@ -111,49 +127,35 @@ def test_ie_dml_each_step_changes_exactly_its_modules(tmp_path):
     # Net 1 is unchanged until step 4, so its features are reused through steps 1-4.
     for name in ("peer1", "ae:peer1", "peer0"):
         torch.testing.assert_close(feats[name][0], feats["ae:peer0"][0])
+    assert one_batch["trainer"].last_forward_passes == 3
 
 
-def test_ie_dml_teacher_factor_uses_updated_autoencoder(tmp_path):
+def test_ie_dml_teacher_factor_uses_updated_autoencoder(one_batch):
     """Step 2's teacher factor comes from net 1's autoencoder *after* step 1 updated it."""
-    tr = make_trainer(tmp_path, strategy="ie_dml", peers=2, max_steps=1, data=SMALL_TEST)
-    seen: dict[str, Any] = {}
-    ae0 = tr.aux["peer0.ae"]
-    original_forward = ae0.forward
-
-    def forward(f):
-        out = original_forward(f)
-        seen.setdefault("calls", []).append((torch.is_grad_enabled(), [p.detach().clone() for p in ae0.parameters()]))
-        return out
-
-    ae0.forward = forward  # type: ignore[method-assign]
-    snaps = []
-    _wrap_compute(tr, before=lambda step, ctx: snaps.append((step.name, [p.detach().clone() for p in ae0.parameters()])))
-    tr.fit()
-    # Calls: step 1 trains it (with grad), step 2 uses it as teacher (no grad).
-    grads = [g for g, _ in seen["calls"]]
-    assert grads[:2] == [True, False]
-    params_step2 = seen["calls"][1][1]
-    before_step1 = snaps[0][1]
-    assert any(not torch.equal(a, b) for a, b in zip(params_step2, before_step1))
-    before_step2 = snaps[1][1]
-    assert all(torch.equal(a, b) for a, b in zip(params_step2, before_step2))
+    calls = one_batch["ae0_calls"]
+    # Step 1 trains it (with grad), step 2 uses it as the teacher (no grad).
+    assert [g for g, _ in calls] == [True, False]
+    used_in_step2 = calls[1][1]
+    at_start = list(one_batch["snaps"][0]["peer0.ae"].values())
+    after_step1 = list(one_batch["snaps"][1]["peer0.ae"].values())
+    assert all(torch.equal(a, b) for a, b in zip(used_in_step2, after_step1))
+    assert any(not torch.equal(a, b) for a, b in zip(used_in_step2, at_start))
 
 
-def test_ie_dml_metrics_terms(tmp_path):
-    tr = make_trainer(tmp_path, strategy="ie_dml", peers=2, max_steps=2, data=SMALL_TEST)
-    tr.fit()
-    recs = read_metrics(tr.run_dir)
+def test_ie_dml_metrics_terms(one_batch):
+    recs = read_metrics(one_batch["trainer"].run_dir)
     steps = [r for r in recs if r["kind"] == "step"]
-    assert len(steps) == 2
-    for r in steps:
-        assert list(r["steps"]) == ["ae:peer0", "peer1", "ae:peer1", "peer0"]
-        assert set(r["steps"]["ae:peer0"]) == {"peer0/rec"}
-        assert set(r["steps"]["peer1"]) == {"peer1/ce", "peer1/inh", "peer1/exp"}
-        assert set(r["steps"]["ae:peer1"]) == {"peer1/rec"}
-        assert set(r["steps"]["peer0"]) == {"peer0/ce", "peer0/inh", "peer0/exp"}
-        assert r["steps"]["peer0"]["peer0/inh"] >= 0 >= r["steps"]["peer0"]["peer0/exp"]
-        assert r["forward_passes"] == 3
-        assert set(r["lr"]) == {"peer0", "peer1", "peer0.ae", "peer1.ae"}
+    assert len(steps) == 1
+    r = steps[0]
+    assert list(r["steps"]) == ["ae:peer0", "peer1", "ae:peer1", "peer0"]
+    assert set(r["steps"]["ae:peer0"]) == {"peer0/rec"}
+    assert set(r["steps"]["peer1"]) == {"peer1/ce", "peer1/inh", "peer1/exp"}
+    assert set(r["steps"]["ae:peer1"]) == {"peer1/rec"}
+    assert set(r["steps"]["peer0"]) == {"peer0/ce", "peer0/inh", "peer0/exp"}
+    for p in ("peer0", "peer1"):
+        assert r["steps"][p][f"{p}/inh"] >= 0 >= r["steps"][p][f"{p}/exp"]
+    assert r["forward_passes"] == 3
+    assert set(r["lr"]) == {"peer0", "peer1", "peer0.ae", "peer1.ae"}
     epoch = [r for r in recs if r["kind"] == "epoch"][-1]
     assert {"peer0/ce", "peer0/inh", "peer0/exp", "peer0/rec", "peer1/rec"} <= set(epoch["loss"])
 
@@ -203,8 +205,8 @@ def test_ie_dml_three_peers_order_and_averaging(tmp_path):
     assert tr.last_forward_passes == 5  # 2N - 1
 
 
-@pytest.mark.parametrize("n", [2, 3])
-def test_ie_dml_simultaneous(tmp_path, n):
+def test_ie_dml_simultaneous(tmp_path):
+    n = 2
     tr = make_trainer(tmp_path, strategy="ie_dml", peers=n, mode="simultaneous", max_steps=1, data=SMALL_TEST)
     steps = tr.strategy.stages()[0].steps
     assert [s.name for s in steps] == ["autoencoders", "peers"]
@@ -414,7 +416,7 @@ def test_ie_dml_digits_accuracy(tmp_path):
         QUICKSTART,
         [
             'strategy={name="ie_dml"}',
-            "run.epochs=6",
+            "run.epochs=5",
             "run.log_every=10",
             "run.progress=false",
             "run.device=cpu",
