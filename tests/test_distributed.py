@@ -1,0 +1,213 @@
+"""Multi-process runs on CPU (gloo): torchrun and ``accelerate launch``.
+
+Each run goes through a small wrapper around the ``mutualkd`` command that (a) can hold
+one rank back for a few seconds before it resolves the run folder, and (b) records, on
+every rank, which test samples it evaluated, what it reported and a hash of the
+weights it evaluated. Holding rank 0 back is a workaround for the run-folder race that
+``test_run_folder_race_between_ranks`` shows; the functional tests use it so that they
+test what they name, and the race stays covered by that test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+import shutil
+import socket
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from mutualkd import checkpoint as ckpt
+from _helpers import DIGITS_TEST, QUICKSTART, read_metrics, subprocess_env
+
+BIN = Path(sys.executable).parent
+TIMEOUT = 240
+MAX_STEPS = 3
+
+WRAPPER = r'''
+import hashlib, json, os, sys, time
+from pathlib import Path
+
+from mutualkd import engine
+
+_delay_rank = int(os.environ.get("MKD_TEST_DELAY_RANK", "-1"))
+_delay_s = float(os.environ.get("MKD_TEST_DELAY_S", "3"))
+_record = os.environ.get("MKD_TEST_RECORD")
+_resolve = engine.Trainer._resolve_run_dir
+_evaluate = engine.Trainer.evaluate
+
+
+def resolve(self, resume):
+    if self.accelerator.process_index == _delay_rank:
+        time.sleep(_delay_s)
+    return _resolve(self, resume)
+
+
+def _hash(tensors):
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def evaluate(self):
+    out = _evaluate(self)
+    if _record:
+        acc = self.accelerator
+        models = [acc.unwrap_model(m) for m in self.peer_modules]
+        rec = {
+            "rank": acc.process_index,
+            "world": acc.num_processes,
+            "distributed_type": str(acc.distributed_type),
+            "indices": self.test_loader.indices().tolist(),
+            "top1": out,
+            "params": [_hash(dict(m.named_parameters())) for m in models],
+            "buffers": [_hash(dict(m.named_buffers())) for m in models],
+        }
+        with open(Path(_record) / f"eval-{os.getpid()}.json", "w") as f:
+            json.dump(rec, f)
+    return out
+
+
+engine.Trainer._resolve_run_dir = resolve
+engine.Trainer.evaluate = evaluate
+from mutualkd.cli import main
+
+sys.argv[0] = "mutualkd"
+main()
+'''
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(launcher: str, tmp_path: Path, *, device: str | None, delay_rank: int = 0, delay_s: float = 3.0
+            ) -> tuple[subprocess.CompletedProcess[str], Path, Path]:
+    wrapper = tmp_path / "mkd_wrapper.py"
+    wrapper.write_text(WRAPPER)
+    record = tmp_path / "record"
+    record.mkdir()
+    out = tmp_path / "runs"
+    args = [
+        "run", str(QUICKSTART),
+        "--set", f"run.out_dir={json.dumps(str(out))}",
+        "--set", "run.name=dist",
+        "--set", f"run.max_steps={MAX_STEPS}",
+        "--set", "run.epochs=1",
+        "--set", "run.log_every=1",
+        "--set", "run.progress=false",
+        "--set", "data.batch_size=8",
+        "--set", "data.eval_batch_size=64",
+    ]
+    if device is not None:
+        args += ["--set", f"run.device={device}"]
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(wrapper), *args]
+    else:
+        cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+               str(wrapper), *args]
+    env = subprocess_env(
+        MKD_TEST_DELAY_RANK=str(delay_rank), MKD_TEST_DELAY_S=str(delay_s), MKD_TEST_RECORD=str(record),
+    )
+    env.pop("ACCELERATE_USE_CPU", None)
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    return proc, out / "dist", record
+
+
+def _records(record: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(record.glob("eval-*.json"))]
+
+
+def _check_distributed_run(proc: subprocess.CompletedProcess[str], run_dir: Path, record: Path) -> None:
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # One writer: exactly the records a single process writes, none twice.
+    recs = read_metrics(run_dir)
+    steps = [r for r in recs if r["kind"] == "step"]
+    epochs = [r for r in recs if r["kind"] == "epoch"]
+    assert [r["global_step"] for r in steps] == list(range(1, MAX_STEPS + 1))
+    assert len(epochs) == 1 and len(recs) == MAX_STEPS + 1
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == MAX_STEPS + 1
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["global_steps"] == MAX_STEPS
+    assert not list(run_dir.glob(".*")), "temporary files left in the run folder"
+    # Both ranks took part: the checkpoint holds the RNG states of two processes.
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir / "checkpoints"))
+    assert len(state["rng"]) == 2
+    # Evaluation: the two ranks' shares are disjoint and cover the test split once, and
+    # both report the same, summed result.
+    evals = _records(record)
+    assert sorted(e["rank"] for e in evals) == [0, 1], [e["distributed_type"] for e in evals]
+    assert all(e["world"] == 2 for e in evals)
+    a, b = (set(e["indices"]) for e in evals)
+    assert not a & b and len(a | b) == DIGITS_TEST
+    assert evals[0]["top1"] == evals[1]["top1"]
+    top1 = epochs[0]["top1"]
+    assert top1 == pytest.approx(evals[0]["top1"])
+    for name, v in top1.items():
+        correct = v * DIGITS_TEST / 100
+        assert abs(correct - round(correct)) < 1e-6, (name, v)
+    # The ranks hold the same weights (DDP keeps parameters in sync).
+    assert evals[0]["params"] == evals[1]["params"]
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess[str], Path, Path]:
+    """``torchrun --nproc_per_node 2`` with ``run.device = "cpu"``: two gloo processes."""
+    return _launch("torchrun", tmp_path_factory.mktemp("torchrun"), device="cpu", delay_rank=0)
+
+
+def test_torchrun_two_processes_one_writer_each_sample_once(torchrun_run):
+    _check_distributed_run(*torchrun_run)
+
+
+@pytest.mark.xfail(
+    reason="BUG: engine.Trainer.evaluate runs each rank's *unwrapped* model on its share; DDP only broadcasts"
+    " buffers at the start of a training forward, so after the last training forward every rank holds its own"
+    " BatchNorm running statistics. The reported top-1 mixes two differently normalised models and is not the"
+    " accuracy of the saved (rank-0) checkpoint",
+    strict=True,
+)
+def test_ranks_evaluate_the_same_model(torchrun_run):
+    proc, run_dir, record = torchrun_run
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    evals = _records(record)
+    assert len(evals) == 2
+    assert evals[0]["params"] == evals[1]["params"]
+    assert evals[0]["buffers"] == evals[1]["buffers"], "ranks evaluate with different BatchNorm statistics"
+
+
+@pytest.mark.xfail(
+    reason="BUG: engine.Trainer builds Accelerator(cpu=run.device == 'cpu'); with the default device 'auto'"
+    " on a machine without CUDA, Accelerate's _prepare_backend only picks MULTI_CPU when cpu=True, so under"
+    " torchrun/accelerate launch every process runs alone as DistributedType.NO, each a 'main process' writing"
+    " the same run folder (one exits 2 'run folder already exists', or records are written twice)",
+    strict=True,
+)
+def test_accelerate_launch_multi_gpu_plain_on_cpu_machine(tmp_path):
+    """The issue: plain ``accelerate launch --multi_gpu --num_processes 2`` must work on a CPU-only machine."""
+    if shutil.which("nvidia-smi") or os.path.exists("/dev/nvidia0"):
+        pytest.skip("this machine has a GPU")
+    proc, run_dir, record = _launch("accelerate", tmp_path, device=None, delay_rank=0)
+    _check_distributed_run(proc, run_dir, record)
+
+
+@pytest.mark.xfail(
+    reason="BUG: engine.Trainer._resolve_run_dir: every rank checks 'run folder exists and is not empty' while"
+    " rank 0 may already have created it (mkdir + .write-test probe, then fit() opens metrics.jsonl and writes"
+    " recipe.toml) with no barrier in between; a slower rank then fails with 'run folder already exists'"
+    " (exit 2) and rank 0 dies in the next collective. Seen in about 3 of 10 plain runs here.",
+    strict=True,
+)
+def test_run_folder_race_between_ranks(tmp_path):
+    # Rank 1 reaches the check 4 s after rank 0: deterministic form of the race.
+    proc, run_dir, record = _launch("torchrun", tmp_path, device="cpu", delay_rank=1, delay_s=4.0)
+    _check_distributed_run(proc, run_dir, record)
