@@ -167,6 +167,15 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return cks[-1][1] if cks else None
 
 
+def remove_leftovers(folder: Path) -> None:
+    """Delete ``.tmp-*`` / ``.old-*`` folders that a kill during a checkpoint write left behind."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.is_dir() and (p.name.startswith(".tmp-") or p.name.startswith(".old-")):
+                shutil.rmtree(p, ignore_errors=True)
+
+
 def prune_checkpoints(folder: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` complete step checkpoints (call after a save)."""
     cks = list_checkpoints(folder)

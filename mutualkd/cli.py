@@ -66,6 +66,10 @@ def run(
         if recipe is None:
             if resume is None:
                 raise UserError("no recipe given", hint="run `mutualkd run RECIPE.toml` or `mutualkd run --resume RUN_DIR`")
+            if not resume.is_dir():
+                raise UserError(
+                    "run folder to resume does not exist", where=str(resume), hint="name the folder of an earlier run"
+                )
             recipe = resume / "recipe.toml"
         rec = _load(recipe, set_)
         trainer = Trainer(rec, recipe_file=str(recipe), resume=resume)
@@ -92,24 +96,23 @@ def validate(
     data: Annotated[bool, typer.Option("--data/--no-data", help="Also check that the data set can be loaded.")] = True,
 ) -> None:
     """Check RECIPE (fields, strategy and its parameters, model names, data) without training."""
-    import timm
-
+    from mutualkd._registry import registry
     from mutualkd.data import load_dataset
+    from mutualkd.errors import DataError, in_file
     from mutualkd.engine import resolve_strategy
-    from mutualkd.errors import RecipeError, unknown_name_hint
-    import mutualkd.models  # noqa: F401
+    from mutualkd.peers import check_model_name
 
     try:
         rec = _load(recipe, set_)
+        registry.block(rec.run.block_plugins or [], source="run.block_plugins (recipe)")
         resolve_strategy(rec, str(recipe))
         for i, pc in enumerate(rec.peers):
-            if not timm.is_model(pc.model):
-                raise RecipeError(
-                    f"unknown model '{pc.model}'", file=str(recipe), field=f"peers[{i}].model",
-                    hint=unknown_name_hint("timm model", pc.model, timm.list_models()),
-                )
+            check_model_name(pc.model, file=str(recipe), field=f"peers[{i}]")
         if data:
-            load_dataset(rec.data, seed=rec.run.seed)
+            try:
+                load_dataset(rec.data, seed=rec.run.seed)
+            except DataError as e:
+                raise in_file(e, str(recipe)) from None
     except UserError as e:
         _fail(e)
     names = ", ".join(f"{n} ({p.model})" for n, p in zip(rec.peer_names(), rec.peers))

@@ -174,13 +174,14 @@ class Recipe(_Strict):
     def peer_names(self) -> list[str]:
         return [p.name or f"peer{i}" for i, p in enumerate(self.peers)]
 
-    @model_validator(mode="after")
-    def _unique_peer_names(self) -> Recipe:
-        names = self.peer_names()
+    @field_validator("peers")
+    @classmethod
+    def _unique_peer_names(cls, peers: list[PeerConfig]) -> list[PeerConfig]:
+        names = [p.name or f"peer{i}" for i, p in enumerate(peers)]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"peer names must be unique; {', '.join(dupes)} appears more than once")
-        return self
+        return peers
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json(exclude_none=True))
@@ -217,7 +218,7 @@ def format_validation_error(err: ValidationError, file: str, prefix: str = "") -
         elif e["type"] == "literal_error":
             expected = e.get("ctx", {}).get("expected", "")
             msg = f"got {e.get('input')!r}, expected one of {expected}"
-        elif "input" in e and e["type"] not in ("model_type",):
+        elif "input" in e and e["type"] not in ("model_type",) and not isinstance(e["input"], (dict, list)):
             msg = f"{msg} (got {e['input']!r})"
         lines.append(f"[{field}] {msg}")
     head = lines[0].split("] ", 1)[1] if len(lines) == 1 else f"{len(lines)} fields are invalid:\n  " + "\n  ".join(lines)

@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 import numpy as np
 from pydantic import ValidationError
 import torch
@@ -31,7 +31,15 @@ from mutualkd import checkpoint as ckpt
 from mutualkd._registry import get_strategy, registry
 from mutualkd.config import Recipe, format_validation_error
 from mutualkd.data import BatchLoader, DatasetInfo, load_dataset
-from mutualkd.errors import CheckpointError, NonFiniteLossError, RecipeError, UserError, close_matches
+from mutualkd.errors import (
+    CheckpointError,
+    DataError,
+    NonFiniteLossError,
+    RecipeError,
+    UserError,
+    close_matches,
+    in_file,
+)
 from mutualkd.optim import build_optimizer, build_scheduler
 from mutualkd.peers import PeerModule, create_peer, probe_feature_shape
 from mutualkd.runlog import MetricsWriter, atomic_write_text, console, dump_toml, summary_table
@@ -172,9 +180,18 @@ class Trainer:
         self.recipe = recipe
         self.recipe_file = recipe_file
         run = recipe.run
+        if run.mixed_precision == "fp16" and (run.device == "cpu" or not _has_gpu()):
+            raise RecipeError(
+                "mixed_precision = \"fp16\" needs a GPU (on a CPU Accelerate would silently train in fp32)",
+                file=recipe_file,
+                field="run.mixed_precision",
+                hint='use "bf16" (CPU autocast) or "no" on this machine',
+            )
+        # Without a GPU, Accelerate only sets up gloo for several processes when told to
+        # use the CPU; otherwise each process of torchrun would run alone.
         self.accelerator = accelerator or Accelerator(
             mixed_precision=run.mixed_precision,
-            cpu=run.device == "cpu",
+            cpu=run.device == "cpu" or not _has_gpu(),
             step_scheduler_with_optimizer=False,
         )
         acc = self.accelerator
@@ -197,23 +214,20 @@ class Trainer:
         self.strategy: Strategy = cls(params, peers=self.peer_names, mode=recipe.schedule.mode)
 
         # --- data (held on the training device, batches augmented there)
-        train, test, info = load_dataset(recipe.data, seed=run.seed)
-        self.info: DatasetInfo = info
-        world, rank = acc.num_processes, acc.process_index
-        common = dict(device=self.device, rank=rank, world_size=world, channels_last=run.channels_last)
-        self.train_loader = BatchLoader(
-            train, info, batch_size=recipe.data.batch_size, train=True, augment=recipe.data.augment,
-            seed=run.seed, drop_last=recipe.data.drop_last, **common,
-        )
-        self.test_loader = BatchLoader(
-            test, info, batch_size=recipe.data.eval_batch_size, train=False, augment=False, seed=run.seed, **common
-        )
-        if len(self.train_loader) == 0:
-            raise RecipeError(
-                f"batch_size {recipe.data.batch_size} x {world} processes is larger than the training set"
-                f" ({len(train.labels)} samples), so an epoch has no batch",
-                file=recipe_file, field="data.batch_size", hint="lower data.batch_size or set data.drop_last = false",
+        try:
+            train, test, info = load_dataset(recipe.data, seed=run.seed)
+            self.info: DatasetInfo = info
+            world, rank = acc.num_processes, acc.process_index
+            common = dict(device=self.device, rank=rank, world_size=world, channels_last=run.channels_last)
+            self.train_loader = BatchLoader(
+                train, info, batch_size=recipe.data.batch_size, train=True, augment=recipe.data.augment,
+                seed=run.seed, drop_last=recipe.data.drop_last, **common,
             )
+            self.test_loader = BatchLoader(
+                test, info, batch_size=recipe.data.eval_batch_size, train=False, augment=False, seed=run.seed, **common
+            )
+        except DataError as e:
+            raise in_file(e, recipe_file) from None
 
         # --- peers: timm models, identical initialisation on every process
         set_seed(run.seed)
@@ -302,6 +316,14 @@ class Trainer:
         if self._resume_from is not None:
             self._resume_state = ckpt.load_checkpoint(self._resume_from)
             meta = ckpt.read_meta(self._resume_from)
+            saved_world = meta.get("num_processes", 1)
+            if saved_world != acc.num_processes:
+                raise CheckpointError(
+                    f"the checkpoint was written by {saved_world} process(es), this run has {acc.num_processes};"
+                    " the position in the data order is per process, so it cannot continue exactly",
+                    where=str(self._resume_from),
+                    hint=f"resume with the same number of processes ({saved_world})",
+                )
             if meta.get("recipe_hash") != self.recipe_hash:
                 raise CheckpointError(
                     "the recipe differs from the one this run was started with (recipe hash"
@@ -366,6 +388,10 @@ class Trainer:
                 where=str(self.run_dir),
                 hint=f"resume it with `mutualkd run --resume {self.run_dir}`, or choose another name with --set run.name=...",
             )
+        # Every process has looked at the folder above; only now may the main one create
+        # it (otherwise a slower process would find it "already there").
+        self.accelerator.wait_for_everyone()
+        problem = None
         if self.is_main:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -373,11 +399,15 @@ class Trainer:
                 probe.write_text("")
                 probe.unlink()
             except OSError as e:
-                raise UserError(
-                    f"cannot write the run folder: {e.strerror}",
-                    where=str(self.run_dir),
-                    hint="set run.out_dir to a folder you can write to",
-                ) from None
+                problem = e.strerror or str(e)
+        if self.accelerator.num_processes > 1:
+            problem = broadcast_object_list([problem], from_process=0)[0]
+        if problem is not None:
+            raise UserError(
+                f"cannot write the run folder: {problem}",
+                where=str(self.run_dir),
+                hint="set run.out_dir to a folder you can write to",
+            )
 
     # ------------------------------------------------------------------ training loop
     def fit(self) -> dict[str, Any]:
@@ -387,6 +417,8 @@ class Trainer:
         if self._resume_state is not None:
             self._load_state(self._resume_state)
             writer.truncate(self._resume_state.get("metrics_offset", 0))
+            if self.is_main:
+                ckpt.remove_leftovers(self.ckpt_dir)
             if self.is_main and self.recipe.run.progress:
                 console.print(f"[bold]resumed[/] {self.run_dir} at step {self.pos.global_step} (epoch {self.pos.epoch})")
         elif self.is_main:
@@ -480,6 +512,7 @@ class Trainer:
         acc = self.accelerator
         ctx = _Batch(self, x, y, stage.name, self.pos.epoch, self.pos.global_step)
         logged: dict[str, dict[str, Tensor]] = {}
+        scaled: set[str] = set()  # units stepped through the scaler since its last update
         for k, step in enumerate(steps):
             ctx.grad_peers = grad_from[k]
             with acc.autocast():
@@ -489,6 +522,11 @@ class Trainer:
                 raise UserError(f"strategy step '{step.name}' returned no loss term", hint="this is a bug in the strategy plugin")
             loss = torch.stack([v.float() for v in flat.values()]).sum()
             units = [self.units[u] for u in step.updates]
+            if self.scaler is not None and scaled & set(step.updates):
+                # GradScaler allows one step per optimizer between updates; a schedule that
+                # updates a unit twice in a batch (IE-DML, N > 2) gets an update in between.
+                self.scaler.update()
+                scaled.clear()
             for u in units:
                 u.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
@@ -498,6 +536,7 @@ class Trainer:
             for u in units:
                 if self.scaler is not None:
                     self.scaler.step(u.optimizer)  # unscales, skips the step on inf/NaN grads
+                    scaled.add(u.name)
                 else:
                     u.optimizer.step()
                 u.scheduler.step()
@@ -598,6 +637,12 @@ class Trainer:
         """
         acc = self.accelerator
         models = [acc.unwrap_model(m) for m in self.peer_modules]
+        if acc.num_processes > 1:
+            # Each process updated its own BatchNorm running statistics since DDP's last
+            # buffer broadcast; evaluate everywhere with the main process's (the saved ones).
+            for m in models:
+                for buf in m.buffers():
+                    torch.distributed.broadcast(buf, src=0)
         states = [m.training for m in models]
         for m in models:
             m.eval()
@@ -689,6 +734,7 @@ class Trainer:
             "peers": {name: {"model": pc.model, "kwargs": pc.kwargs} for name, pc in zip(self.peer_names, self.recipe.peers)},
             "dataset": {"name": self.info.name, "num_classes": self.info.num_classes, "in_chans": self.info.in_chans},
             "strategy": self.recipe.strategy.name,
+            "num_processes": self.accelerator.num_processes,
         }
 
     def _save_checkpoint(self, dest: Path, kind: str) -> None:
@@ -734,6 +780,11 @@ class Trainer:
             "global_steps": self.pos.global_step,
             "top1": top1,
         }
+
+
+def _has_gpu() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or bool(xpu is not None and xpu.is_available())
 
 
 def _json(obj: Any) -> str:

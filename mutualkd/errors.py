@@ -19,6 +19,7 @@ __all__ = [
     "CheckpointError",
     "NonFiniteLossError",
     "close_matches",
+    "in_file",
 ]
 
 #: Exit code for input the user has to fix (recipe, data, paths, command line).
@@ -62,6 +63,13 @@ class UserError(Exception):
         if self.hint:
             text += f"\n  fix: {self.hint}"
         return text
+
+
+def in_file(err: UserError, file: str) -> UserError:
+    """Prefix a recipe-field location such as ``[data.root]`` with the recipe file's name."""
+    if err.where and err.where.startswith("["):
+        err.where = f"{file} {err.where}"
+    return err
 
 
 class RecipeError(UserError):

@@ -382,31 +382,10 @@ def _recipe_missing(w: World, t: Path) -> Case:
 
 
 def _batch_larger_than_data(w: World, t: Path) -> Case:
-    return run_case(w, t, w.recipe(t), *sets("data.batch_size=64"), field="data.batch_size", says=("no batch",))
+    return run_case(w, t, w.recipe(t), *sets("data.batch_size=64"), field="data.batch_size", says=("would have no step",))
 
 
-BUG_IMAGE_SIZE = (
-    "BUG: data/datasets.py _load_image_folder raises DataError(where='[data] image_size'): the message does not"
-    " name the recipe file and writes the field '[data] image_size' instead of '<recipe> [data.image_size]'"
-)
-BUG_BATCH = (
-    "BUG: data/loader.py BatchLoader.__init__ raises DataError(where='[data] batch_size') when an epoch has no"
-    " batch, so the RecipeError naming '<recipe> [data.batch_size]' in engine.Trainer.__init__"
-    " (len(self.train_loader) == 0) is never reached: the message does not name the recipe file"
-)
-BUG_DUPLICATE = (
-    "BUG: config.format_validation_error: the error of the model-level validator Recipe._unique_peer_names has"
-    " loc (), so the message names no field and appends the whole recipe as '(got {...})'"
-)
-BUG_RESUME_MISSING = (
-    "BUG: cli.run: `--resume DIR` with a DIR that does not exist reports 'recipe file not found' for"
-    " DIR/recipe.toml with the hint 'recipes/ holds the shipped recipes'; the engine's 'run folder to resume"
-    " does not exist' is never reached"
-)
 
-
-def xfail(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(reason=reason, strict=True)
 
 
 CASES = [
@@ -418,7 +397,7 @@ CASES = [
     pytest.param(_lr_zero, id="lr-zero"),
     pytest.param(_lr_negative_by_set, id="lr-negative-by-set"),
     pytest.param(_batch_size_zero, id="batch-size-zero"),
-    pytest.param(_batch_larger_than_data, id="batch-larger-than-data", marks=xfail(BUG_BATCH)),
+    pytest.param(_batch_larger_than_data, id="batch-larger-than-data"),
     pytest.param(_unknown_model, id="unknown-model"),
     pytest.param(_unknown_model_validate, id="unknown-model-validate"),
     pytest.param(_unknown_strategy, id="unknown-strategy"),
@@ -436,7 +415,7 @@ CASES = [
     pytest.param(_resume_with_changed_recipe, id="resume-with-changed-recipe"),
     pytest.param(_corrupted_checkpoint, id="corrupted-checkpoint"),
     pytest.param(_all_checkpoints_incomplete, id="checkpoints-without-marker"),
-    pytest.param(_resume_folder_missing, id="resume-folder-missing", marks=xfail(BUG_RESUME_MISSING)),
+    pytest.param(_resume_folder_missing, id="resume-folder-missing"),
     pytest.param(_not_utf8, id="recipe-not-utf8"),
     pytest.param(_set_without_equals, id="set-without-equals"),
     pytest.param(_set_bad_index, id="set-bad-index"),
@@ -445,10 +424,10 @@ CASES = [
     pytest.param(_unknown_model_kwarg, id="unknown-model-kwarg"),
     pytest.param(_milestones_not_increasing, id="milestones-not-increasing"),
     pytest.param(_nesterov_without_momentum, id="nesterov-without-momentum"),
-    pytest.param(_duplicate_peer_names, id="duplicate-peer-names", marks=xfail(BUG_DUPLICATE)),
+    pytest.param(_duplicate_peer_names, id="duplicate-peer-names"),
     pytest.param(_unknown_schedule_mode, id="unknown-schedule-mode"),
     pytest.param(_unsupported_dataset, id="unsupported-dataset"),
-    pytest.param(_image_folder_without_size, id="image_folder-without-image_size", marks=xfail(BUG_IMAGE_SIZE)),
+    pytest.param(_image_folder_without_size, id="image_folder-without-image_size"),
     pytest.param(_temperature_zero, id="temperature-zero"),
     pytest.param(_no_recipe, id="no-recipe"),
     pytest.param(_recipe_is_a_folder, id="recipe-is-a-folder"),

@@ -506,16 +506,9 @@ def test_corrupted_state_is_refused_with_exit_code_2(tmp_path: Path, tmp_path_fa
     assert snapshot(run_dir) == before, "a refused resume must not touch the run folder"
 
 
-# --------------------------------------------------------------------------- known bugs
+# --------------------------------------------------------------------------- multi-process edge cases
 
 
-@pytest.mark.xfail(
-    reason="BUG: engine.Trainer._resolve_run_dir: in a fresh multi-process run every rank checks on its own"
-    " whether the run folder exists and holds files, while rank 0 creates it; a rank that looks after rank 0"
-    " created it (and wrote .write-test, recipe.toml or metrics.jsonl) refuses with 'run folder already"
-    " exists', and rank 0 then dies in the next collective (gloo traceback)",
-    strict=True,
-)
 def test_fresh_two_process_run_survives_rank0_creating_the_folder_first(tmp_path: Path) -> None:
     """Rank 1 looks at the run folder 3 s after rank 0 (the order happens by chance in about
     one fresh torchrun launch in four on 2 CPU cores); the run must still start."""
@@ -525,13 +518,6 @@ def test_fresh_two_process_run_survives_rank0_creating_the_folder_first(tmp_path
     assert done.rc == 0, done.explain()
 
 
-@pytest.mark.xfail(
-    reason="BUG: resuming with another number of processes than the checkpoint was written with is not"
-    " checked: the saved batch index is per process, and here it lies past the end of the shorter epoch, so"
-    " data/loader.py BatchLoader.__iter__ raises ValueError('start_batch 6 is not in 0..5') with a traceback"
-    " (exit 1) instead of a CheckpointError (exit 2)",
-    strict=True,
-)
 def test_resume_with_another_process_count_is_refused_cleanly(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
                                                               ) -> None:
     run_dir = copy_run(killed_run(tmp_path_factory, "kl_dml", 1), tmp_path)

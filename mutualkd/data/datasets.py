@@ -152,7 +152,7 @@ def load_dataset(cfg: DataConfig, *, seed: int = 0) -> tuple[Split, Split, Datas
     else:  # pragma: no cover - the recipe schema only admits the names above
         raise DataError(
             f"unknown data set {name!r}",
-            where="[data] dataset",
+            where="[data.dataset]",
             hint="use one of digits, mnist, fashion_mnist, cifar10, cifar100, image_folder",
         )
 
@@ -587,7 +587,7 @@ def _torchvision_download(name: str, root: Path) -> None:
                 manual = f"as root run `apt-get install dataset-fashion-mnist` and unset [data] root, or {manual}"
         raise DataError(
             f"downloading {name} into {root} failed ({type(e).__name__}: {e})",
-            where="[data] download",
+            where="[data.download]",
             hint=(
                 f"without network, {manual}; then set download = false"
                 " (or keep it: files already present are not fetched again)"
@@ -707,13 +707,13 @@ def _load_image_folder(root: str | None, image_size: int | None) -> tuple[Split,
     if image_size is None:
         raise DataError(
             "image_folder needs an image size to bring every image to one shape",
-            where="[data] image_size",
+            where="[data.image_size]",
             hint="set image_size in [data] (e.g. image_size = 32) or --set data.image_size=32",
         )
     if root is None:
         raise DataError(
             "image_folder needs the folder that holds train/ and test/",
-            where="[data] root",
+            where="[data.root]",
             hint="set root in [data] or --set data.root=PATH; it must hold train/<class>/*.png and test/<class>/*.png",
         )
     base = Path(root).expanduser()
@@ -723,7 +723,7 @@ def _load_image_folder(root: str | None, image_size: int | None) -> tuple[Split,
     if missing:
         raise DataError(
             f"image_folder: missing folder(s) {', '.join(missing)}" + (" (or val/)" if test_dir is None else ""),
-            where="[data] root",
+            where="[data.root]",
             hint=f"lay out {base}/train/<class>/<image> and {base}/test/<class>/<image> (test/ may be named val/)",
         )
     assert test_dir is not None

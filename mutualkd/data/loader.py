@@ -187,7 +187,7 @@ class BatchLoader:
                     raise DataError(
                         f"the train split has {n} samples, {n // self.world_size} per process, fewer than one"
                         f" batch of {self.batch_size}, so an epoch would have no step",
-                        where="[data] batch_size",
+                        where="[data.batch_size]",
                         hint="lower batch_size, set drop_last = false, or use a larger train_subset",
                     )
             self.num_samples = per
