@@ -1,11 +1,10 @@
 """Multi-process runs on CPU (gloo): torchrun and ``accelerate launch``.
 
 Each run goes through a small wrapper around the ``mutualkd`` command that (a) can hold
-one rank back for a few seconds before it resolves the run folder, and (b) records, on
-every rank, which test samples it evaluated, what it reported and a hash of the
-weights it evaluated. Holding rank 0 back is a workaround for the run-folder race that
-``test_run_folder_race_between_ranks`` shows; the functional tests use it so that they
-test what they name, and the race stays covered by that test.
+one rank back for a few seconds before it resolves the run folder (the deterministic
+form of a race between ranks that once made ~3 in 10 runs fail), and (b) records, on
+every rank, which test samples it evaluated, what it reported and hashes of the
+parameters and buffers it evaluated.
 """
 
 from __future__ import annotations
@@ -89,7 +88,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(launcher: str, tmp_path: Path, *, device: str | None, delay_rank: int = 0, delay_s: float = 3.0
+def _launch(launcher: str, tmp_path: Path, *, device: str | None, delay_rank: int = -1, delay_s: float = 3.0
             ) -> tuple[subprocess.CompletedProcess[str], Path, Path]:
     wrapper = tmp_path / "mkd_wrapper.py"
     wrapper.write_text(WRAPPER)
@@ -162,21 +161,15 @@ def _check_distributed_run(proc: subprocess.CompletedProcess[str], run_dir: Path
 @pytest.fixture(scope="module")
 def torchrun_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess[str], Path, Path]:
     """``torchrun --nproc_per_node 2`` with ``run.device = "cpu"``: two gloo processes."""
-    return _launch("torchrun", tmp_path_factory.mktemp("torchrun"), device="cpu", delay_rank=0)
+    return _launch("torchrun", tmp_path_factory.mktemp("torchrun"), device="cpu", delay_rank=-1)
 
 
 def test_torchrun_two_processes_one_writer_each_sample_once(torchrun_run):
     _check_distributed_run(*torchrun_run)
 
 
-@pytest.mark.xfail(
-    reason="BUG: engine.Trainer.evaluate runs each rank's *unwrapped* model on its share; DDP only broadcasts"
-    " buffers at the start of a training forward, so after the last training forward every rank holds its own"
-    " BatchNorm running statistics. The reported top-1 mixes two differently normalised models and is not the"
-    " accuracy of the saved (rank-0) checkpoint",
-    strict=True,
-)
 def test_ranks_evaluate_the_same_model(torchrun_run):
+    """Every rank evaluates the saved model: same parameters *and* BatchNorm statistics."""
     proc, run_dir, record = torchrun_run
     assert proc.returncode == 0, proc.stderr[-4000:]
     evals = _records(record)
@@ -185,29 +178,20 @@ def test_ranks_evaluate_the_same_model(torchrun_run):
     assert evals[0]["buffers"] == evals[1]["buffers"], "ranks evaluate with different BatchNorm statistics"
 
 
-@pytest.mark.xfail(
-    reason="BUG: engine.Trainer builds Accelerator(cpu=run.device == 'cpu'); with the default device 'auto'"
-    " on a machine without CUDA, Accelerate's _prepare_backend only picks MULTI_CPU when cpu=True, so under"
-    " torchrun/accelerate launch every process runs alone as DistributedType.NO, each a 'main process' writing"
-    " the same run folder (one exits 2 'run folder already exists', or records are written twice)",
-    strict=True,
-)
 def test_accelerate_launch_multi_gpu_plain_on_cpu_machine(tmp_path):
-    """The issue: plain ``accelerate launch --multi_gpu --num_processes 2`` must work on a CPU-only machine."""
+    """Plain ``accelerate launch --multi_gpu --num_processes 2`` (device "auto") works on a CPU-only machine.
+
+    Without a GPU, Accelerate only sets up gloo when told to use the CPU; otherwise each
+    process ran alone, each a "main process" writing the same run folder.
+    """
     if shutil.which("nvidia-smi") or os.path.exists("/dev/nvidia0"):
         pytest.skip("this machine has a GPU")
-    proc, run_dir, record = _launch("accelerate", tmp_path, device=None, delay_rank=0)
+    proc, run_dir, record = _launch("accelerate", tmp_path, device=None, delay_rank=-1)
     _check_distributed_run(proc, run_dir, record)
 
 
-@pytest.mark.xfail(
-    reason="BUG: engine.Trainer._resolve_run_dir: every rank checks 'run folder exists and is not empty' while"
-    " rank 0 may already have created it (mkdir + .write-test probe, then fit() opens metrics.jsonl and writes"
-    " recipe.toml) with no barrier in between; a slower rank then fails with 'run folder already exists'"
-    " (exit 2) and rank 0 dies in the next collective. Seen in about 3 of 10 plain runs here.",
-    strict=True,
-)
 def test_run_folder_race_between_ranks(tmp_path):
+    """A slow rank must not find the run folder that rank 0 just created "already there"."""
     # Rank 1 reaches the check 4 s after rank 0: deterministic form of the race.
     proc, run_dir, record = _launch("torchrun", tmp_path, device="cpu", delay_rank=1, delay_s=4.0)
     _check_distributed_run(proc, run_dir, record)
