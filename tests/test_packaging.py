@@ -47,12 +47,6 @@ def wheel(tmp_path_factory) -> Path:
 BUILD: dict[str, subprocess.CompletedProcess[str]] = {}
 
 
-@pytest.mark.xfail(
-    reason="BUG (dev set-up): pyproject.toml [build-system] requires 'wheel', which the dev extra does not install,"
-    " so `python -m build --wheel --no-isolation` in the project venv stops with 'Unmet dependencies: wheel'."
-    " setuptools >= 70.1 builds wheels itself: drop 'wheel' from requires (or add it to the dev extra)",
-    strict=True,
-)
 def test_build_without_isolation_in_dev_venv(wheel):
     proc = BUILD["plain"]
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
