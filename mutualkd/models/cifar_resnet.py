@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from timm.layers import DropPath, SelectAdaptivePool2d, get_device_dtype
-from timm.models import checkpoint_seq
+from timm.layers import DropPath
 from torch import nn
 
+from mutualkd.models._common import CifarNet
 from mutualkd.models._register import build_cifar_model, cifar_default_cfgs, register_cifar_model
 
 __all__ = ["CifarResNet", "CifarBasicBlock", "CIFAR_RESNET_MODELS"]
@@ -63,7 +63,7 @@ class CifarBasicBlock(nn.Module):
         return self.act2(self.drop_path(x) + shortcut)
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(CifarNet):
     """CIFAR ResNet-``depth`` (He et al. 2016, arXiv:1512.03385) with timm's model API.
 
     Args:
@@ -94,7 +94,7 @@ class CifarResNet(nn.Module):
         self.depth = depth
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.drop_rate = drop_rate
+        self.drop_rate = self.head_drop_rate = drop_rate
         self.grad_checkpointing = False
 
         self.conv1 = nn.Conv2d(in_chans, _WIDTHS[0], 3, stride=1, padding=1, bias=False, **dd)
@@ -127,67 +127,15 @@ class CifarResNet(nn.Module):
         self.global_pool, self.fc = self._make_head(num_classes, global_pool, **dd)
         self._init_weights()
 
-    def _make_head(self, num_classes: int, global_pool: str, **dd: Any) -> tuple[nn.Module, nn.Module]:
-        if not global_pool:
-            raise ValueError("CifarResNet needs a global pool type (e.g. 'avg'); '' is not supported")
-        pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        in_features = self.num_features * pool.feat_mult()
-        fc: nn.Module = nn.Linear(in_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
-        if isinstance(fc, nn.Linear):
-            nn.init.zeros_(fc.bias)
-        return pool, fc
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
-
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Parameter groups for timm's layer-wise optimizer helpers."""
         return {"stem": r"^conv1|^bn1", "blocks": r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)"}
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in the backward pass to save memory."""
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        """The final linear layer (``nn.Identity`` when ``num_classes == 0``)."""
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the head with a freshly initialised one for ``num_classes`` classes."""
-        self.num_classes = num_classes
-        pool_type = self.global_pool.pool_type if global_pool is None else global_pool
-        dd = get_device_dtype(self)
-        self.global_pool, self.fc = self._make_head(num_classes, pool_type, **dd)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image ``[B, C, H, W]`` to last-stage feature map ``[B, 64, H / 4, W / 4]``."""
-        x = self.act1(self.bn1(self.conv1(x)))
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq([self.layer1, self.layer2, self.layer3], x, flatten=True)
-        else:
-            x = self.layer3(self.layer2(self.layer1(x)))
-        return x
+        return self._stages(self.act1(self.bn1(self.conv1(x))))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool, flatten, dropout and classify; ``pre_logits`` stops before the classifier."""
-        x = self.global_pool(x)
-        if self.drop_rate:
-            x = nn.functional.dropout(x, p=float(self.drop_rate), training=self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 default_cfgs = cifar_default_cfgs(
