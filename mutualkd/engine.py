@@ -294,6 +294,12 @@ class Trainer:
             self.aux[k] = m
         for unit, opt in zip(self.units.values(), prepared[n_p + n_a:]):
             unit.optimizer = opt
+        if run.mixed_precision != "no":
+            # The engine already runs every forward pass and loss under autocast; drop the
+            # per-module wrapper that would cast every output back to fp32 (in place: any
+            # DistributedDataParallel wrapper stays).
+            for m in prepared[: n_p + n_a]:
+                acc.unwrap_model(m, keep_fp32_wrapper=False)
         if run.compile:
             self.peer_modules = [torch.compile(m) for m in self.peer_modules]
 
@@ -489,6 +495,8 @@ class Trainer:
                         raise RunInterrupted(self._stop_signal, self.run_dir)
                     if run.max_steps is not None and self.pos.global_step >= run.max_steps:
                         break
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()  # the epoch's time includes its queued GPU work
                 train_time = time.perf_counter() - t0
                 progress.remove_task(task)
                 stopped_early = run.max_steps is not None and self.pos.global_step >= run.max_steps and batch < len(self.train_loader)

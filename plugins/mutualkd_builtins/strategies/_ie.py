@@ -102,7 +102,10 @@ def ie_terms(
 
 
 def teacher_factor(ae: torch.nn.Module, features: Tensor) -> Tensor:
-    """F_T = Enc_T(f_T), with no gradient into the teacher or its autoencoder."""
+    """F_T = Enc_T(f_T), with no gradient into the teacher or its autoencoder.
+
+    Only the encoder runs (the reconstruction is not needed here). Without gradients there
+    is nothing for DistributedDataParallel to synchronise, so the wrapped module is used.
+    """
     with torch.no_grad():
-        factor, _ = ae(features.detach())
-    return factor
+        return getattr(ae, "module", ae).encode(features.detach())
