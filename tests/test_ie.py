@@ -81,13 +81,15 @@ def one_batch(tmp_path_factory) -> dict[str, Any]:
 
     _wrap_compute(tr, before, after)
     ae0 = tr.aux["peer0.ae"]
-    original_forward = ae0.forward
+    # Training calls the whole autoencoder (forward); the teacher factor only its encoder.
+    for method in ("forward", "encode"):
+        original = getattr(ae0, method)
 
-    def forward(f):
-        rec["ae0_calls"].append((torch.is_grad_enabled(), [p.detach().clone() for p in ae0.parameters()]))
-        return original_forward(f)
+        def recorded(f, _original=original):
+            rec["ae0_calls"].append((torch.is_grad_enabled(), [p.detach().clone() for p in ae0.parameters()]))
+            return _original(f)
 
-    ae0.forward = forward  # type: ignore[method-assign]
+        setattr(ae0, method, recorded)
     tr.fit()
     rec["snaps"].append(param_snapshot(mods))
     return rec
