@@ -161,14 +161,16 @@ def plugins(
 
 @app.command()
 def report(
-    run_dirs: Annotated[list[Path], typer.Argument(help="Run folders (each holds metrics.jsonl), e.g. runs/*/.")],
+    run_dirs: Annotated[
+        list[Path], typer.Argument(metavar="RUN_DIR", help="Run folders (each holds metrics.jsonl), e.g. runs/*/.")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the plots and report.md.")] = Path("report"),
 ) -> None:
     """Plot the loss terms and test top-1 of each run and compare runs in a table.
 
-    Writes OUT/<run>/{losses,losses_steps,top1}.png, OUT/top1_comparison.png and
-    OUT/report.md, and prints the tables. Runs whose recipes differ only in run.seed (and
-    run.name) form a group: its top-1 is given as mean +- std over the seeds.
+    Writes OUT/<run>/{losses,losses_steps,top1}.png, OUT/top1_comparison.png and OUT/report.md, and prints the tables.
+
+    Runs whose recipes differ only in run.seed and run.name form a group, reported as mean +- std over its seeds.
     """
     from mutualkd.report import make_report
 

@@ -336,6 +336,10 @@ def _loss_figure(plt: Any, flat: Sequence[Mapping[str, float]], xs: Sequence[flo
     for f in flat:
         keys += [k for k in f if k not in keys]
     owners = _owners(keys)
+    # one colour per term name (ce, kl, rec, ...) in every panel
+    terms = list(dict.fromkeys(k.partition("/")[2] or k for k in keys))
+    palette = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    color = {t: palette[i % len(palette)] for i, t in enumerate(terms)}
     n = max(len(owners), 1)
     fig, axes = plt.subplots(n, 1, figsize=(7.5, 2.4 * n + 0.6), sharex=True, squeeze=False)
     for ax, (owner, ks) in zip(axes[:, 0], owners.items()):
@@ -344,11 +348,12 @@ def _loss_figure(plt: Any, flat: Sequence[Mapping[str, float]], xs: Sequence[flo
             if not pts:
                 continue
             px, py = zip(*pts)
-            style = dict(lw=0.9 if thin else 1.6)
+            term = k.partition("/")[2] or k
+            style: dict[str, Any] = dict(lw=0.9 if thin else 1.6, color=color[term])
             if len(pts) <= 12:
                 style["marker"] = "o"
                 style["ms"] = 3
-            ax.plot(px, py, label=k.partition("/")[2] or k, **style)
+            ax.plot(px, py, label=term, **style)
         for bx, _name in bounds:
             ax.axvline(bx - (0.5 if not thin else 0), color="grey", ls=":", lw=1)
         ax.axhline(0, color="black", lw=0.5, alpha=0.4)
