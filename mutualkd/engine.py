@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 import contextlib
 from dataclasses import dataclass, field
-import math
 import os
 from pathlib import Path
 import random
@@ -208,7 +207,6 @@ class Trainer:
         # --- strategy: looked up by name in the registry, parameters validated by its model
         registry.block(run.block_plugins or [], source="run.block_plugins (recipe)")
         cls, params = resolve_strategy(recipe, recipe_file)
-        self.strategy_cls = cls
         n = len(recipe.peers)
         self.peer_names = recipe.peer_names()
         self.strategy: Strategy = cls(params, peers=self.peer_names, mode=recipe.schedule.mode)
@@ -233,7 +231,7 @@ class Trainer:
         set_seed(run.seed)
         self.peer_modules: list[nn.Module] = []
         infos: list[PeerInfo] = []
-        feature_map = getattr(cls, "needs_feature_maps", False)
+        feature_map = cls.needs_feature_maps
         for i, pc in enumerate(recipe.peers):
             model = create_peer(pc.model, num_classes=info.num_classes, in_chans=info.in_chans, kwargs=pc.kwargs,
                                 file=recipe_file, field=f"peers[{i}]")
@@ -499,9 +497,8 @@ class Trainer:
                     torch.cuda.synchronize()  # the epoch's time includes its queued GPU work
                 train_time = time.perf_counter() - t0
                 progress.remove_task(task)
-                stopped_early = run.max_steps is not None and self.pos.global_step >= run.max_steps and batch < len(self.train_loader)
                 self._end_epoch(stage, writer, images / max(train_time, 1e-9), train_time, data_wait)
-                if stopped_early or (run.max_steps is not None and self.pos.global_step >= run.max_steps):
+                if run.max_steps is not None and self.pos.global_step >= run.max_steps:
                     return
             self.pos.stage += 1
             self.pos.stage_epoch = 0

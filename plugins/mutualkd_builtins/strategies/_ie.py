@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from mutualkd import get_metric
 from mutualkd.config import OptimizerConfig, SchedulerConfig
 from mutualkd.strategy import SetupContext, StrategyParams
-from mutualkd_builtins.factor import InheritExploreEncoders, Paraphraser, factor_channels
+from mutualkd_builtins.factor import InheritExploreEncoders, Paraphraser
 
 __all__ = ["IEParams", "ie_terms", "resolve_metrics", "make_paraphraser", "make_encoders"]
 
