@@ -5,12 +5,13 @@ IE-DML alternating N = 2) three implementations train the same peers on the same
 batches, in one process:
 
 * ``engine``: :class:`mutualkd.engine.Trainer` built from a recipe dict, driven through
-  its public ``fit()``. Each timed window is one ``fit()`` call that runs ``--steps``
-  batches (``run.max_steps`` is raised by that much; every call starts a new epoch). The
-  window's time is the engine's own ``train_seconds`` from ``metrics.jsonl``: the
-  training loop only (batch fetch, strategy, backward, optimizer and scheduler steps,
-  loss checks, step logging), without the end-of-epoch evaluation and checkpoint.
-  ``data_wait_share`` comes from the same record.
+  its public ``fit()``: one epoch of ``--warmup`` + ``--steps`` x ``--repeats`` batches
+  (``run.max_steps`` ends it). An instance-level wrapper of ``trainer._train_batch``
+  cuts it into windows of ``--steps`` batches and runs the other implementations
+  between them. An engine window's time covers everything its loop does per batch
+  (fetch, strategy, backward, optimizer and scheduler steps, loss checks, step logging);
+  the end-of-epoch evaluation and checkpoint come after the last window. Its data wait
+  is the engine's own, from the epoch's record in ``metrics.jsonl``.
 * ``hand``: a loop written for the case with the minimal passes (KL-DML alternating:
   2N-1 forwards, simultaneous: N, IE-DML N=2: 3), see :func:`hand_kl_alternating`,
   :func:`hand_kl_simultaneous`, :func:`hand_ie_dml_pair`.
@@ -19,19 +20,25 @@ batches, in one process:
   (KL-DML alternating: N^2 forwards), see the ``naive_*`` functions.
 
 All three start from identical weights (the hand and naive loops get deep copies of the
-engine's modules before any step), use the same optimizer settings, and read identical
-batches: window ``r`` is epoch ``r`` of a :class:`mutualkd.data.BatchLoader` with the
-run's seed, whose order and augmentation are a pure function of (seed, epoch, batch).
-Epoch 0 is the warm-up. Windows are interleaved (engine, hand, naive, rotated each
-repeat) and the median window is reported.
+engine's modules before any step), use the same optimizer settings, and read the same
+sequence of batches: a :class:`mutualkd.data.BatchLoader` with the run's seed, whose
+order and augmentation are a pure function of (seed, epoch, batch).
+
+Rounds: the engine's window, then the same batches through each other implementation
+(their order rotates each round). The first round is the warm-up. Per implementation
+the median window is reported; the ratios the targets compare (engine/hand,
+engine/naive) are the median of the per-round ratios. A round's windows ran within a
+second or so of each other, so a slow phase of a shared machine hits them alike: with
+one-batch windows the ratio is resolved to about a percent where ratios of separately
+timed windows scatter by ten.
 
 Measured per case and implementation: images/s, ms per batch, forward passes per batch
-(a forward pre-hook on each peer module, counting calls in training mode), peak memory
-(CUDA: ``torch.cuda.max_memory_allocated`` above the allocation at the window's start;
-CPU: the process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``
-after ``malloc_trim``) above its resident set at the window's start, i.e. the window's
-working-set growth, which includes allocator slack), and the share of the window spent
-waiting for the next batch.
+(a forward pre-hook on each peer module, counting calls in training mode), the share of
+the time spent waiting for the next batch, and peak memory, in a separate window per
+implementation after the timing (CUDA: ``torch.cuda.max_memory_allocated`` above the
+allocation at the window's start; CPU: the process's peak resident set (``VmHWM``, reset
+through ``/proc/self/clear_refs`` after ``malloc_trim``) above its resident set at the
+window's start, i.e. the window's working-set growth, which includes allocator slack).
 
     python benchmarks/bench_engine.py --quick                   # < 5 min on a quiet 2-core CPU
     python benchmarks/bench_engine.py --json-out b.json --md-out b.md
@@ -128,8 +135,8 @@ class Settings:
     device: str = "cpu"
     batch_size: int = 64
     warmup: int = 2  # batches of epoch 0, not timed
-    steps: int = 4  # batches per timed window
-    repeats: int = 3  # timed windows per implementation (median reported)
+    steps: int = 1  # batches per implementation and round
+    repeats: int = 18  # rounds (timed windows per implementation)
     mixed_precision: str = "no"
     channels_last: bool = False
     compile: bool = False
@@ -561,85 +568,90 @@ class Memory:
 
 @dataclass
 class Window:
+    """Consecutive batches of one implementation, timed from the first fetch to the end of the last step."""
+
     seconds: float
+    cpu_seconds: float  # process CPU time over the same span
     batches: int
     images: int
-    data_wait: float
-    forwards: int
-    peak_bytes: int | None
-    cpu_seconds: float  # process CPU time from the first step's start to the last step's end
-    forwards_engine: int | None = None  # the engine's own count (trainer.last_forward_passes)
+    data_wait: float = 0.0  # time spent fetching batches (loops; the engine's comes from its own record)
 
 
 class _EngineProbe:
     """Instance-level wrapper of ``trainer._train_batch``: instrumentation only.
 
-    After the window's last batch it waits for the device (so the engine's
-    ``train_seconds`` covers the queued GPU work) and reads the peak memory, before
-    the end-of-epoch evaluation allocates anything. It also reads the process CPU time
-    when the window's first batch step starts and when its last one ends.
+    The engine runs in one ``fit()`` whose batches are cut into windows of the planned
+    sizes. After a window's last batch step the probe waits for the device, records the
+    window, and calls ``after(i)``: the other implementations run their windows there,
+    back to back with the engine's. The engine's next window starts when that call
+    returns, so its time covers everything the engine's loop does per batch: fetching
+    the batch, the strategy, backward and optimizer steps, loss checks, logging.
     """
 
-    def __init__(self, trainer: Trainer, memory: Memory) -> None:
+    def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
-        self.memory = memory
         self.inner = trainer._train_batch
         trainer._train_batch = self  # type: ignore[method-assign]
-        self.calls = 0
-        self.start_at = -1
-        self.end_at = -1
-        self.peak: int | None = None
-        self.cpu = [0.0, 0.0]
+        self.sizes: list[int] = []
+        self.after: Callable[[int], None] = lambda i: None
+        self.windows: list[Window] = []
+        self._in_window = 0
+        self._t0 = self._c0 = 0.0
+
+    def plan(self, sizes: Sequence[int], after: Callable[[int], None]) -> None:
+        self.sizes, self.after, self.windows, self._in_window = list(sizes), after, [], 0
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.calls == self.start_at:
-            self.cpu[0] = time.process_time()
         out = self.inner(*args, **kwargs)
-        self.calls += 1
-        if self.calls == self.end_at:
+        i = len(self.windows)
+        if i >= len(self.sizes):
+            return out
+        self._in_window += 1
+        if self._in_window == self.sizes[i]:
             _sync(self.trainer.device)
-            self.cpu[1] = time.process_time()
-            self.peak = self.memory.peak()
+            n = self.sizes[i]
+            self.windows.append(Window(time.perf_counter() - self._t0, time.process_time() - self._c0, n,
+                                       n * self.trainer.recipe.data.batch_size))
+            self._in_window = 0
+            self.after(i)
+            _sync(self.trainer.device)
+            self._t0, self._c0 = time.perf_counter(), time.process_time()
         return out
 
 
 class EngineRunner:
-    """Drives a Trainer through ``fit()``, one epoch of ``n`` batches per window."""
+    """Drives a Trainer through ``fit()``: one epoch cut into windows (see :class:`_EngineProbe`)."""
 
     name = "engine"
 
-    def __init__(self, trainer: Trainer, memory: Memory) -> None:
+    def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
-        self.memory = memory
-        self.probe = _EngineProbe(trainer, memory)
+        self.probe = _EngineProbe(trainer)
         self.counter = ForwardCounter(trainer.peer_modules)
         self.metrics = trainer.run_dir / "metrics.jsonl"
 
-    def window(self, n: int) -> Window:
+    def run(self, sizes: Sequence[int], after: Callable[[int], None]) -> tuple[list[Window], float]:
+        """Train ``sum(sizes)`` batches in one new epoch; returns the windows and the epoch's data wait (s)."""
         t = self.trainer
-        base = self.memory.start()
-        self.counter.count = 0
-        self.probe.start_at = self.probe.calls
-        self.probe.end_at = self.probe.calls + n
-        t.recipe.run.max_steps = t.pos.global_step + n
-        t.fit()
+        if t.pos.batch != 0:
+            raise RuntimeError("the engine must start a window plan at an epoch boundary")
+        if sum(sizes) > len(t.train_loader):
+            raise SystemExit(f"--warmup + --steps x --repeats = {sum(sizes)} batches do not fit in one epoch"
+                             f" ({len(t.train_loader)} batches of this data set and batch size)")
+        self.probe.plan(sizes, after)
+        t.recipe.run.max_steps = t.pos.global_step + sum(sizes)
+        t.fit()  # max_steps ends the epoch after the plan; its evaluation and checkpoint are not timed
         rec = [json.loads(line) for line in self.metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
         epoch = [r for r in rec if r.get("kind") == "epoch"][-1]
-        seconds = float(epoch["train_seconds"])
-        peak = self.probe.peak
-        return Window(
-            seconds=seconds, batches=n, images=n * t.recipe.data.batch_size,
-            data_wait=float(epoch["data_wait_share"]) * seconds, forwards=self.counter.count,
-            peak_bytes=None if peak is None else max(peak - base, 0), cpu_seconds=self.probe.cpu[1] - self.probe.cpu[0],
-            forwards_engine=t.last_forward_passes * n,
-        )
+        return self.probe.windows, float(epoch["data_wait_share"]) * float(epoch["train_seconds"])
 
 
 class LoopRunner:
-    """Runs a hand-written or naive loop over the same batches the engine sees."""
+    """Runs a hand-written or naive loop over the same sequence of batches the engine sees."""
 
     def __init__(self, name: str, fn: LoopFn, modules: Peers, loader: BatchLoader, device: torch.device,
-                 amp: AmpFactory, scaler: torch.amp.GradScaler | None, memory: Memory) -> None:
+                 amp: AmpFactory, scaler: torch.amp.GradScaler | None) -> None:
         self.name = name
         self.fn = fn
         self.m = modules
@@ -647,34 +659,40 @@ class LoopRunner:
         self.device = device
         self.amp = amp
         self.scaler = scaler
-        self.memory = memory
         self.counter = ForwardCounter(modules.peers)
         self.epoch = 0
+        self._batches: Any = None
+
+    def _next(self) -> tuple[Tensor, Tensor]:
+        while True:
+            if self._batches is None:
+                self.loader.set_epoch(self.epoch)
+                self._batches = iter(self.loader)
+            try:
+                return next(self._batches)
+            except StopIteration:
+                self._batches = None
+                self.epoch += 1
+
+    def new_epoch(self) -> None:
+        """Continue with the next epoch's batches (as the engine does after a ``fit()``)."""
+        if self._batches is not None:
+            self._batches = None
+            self.epoch += 1
 
     def window(self, n: int) -> Window:
-        self.loader.set_epoch(self.epoch)
-        self.epoch += 1
-        base = self.memory.start()
-        self.counter.count = 0
+        _sync(self.device)
+        t0, c0 = time.perf_counter(), time.process_time()
         wait = 0.0
-        batches = iter(self.loader)
-        _sync(self.device)
-        t0 = time.perf_counter()
-        cpu0 = 0.0
-        for i in range(n):
+        images = 0
+        for _ in range(n):
             tw = time.perf_counter()
-            x, y = next(batches)
+            x, y = self._next()
             wait += time.perf_counter() - tw
-            if i == 0:
-                cpu0 = time.process_time()
             self.fn(self.m, x, y, amp=self.amp, scaler=self.scaler)
+            images += int(x.shape[0])
         _sync(self.device)
-        cpu = time.process_time() - cpu0
-        seconds = time.perf_counter() - t0
-        peak = self.memory.peak()
-        return Window(seconds=seconds, batches=n, images=n * int(x.shape[0]), data_wait=wait,
-                      forwards=self.counter.count, peak_bytes=None if peak is None else max(peak - base, 0),
-                      cpu_seconds=cpu)
+        return Window(time.perf_counter() - t0, time.process_time() - c0, n, images, wait)
 
 
 def _amp_for(trainer: Trainer, s: Settings) -> tuple[AmpFactory, torch.amp.GradScaler | None, str]:
@@ -699,11 +717,15 @@ def _median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
 
 
+def _per_batch(w: Window, clock: str) -> float:
+    return (w.seconds if clock == "wall" else w.cpu_seconds) / w.batches
+
+
 def summarise(windows: Sequence[Window], stat: str = "median", clock: str = "wall") -> dict[str, Any]:
-    """One implementation's results.
+    """One implementation's timing.
 
     ``stat`` ("median" or "min") picks the window that counts; ``clock`` ("wall" or "cpu")
-    which time ``images_per_s`` (the number the targets compare) is computed from.
+    which time ``images_per_s`` is computed from.
     """
     pick = _median if stat == "median" else min
     per_batch = [w.seconds / w.batches for w in windows]
@@ -711,8 +733,7 @@ def summarise(windows: Sequence[Window], stat: str = "median", clock: str = "wal
     chosen = pick(per_batch)
     cpu_chosen = pick(cpu_per_batch)
     images_per_batch = windows[0].images / windows[0].batches
-    peaks = [w.peak_bytes for w in windows if w.peak_bytes is not None]
-    out: dict[str, Any] = {
+    return {
         "images_per_s": images_per_batch / (chosen if clock == "wall" else cpu_chosen),
         "step_ms": 1000 * (chosen if clock == "wall" else cpu_chosen),  # ms per batch on that clock
         "ms_per_batch": 1000 * chosen,
@@ -720,53 +741,114 @@ def summarise(windows: Sequence[Window], stat: str = "median", clock: str = "wal
         "ms_per_batch_windows": [1000 * v for v in per_batch],
         "cpu_ms_per_batch": 1000 * cpu_chosen,
         "cpu_ms_per_batch_windows": [1000 * v for v in cpu_per_batch],
-        "forwards_per_batch": windows[-1].forwards / windows[-1].batches,
-        "peak_mib": _median(peaks) / 2**20 if peaks else None,
-        "data_wait_share": _median([w.data_wait / w.seconds for w in windows]),
     }
-    if windows[-1].forwards_engine is not None:
-        out["forwards_per_batch_engine_count"] = windows[-1].forwards_engine / windows[-1].batches
+
+
+def paired_ratios(windows: dict[str, Sequence[Window]], clock: str = "wall") -> dict[str, Any]:
+    """Engine speed / each other implementation's, round by round.
+
+    The windows of one round ran back to back, so a slow phase of the machine (other
+    processes, frequency changes) hits them alike; the median of the per-round ratios
+    is far steadier than a ratio of two separately chosen windows.
+    """
+    if "engine" not in windows:
+        return {}
+    out = {}
+    for impl, ws in windows.items():
+        if impl != "engine":
+            ratios = [_per_batch(o, clock) / _per_batch(e, clock) for e, o in zip(windows["engine"], ws)]
+            out[impl] = {"median": _median(ratios), "rounds": ratios}
     return out
 
 
 def run_case(case: Case, s: Settings, work: Path, data_root: str | None = None, log: Callable[[str], None] = print,
              ) -> dict[str, Any]:
-    """Measure the implementations of ``case``; returns its results (see :func:`summarise`)."""
+    """Measure the implementations of ``case``; returns its results (see :func:`summarise`).
+
+    Timing: one engine epoch of ``warmup + repeats x steps`` batches. After the engine's
+    warm-up window every other implementation warms up; then, round by round, the engine
+    runs ``steps`` batches and the others follow with the same batches, in an order that
+    rotates each round. Memory: afterwards, a separate window of ``steps`` batches (at
+    least 2) per implementation, each starting from a trimmed allocator.
+    """
     device = torch.device("cuda" if s.device == "cuda" else "cpu")
     memory = Memory(device)
     trainer = build_trainer(case, s, work, data_root)
-    runners: dict[str, Any] = {}
     # Clone before the engine trains, so every implementation starts from the same weights.
     clones = {impl: clone_modules(trainer, compile=s.compile) for impl in s.impls if impl != "engine"}
     amp, scaler_proto, precision = _amp_for(trainer, s)
     split = Split(trainer.train_loader.images, trainer.train_loader.labels)
+    loops: dict[str, LoopRunner] = {}
     for impl in s.impls:
-        if impl == "engine":
-            runners[impl] = EngineRunner(trainer, memory)
-        else:
+        if impl != "engine":
             loader = BatchLoader(split, trainer.info, batch_size=s.batch_size, device=device, train=True,
                                  augment=True, seed=s.seed, drop_last=True, channels_last=s.channels_last)
             scaler = torch.amp.GradScaler(device.type) if scaler_proto is not None else None
-            runners[impl] = LoopRunner(impl, loop_for(case, impl), clones[impl], loader, device, amp, scaler, memory)
-    per_epoch = len(trainer.train_loader)
-    if s.steps > per_epoch or s.warmup > per_epoch:
-        raise SystemExit(f"--steps/--warmup must be at most {per_epoch} (batches per epoch of this data set)")
-
-    # Warm-up: epoch 0 of every implementation (first-touch allocations, cuDNN autotuning, compilation).
-    for impl in s.impls:
-        runners[impl].window(max(s.warmup, 1))
+            loops[impl] = LoopRunner(impl, loop_for(case, impl), clones[impl], loader, device, amp, scaler)
+    engine = EngineRunner(trainer) if "engine" in s.impls else None
+    counters = [r.counter for r in loops.values()] + ([engine.counter] if engine else [])
     windows: dict[str, list[Window]] = {impl: [] for impl in s.impls}
-    order = list(s.impls)
-    for r in range(s.repeats):
-        for impl in order[r % len(order):] + order[: r % len(order)]:
-            windows[impl].append(runners[impl].window(s.steps))
+    others = list(loops)
+    warm = max(s.warmup, 1)
+
+    def after(i: int) -> None:
+        """Round i (0: warm-up) of the other implementations, after the engine's window i."""
+        order = others[i % len(others):] + others[: i % len(others)] if others else []
+        for impl in order:
+            w = loops[impl].window(warm if i == 0 else s.steps)
+            if i > 0:
+                windows[impl].append(w)
+        if i == 0:
+            for c in counters:
+                c.count = 0
+
+    engine_wait = 0.0
+    if engine is not None:
+        ws, engine_wait = engine.run([warm] + [s.steps] * s.repeats, after)
+        windows["engine"] = ws[1:]
+        engine_total = sum(w.seconds for w in ws)
+        engine_forwards = trainer.last_forward_passes
+    else:
+        for i in range(s.repeats + 1):
+            after(i)
+    timed = s.steps * s.repeats
+    forwards = {impl: c.count / timed for impl, c in zip(list(loops) + ["engine"], counters)}
+
+    # Peak memory, separately: the allocator is trimmed at each window's start.
+    mem_n = max(s.steps, 2)
+    peaks: dict[str, float | None] = {}
+    for impl in s.impls:
+        base = memory.start()
+        if impl == "engine":
+            assert engine is not None
+            got: list[int | None] = []
+            engine.run([mem_n], lambda i: got.append(memory.peak()))
+            peak = got[0]
+        else:
+            loops[impl].new_epoch()
+            loops[impl].window(mem_n)
+            peak = memory.peak()
+        peaks[impl] = None if peak is None else max(peak - base, 0) / 2**20
+
+    impls: dict[str, Any] = {}
+    for impl in s.impls:
+        v = summarise(windows[impl], s.stat, s.clock)
+        v["forwards_per_batch"] = forwards[impl]
+        v["peak_mib"] = peaks[impl]
+        if impl == "engine":
+            v["data_wait_share"] = engine_wait / max(engine_total, 1e-9)
+            v["forwards_per_batch_engine_count"] = engine_forwards
+        else:
+            v["data_wait_share"] = sum(w.data_wait for w in windows[impl]) / max(sum(w.seconds for w in windows[impl]), 1e-9)
+        impls[impl] = v
     out: dict[str, Any] = {
         "case": dataclasses.asdict(case),
         "models": peer_models(case, s.models),
         "precision": precision,
         "min_forwards": min_forwards(case),
         "naive_forwards": naive_forwards(case),
-        "impls": {impl: summarise(ws, s.stat, s.clock) for impl, ws in windows.items()},
+        "impls": impls,
+        "paired": paired_ratios(windows, s.clock),
         "windows": {impl: [dataclasses.asdict(w) for w in ws] for impl, ws in windows.items()},
     }
     if s.eval_test:
@@ -776,10 +858,10 @@ def run_case(case: Case, s: Settings, work: Path, data_root: str | None = None, 
         _sync(device)
         out["eval_seconds"] = time.perf_counter() - t0
         out["test_images"] = int(trainer.test_loader.num_samples)
-        out["train_images_per_epoch"] = per_epoch * s.batch_size
-    for r in runners.values():
-        r.counter.remove()
-    line = "  ".join(f"{k} {v['ms_per_batch']:.0f} ms ({v['forwards_per_batch']:.0f} fwd)" for k, v in out["impls"].items())
+        out["train_images_per_epoch"] = len(trainer.train_loader) * s.batch_size
+    for c in counters:
+        c.remove()
+    line = "  ".join(f"{k} {v['ms_per_batch']:.0f} ms ({v['forwards_per_batch']:.0f} fwd)" for k, v in impls.items())
     log(f"{case.name}: {line}")
     return out
 
@@ -793,13 +875,20 @@ def check_targets(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for r in results:
         name, impls = r["case"]["name"], r["impls"]
         eng = impls.get("engine")
+        paired = r.get("paired", {})
+
+        def ratio_to(impl: str) -> float:
+            if impl in paired:
+                return float(paired[impl]["median"])
+            return eng["images_per_s"] / impls[impl]["images_per_s"]
+
         c: dict[str, Any] = {}
         if eng is not None:
             if "hand" in impls:
-                ratio = eng["images_per_s"] / impls["hand"]["images_per_s"]
+                ratio = ratio_to("hand")
                 c["engine_vs_hand"] = {"ratio": ratio, "target": 0.95, "pass": ratio >= 0.95}
             if "naive" in impls:
-                ratio = eng["images_per_s"] / impls["naive"]["images_per_s"]
+                ratio = ratio_to("naive")
                 target = {"kl_dml_alt_n2": 1.25, "kl_dml_alt_n4": 2.0}.get(name)
                 c["engine_vs_naive"] = {"ratio": ratio, "target": target, "pass": None if target is None else ratio >= target}
             fwd = eng["forwards_per_batch"]
@@ -835,8 +924,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Device {s['device']}, precision {s['mixed_precision']}, channels_last {s['channels_last']},"
         f" compile {s['compile']}, batch {s['batch_size']}, {s['dataset']} at {s['image_size']}x{s['image_size']},"
-        f" warm-up {s['warmup']} batches, {s['repeats']} windows x {s['steps']} batches ({s['stat']}),"
-        f" images/s and ratios from {s['clock']} time,"
+        f" warm-up {s['warmup']} batches, {s['repeats']} rounds x {s['steps']} batches per implementation"
+        f" ({s['stat']} window), images/s from {s['clock']} time, ratios: median of the per-round ratios,"
         f" torch threads {m['torch_threads']}.",
         f"Machine: {m['cpu']}, {m['nproc']} CPUs, torch {m['torch']}, {m.get('gpu') or 'no GPU'};"
         f" load average {m['load_before'][0]:.2f} before, {m['load_after'][0]:.2f} after.",
@@ -904,7 +993,7 @@ def machine_info(device: str) -> dict[str, Any]:
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Namespace]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small settings (batch 32, 1 warm-up batch, 5 windows x 3 batches)")
+    p.add_argument("--quick", action="store_true", help="small settings (batch 32, 2 warm-up batches, 30 rounds x 1 batch)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
     p.add_argument("--channels-last", action="store_true")
@@ -917,8 +1006,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
     p.add_argument("--fake-train", type=int, default=None, help="train images of the fake CIFAR split")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None, help="batches per timed window")
-    p.add_argument("--repeats", type=int, default=None, help="timed windows per implementation")
+    p.add_argument("--steps", type=int, default=None, help="batches per implementation and round (one timed window)")
+    p.add_argument("--repeats", type=int, default=None, help="rounds; warm-up + steps x repeats must fit in one epoch")
     p.add_argument("--stat", choices=("median", "min"), default="median",
                    help="statistic of the timed windows (min is less sensitive to other load)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -933,8 +1022,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
     p.add_argument("--json-out", default=None)
     p.add_argument("--md-out", default=None)
     a = p.parse_args(argv)
-    quick = dict(batch_size=32, warmup=1, steps=3, repeats=5)
-    full = dict(batch_size=64, warmup=2, steps=4, repeats=3)
+    quick = dict(batch_size=32, warmup=2, steps=1, repeats=30)
+    full = dict(batch_size=64, warmup=2, steps=1, repeats=18)
     base = quick if a.quick else full
     s = Settings(
         device=a.device,

@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object, set_seed
 import numpy as np
 from pydantic import ValidationError
 import torch
@@ -63,9 +63,10 @@ class _Unit:
 
     name: str
     modules: list[str]
-    optimizer: Any = None
+    optimizer: Any = None  # as prepared by Accelerate (state dicts, learning rates)
     scheduler: Any = None
     peer: int | None = None  # index of the peer whose backbone is in this unit
+    step_optimizer: Any = None  # what the training step calls zero_grad/step on (see Trainer._direct_steps)
 
 
 @dataclass
@@ -113,7 +114,7 @@ class _Batch(StepContext):
         need_grad = peer in self.grad_peers
         if hit is not None and hit[0] == version and (hit[1].has_grad or not need_grad):
             return hit[1]
-        with torch.set_grad_enabled(need_grad), t.accelerator.autocast():
+        with torch.set_grad_enabled(need_grad), t.autocast():
             feats, logits = t.peer_modules[peer](self.inputs)
         self.forward_passes += 1
         out = PeerOutput(feats, logits, need_grad)
@@ -290,8 +291,18 @@ class Trainer:
         self.peer_modules = prepared[:n_p]
         for k, m in zip(trainable_aux, prepared[n_p:n_p + n_a]):
             self.aux[k] = m
+        # Accelerate's optimizer wrapper and backward() add nothing to a step here (no
+        # gradient accumulation, no XLA or DeepSpeed, loss scaling done by the engine), yet
+        # cost a package lookup per optimizer step, a signature inspection per zero_grad
+        # and a division of the loss by 1: on small models a few percent of the step.
+        # The training step then calls the optimizers and backward() directly.
+        self._direct_steps = acc.gradient_accumulation_steps == 1 and acc.distributed_type not in (
+            DistributedType.XLA, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+        # Accelerate's autocast() re-reads its state and the environment on every call.
+        self.autocast = acc.autocast if run.mixed_precision != "no" else contextlib.nullcontext
         for unit, opt in zip(self.units.values(), prepared[n_p + n_a:]):
             unit.optimizer = opt
+            unit.step_optimizer = getattr(opt, "optimizer", opt) if self._direct_steps else opt
         if run.mixed_precision != "no":
             # The engine already runs every forward pass and loss under autocast; drop the
             # per-module wrapper that would cast every output back to fp32 (in place: any
@@ -520,7 +531,7 @@ class Trainer:
         scaled: set[str] = set()  # units stepped through the scaler since its last update
         for k, step in enumerate(steps):
             ctx.grad_peers = grad_from[k]
-            with acc.autocast():
+            with self.autocast():
                 terms = self.strategy.compute(step, ctx)
             flat = {f"{peer}/{name}": v for peer, group in terms.items() for name, v in group.items()}
             if not flat:
@@ -533,17 +544,19 @@ class Trainer:
                 self.scaler.update()
                 scaled.clear()
             for u in units:
-                u.optimizer.zero_grad(set_to_none=True)
+                u.step_optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
+            elif self._direct_steps:
+                loss.backward()
             else:
                 acc.backward(loss)
             for u in units:
                 if self.scaler is not None:
-                    self.scaler.step(u.optimizer)  # unscales, skips the step on inf/NaN grads
+                    self.scaler.step(u.step_optimizer)  # unscales, skips the step on inf/NaN grads
                     scaled.add(u.name)
                 else:
-                    u.optimizer.step()
+                    u.step_optimizer.step()
                 u.scheduler.step()
                 if u.peer is not None:
                     # This peer changed: its cached output is stale for later steps.

@@ -104,6 +104,63 @@ def test_forward_passes_per_batch(name: str, tmp_path: Path) -> None:
         assert v["images_per_s"] > 0 and 0 <= v["data_wait_share"] < 1
 
 
+def test_rounds_interleave_the_same_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Round by round, the engine's window and then each loop's, over one engine epoch,
+    every implementation seeing the same batches in the same order."""
+    seen: list[tuple[str, list[int]]] = []
+    inner = bench.Trainer._train_batch
+
+    def engine_batch(self: Any, stage: Any, steps: Any, grad_from: Any, x: torch.Tensor, y: torch.Tensor) -> Any:
+        seen.append(("engine", y.tolist()))
+        return inner(self, stage, steps, grad_from, x, y)
+
+    monkeypatch.setattr(bench.Trainer, "_train_batch", engine_batch)
+    loop_for = bench.loop_for
+
+    def recording_loop_for(case: Any, impl: str) -> Any:
+        fn = loop_for(case, impl)
+
+        def loop_batch(m: Any, x: torch.Tensor, y: torch.Tensor, **kw: Any) -> None:
+            seen.append((impl, y.tolist()))
+            fn(m, x, y, **kw)
+
+        return loop_batch
+
+    monkeypatch.setattr(bench, "loop_for", recording_loop_for)
+    s = tiny(warmup=1, steps=2, repeats=3)
+    result = bench.run_case(CASES["kl_dml_alt_n2"], s, tmp_path, log=lambda _: None)
+    assert {impl: len(ws) for impl, ws in result["windows"].items()} == {"engine": 3, "hand": 3, "naive": 3}
+    assert len(result["paired"]["hand"]["rounds"]) == 3
+    timing = seen[: 3 * (1 + 2 * 3)]  # then the memory windows
+    who = [impl for impl, _ in timing]
+    # warm-up round, then rounds of 2 batches whose loop order rotates
+    assert who == (["engine", "hand", "naive"]
+                   + ["engine"] * 2 + ["naive"] * 2 + ["hand"] * 2
+                   + ["engine"] * 2 + ["hand"] * 2 + ["naive"] * 2
+                   + ["engine"] * 2 + ["naive"] * 2 + ["hand"] * 2)
+    batches = {impl: [y for i, y in timing if i == impl] for impl in ("engine", "hand", "naive")}
+    assert batches["engine"] == batches["hand"] == batches["naive"]
+    assert len({tuple(y) for y in batches["engine"]}) == 7  # distinct batches, not one repeated
+
+
+def test_a_plan_longer_than_an_epoch_is_refused(tmp_path: Path) -> None:
+    trainer = bench.build_trainer(CASES["kl_dml_alt_n2"], tiny(), tmp_path)
+    n = len(trainer.train_loader)
+    with pytest.raises(SystemExit, match=f"do not fit in one epoch \\({n} batches"):
+        bench.EngineRunner(trainer).run([1, n], lambda i: None)
+
+
+def test_paired_ratios_take_the_median_of_rounds() -> None:
+    def w(seconds: float, batches: int = 2) -> Any:
+        return bench.Window(seconds=seconds, cpu_seconds=seconds / 2, batches=batches, images=8 * batches)
+
+    windows = {"engine": [w(1.0), w(2.0), w(1.0)], "hand": [w(1.0), w(1.8), w(5.0)]}
+    got = bench.paired_ratios(windows)
+    assert got["hand"]["rounds"] == pytest.approx([1.0, 0.9, 5.0])
+    assert got["hand"]["median"] == pytest.approx(1.0)  # the outlier round does not move it
+    assert bench.paired_ratios({"hand": windows["hand"]}) == {}
+
+
 def _params(m: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in m.parameters()]
 
@@ -116,13 +173,12 @@ def test_hand_written_loop_matches_the_engine(name: str, tmp_path: Path) -> None
     trainer = bench.build_trainer(case, s, tmp_path)
     hand = bench.clone_modules(trainer)
     before = [_params(p) for p in hand.peers]
-    memory = bench.Memory(torch.device("cpu"))
     split = bench.Split(trainer.train_loader.images, trainer.train_loader.labels)
     loader = bench.BatchLoader(split, trainer.info, batch_size=s.batch_size, device="cpu", train=True,
                                augment=True, seed=s.seed)
-    bench.EngineRunner(trainer, memory).window(1)
+    bench.EngineRunner(trainer).run([1], lambda i: None)
     bench.LoopRunner("hand", bench.loop_for(case, "hand"), hand, loader, torch.device("cpu"),
-                     bench._no_amp, None, memory).window(1)
+                     bench._no_amp, None).window(1)
     for i, (engine_peer, hand_peer) in enumerate(zip(trainer.peer_modules, hand.peers)):
         e, h = _params(engine_peer), _params(hand_peer)
         assert any(not torch.equal(a, b) for a, b in zip(h, before[i])), "the hand loop did not update peer"
