@@ -10,7 +10,7 @@
 #   COMPILE=1 bash benchmarks/gpu.sh            # the same with run.compile (torch.compile per peer)
 #
 # Environment overrides (for a dry run on a CPU: DEVICE=cpu FAKE_TRAIN=640 WARMUP=1 STEPS=2 REPEATS=1):
-# PYTHON, DEVICE (cuda), FAKE_TRAIN (50000), BATCH (64), WARMUP (100), STEPS (200), REPEATS (3),
+# PYTHON, DEVICE (cuda), FAKE_TRAIN (50000), BATCH (64), WARMUP (50), STEPS (20), REPEATS (15),
 # EPOCHS (200), IMPLS (engine,hand), OUT (benchmarks/results), COMPILE (0).
 # Installs nothing but this repository (`pip install -e .`), and only when mutualkd is not importable.
 set -euo pipefail
@@ -53,7 +53,7 @@ EOF
     --cases ie_dml_alt_n2 --models cifar_wrn_16_2 \
     --dataset fake-cifar100 --fake-train "${FAKE_TRAIN:-50000}" \
     --impls "${IMPLS:-engine,hand}" --batch-size "${BATCH:-64}" \
-    --warmup "${WARMUP:-100}" --steps "${STEPS:-200}" --repeats "${REPEATS:-3}" \
+    --warmup "${WARMUP:-50}" --steps "${STEPS:-20}" --repeats "${REPEATS:-15}" \
     --project-epochs "${EPOCHS:-200}" --goal-minutes 20 \
     ${EXTRA[@]+"${EXTRA[@]}"} \
     --json-out "$OUT/$TAG.json" --md-out "$OUT/$TAG.md"

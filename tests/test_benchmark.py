@@ -337,3 +337,15 @@ def test_cudnn_benchmark_unless_deterministic(tmp_path: Path) -> None:
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[0], saved[1]
         torch.use_deterministic_algorithms(saved[2])
+
+
+def test_profile_step_compares_the_two_steps(capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("profile_step", REPO / "benchmarks" / "profile_step.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--case", "kl_dml_alt_n2", "--batch-size", "8", "--batches", "2", "--profile", "--top", "5"])
+    out = capsys.readouterr().out
+    assert "kl_dml_alt_n2, batch 8" in out and "median of per-batch hand/engine" in out
+    assert "own time, engine minus hand" in out
+    assert len(out.strip().splitlines()) == 2 + 1 + 5  # summary, blank, header, top 5
