@@ -55,10 +55,8 @@ def main(argv: list[str] | None = None) -> None:
         trainer = B.build_trainer(case, s, Path(work))
         hand = B.clone_modules(trainer)
         stage = trainer.stages[0]
-        steps = list(stage.steps)
-        peer_of = {u.name: u.peer for u in trainer.units.values() if u.peer is not None}
-        grad_from = [{peer_of[u] for st in steps[k:] for u in st.updates if u in peer_of} for k in range(len(steps))]
-        trainer._set_train_mode({u for st in steps for u in st.updates})
+        steps, grad_from, updated_units = trainer._stage_plan(stage)
+        trainer._set_train_mode(updated_units)
         fn = B.loop_for(case, "hand")
         batches = iter(trainer.train_loader)
         data = [next(batches) for _ in range(4)]

@@ -462,14 +462,7 @@ class Trainer:
             if si < self.pos.stage:
                 continue
             epochs = self._stage_epochs(stage)
-            steps = list(stage.steps)
-            # Peers a step (or a later step of the same batch) updates: their forward
-            # passes keep a graph so the update can reuse them.
-            peer_of = {u.name: u.peer for u in self.units.values() if u.peer is not None}
-            grad_from = [
-                {peer_of[u] for st in steps[k:] for u in st.updates if u in peer_of} for k in range(len(steps))
-            ]
-            updated_units = {u for st in steps for u in st.updates}
+            steps, grad_from, updated_units = self._stage_plan(stage)
             while self.pos.stage_epoch < epochs:
                 self._set_train_mode(updated_units)
                 self.train_loader.set_epoch(self.pos.epoch)
@@ -513,6 +506,15 @@ class Trainer:
                     return
             self.pos.stage += 1
             self.pos.stage_epoch = 0
+
+    def _stage_plan(self, stage: Stage) -> tuple[list[Step], list[set[int]], set[str]]:
+        """A stage's steps; for each step, the peers it or a later step of the same batch
+        updates (their forward passes keep a graph so the update can reuse them); and
+        every unit the stage updates."""
+        steps = list(stage.steps)
+        peer_of = {u.name: u.peer for u in self.units.values() if u.peer is not None}
+        grad_from = [{peer_of[u] for st in steps[k:] for u in st.updates if u in peer_of} for k in range(len(steps))]
+        return steps, grad_from, {u for st in steps for u in st.updates}
 
     def _set_train_mode(self, updated_units: set[str]) -> None:
         # A module is in training mode only in the stages that update it: a frozen

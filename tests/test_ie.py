@@ -366,13 +366,19 @@ def test_ie_kd_teacher_peer_unknown(tmp_path, teacher_run):
     assert "peer9" in str(ei.value) and "peer0" in str(ei.value)
 
 
-def test_ie_kd_teacher_class_count_mismatch(tmp_path, teacher_run):
+def _teacher_copy_with_meta(tmp_path, teacher_run, edit):
+    """A copy of the teacher run whose latest checkpoint's meta.json is changed by ``edit``."""
     copy = tmp_path / "teacher_copy"
     shutil.copytree(teacher_run, copy)
     latest = ckpt.latest_checkpoint(copy / "checkpoints")
     meta = json.loads((latest / "meta.json").read_text())
-    meta["dataset"]["num_classes"] = 100
+    edit(meta)
     (latest / "meta.json").write_text(json.dumps(meta))
+    return copy
+
+
+def test_ie_kd_teacher_class_count_mismatch(tmp_path, teacher_run):
+    copy = _teacher_copy_with_meta(tmp_path, teacher_run, lambda m: m["dataset"].update(num_classes=100))
     with pytest.raises(CheckpointError) as ei:
         Trainer(make_recipe(**_ie_kd(tmp_path, copy)), recipe_file="r.toml")
     assert "100 classes" in str(ei.value) and "10 classes" in str(ei.value)
@@ -380,12 +386,7 @@ def test_ie_kd_teacher_class_count_mismatch(tmp_path, teacher_run):
 
 def test_ie_kd_teacher_incompatible_weights(tmp_path, teacher_run):
     """A checkpoint whose recorded architecture does not fit its weights is refused."""
-    copy = tmp_path / "teacher_copy"
-    shutil.copytree(teacher_run, copy)
-    latest = ckpt.latest_checkpoint(copy / "checkpoints")
-    meta = json.loads((latest / "meta.json").read_text())
-    meta["peers"]["peer0"]["model"] = "cifar_wrn_16_1"
-    (latest / "meta.json").write_text(json.dumps(meta))
+    copy = _teacher_copy_with_meta(tmp_path, teacher_run, lambda m: m["peers"]["peer0"].update(model="cifar_wrn_16_1"))
     with pytest.raises(CheckpointError) as ei:
         Trainer(make_recipe(**_ie_kd(tmp_path, copy)), recipe_file="r.toml")
     assert "do not fit" in str(ei.value)
