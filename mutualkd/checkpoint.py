@@ -18,11 +18,15 @@ import os
 from pathlib import Path
 import shutil
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mutualkd.config import LOGGING_ONLY_FIELDS
 from mutualkd.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from mutualkd.strategy import LoadedModel
 
 __all__ = [
     "MARKER",
@@ -50,11 +54,17 @@ def versions() -> dict[str, str]:
     return {"mutualkd": mutualkd.__version__, "torch": torch.__version__, "timm": timm.__version__}
 
 
+#: ``[run]`` fields a resume may change: the logging-only ones, and ``max_steps``, which
+#: changes where a run stops but not the steps before it, so a run stopped by it can be
+#: continued with a larger one.
+RESUME_MAY_CHANGE: tuple[str, ...] = (*LOGGING_ONLY_FIELDS, "max_steps")
+
+
 def recipe_hash(recipe_dict: Mapping[str, Any]) -> str:
-    """A hash of the parts of a recipe that change what training computes."""
+    """A hash of the parts of a recipe that change what training computes (all but :data:`RESUME_MAY_CHANGE`)."""
     relevant = {k: v for k, v in recipe_dict.items() if k != "run"}
     run = dict(recipe_dict.get("run", {}))
-    for k in ("progress", "log_every", "checkpoint_every", "keep_checkpoints", "resume", "out_dir", "max_steps"):
+    for k in RESUME_MAY_CHANGE:
         run.pop(k, None)
     relevant["run"] = run
     blob = json.dumps(relevant, sort_keys=True, default=str).encode()
@@ -200,10 +210,11 @@ def resolve_checkpoint(path: Path, where: str | None = None) -> Path:
 
 def load_peer_model(
     path: str | Path, peer: str | int, *, num_classes: int, in_chans: int, where: str | None = None
-) -> torch.nn.Module:
+) -> LoadedModel:
     """Rebuild peer ``peer`` (name or index) of a saved run and load its weights (eval, frozen)."""
     from mutualkd.errors import unknown_name_hint
     from mutualkd.peers import create_peer
+    from mutualkd.strategy import LoadedModel
 
     folder = resolve_checkpoint(Path(path), where)
     meta = read_meta(folder)
@@ -234,5 +245,4 @@ def load_peer_model(
             hint="the checkpoint is of another architecture; name the right run or peer",
         ) from None
     model.eval().requires_grad_(False)
-    model.mutualkd_model_name = spec["model"]  # type: ignore[attr-defined]
-    return model
+    return LoadedModel(model, spec["model"])

@@ -13,12 +13,16 @@ A strategy never runs a training loop. It declares
   ``{"peer0": {"ce": tensor, "kl": tensor}}``. The engine sums them, backpropagates once,
   steps the optimizers of the step's units, and logs every term.
 
-Peer outputs are requested through :meth:`StepContext.output`. The engine caches them:
+Peer outputs are requested by peer name through :meth:`StepContext.output`. The engine caches them:
 a peer that was not updated since its last forward pass on this batch is not run again;
 one that was updated is recomputed, so every step sees the current networks (that is
 what makes sequential schedules faithful). The engine decides whether a forward pass
 records a graph: it does when the peer will still be updated later in the batch. Targets
 taken from other peers must be detached by the strategy.
+
+Strategies never see the engine's wrappers (DistributedDataParallel, ``torch.compile``):
+:meth:`StepContext.module` hands out the module as the strategy built it, and calling it
+runs the forward pass through whatever wrapper the engine put around it.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict
 import torch
@@ -46,6 +50,7 @@ __all__ = [
     "SetupContext",
     "StepContext",
     "LossTerms",
+    "LoadedModel",
 ]
 
 #: Loss terms of one step, grouped by peer name: ``{"peer0": {"ce": t, "kl": t}}``.
@@ -86,13 +91,26 @@ class Stage:
     evaluate: bool = True
 
 
-@dataclass
+P = TypeVar("P", bound=StrategyParams)
+
+
+@dataclass(frozen=True)
 class PeerOutput:
     """A peer's forward pass on the current batch: feature map and logits."""
 
     features: Tensor
     logits: Tensor
-    has_grad: bool
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A network loaded for a strategy (e.g. a teacher): the timm model and its architecture name.
+
+    The model is frozen (``requires_grad_(False)``) and in eval mode.
+    """
+
+    model: nn.Module
+    model_name: str
 
 
 @dataclass(frozen=True)
@@ -117,7 +135,9 @@ class SetupContext:
     recipe_file: str
     _added: list[tuple[str, nn.Module, str, Any, Any, bool]] = field(default_factory=list)
 
-    def load_peer(self, path: str, peer: str | int, *, field: str = "strategy") -> nn.Module:
+    blocked_plugins: Sequence[str] = ()
+
+    def load_peer(self, path: str, peer: str | int, *, field: str = "strategy") -> LoadedModel:
         """A peer network from a checkpoint of an earlier mutualkd run, frozen.
 
         ``path`` is a checkpoint folder or a run folder (its latest complete checkpoint);
@@ -130,6 +150,16 @@ class SetupContext:
             path, peer, num_classes=self.dataset.num_classes, in_chans=self.dataset.in_chans,
             where=f"{self.recipe_file} [{field}]",
         )
+
+    def metric(self, name: str, *, field: str) -> Any:
+        """The distance metric plugin ``name``, looked up in the registry for this run.
+
+        ``field`` is the recipe key that named it (for the error message). Plugins blocked
+        by the recipe's ``run.block_plugins`` are refused for this run only.
+        """
+        from mutualkd.registry import get_metric
+
+        return get_metric(name, where=f"{self.recipe_file} [{field}]", blocked=self.blocked_plugins)
 
     def add_module(
         self,
@@ -164,21 +194,26 @@ class StepContext(ABC):
     cache: dict[str, Any]
 
     @abstractmethod
-    def output(self, peer: int) -> PeerOutput:
-        """Peer ``peer``'s output on this batch, from the cache while still current."""
+    def output(self, peer: str) -> PeerOutput:
+        """The output of the peer named ``peer`` on this batch, from the cache while still current."""
 
     @abstractmethod
     def module(self, name: str) -> nn.Module:
-        """An auxiliary module registered in :meth:`Strategy.setup` (ready to call)."""
+        """The auxiliary module registered as ``name`` in :meth:`Strategy.setup`.
+
+        Its methods and attributes are the module's own; calling it runs the forward pass
+        through the engine's wrapper (so that several processes synchronise gradients).
+        """
 
 
-class Strategy(ABC):
+class Strategy(ABC, Generic[P]):
     """Base class of every distillation strategy plugin.
 
-    Subclasses set ``Params`` (a :class:`StrategyParams` subclass), ``min_peers`` /
-    ``max_peers`` and ``modes`` (the ``[schedule] mode`` values they support), and
-    implement :meth:`steps` and :meth:`compute`. Register the class under the entry-point
-    group ``mutualkd.strategies``.
+    Subclasses are generic in their parameter model, ``class KD(Strategy[KDParams])``:
+    ``Params`` is then that model (set it explicitly to override), and ``self.params`` is
+    typed as it. They set ``min_peers`` / ``max_peers`` and ``modes`` (the
+    ``[schedule] mode`` values they support), and implement :meth:`steps` and
+    :meth:`compute`. Register the class under the entry-point group ``mutualkd.strategies``.
     """
 
     Params: ClassVar[type[StrategyParams]] = StrategyParams
@@ -188,8 +223,18 @@ class Strategy(ABC):
     #: Whether :class:`PeerOutput.features` must be a ``[B, C, H, W]`` map (see mutualkd.peers).
     needs_feature_maps: ClassVar[bool] = False
 
-    def __init__(self, params: StrategyParams, *, peers: Sequence[str], mode: Mode) -> None:
-        self.params = params
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "Params" in cls.__dict__:
+            return
+        for base in getattr(cls, "__orig_bases__", ()):
+            args = [a for a in get_args(base) if isinstance(a, type) and issubclass(a, StrategyParams)]
+            if args:
+                cls.Params = args[0]
+                return
+
+    def __init__(self, params: P, *, peers: Sequence[str], mode: Mode) -> None:
+        self.params: P = params
         self.peers = list(peers)
         self.mode = mode
 

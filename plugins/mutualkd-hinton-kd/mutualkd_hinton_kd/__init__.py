@@ -11,7 +11,6 @@ function, :func:`hinton_kd_terms`, tested on its own.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from pydantic import Field
 import torch
@@ -56,7 +55,7 @@ class HintonKDParams(StrategyParams):
     alpha: float = Field(0.9, ge=0.0, le=1.0, description="weight of the soft term; 1 - alpha weighs the CE")
 
 
-class HintonKD(Strategy):
+class HintonKD(Strategy[HintonKDParams]):
     """Hinton KD: one student matches a frozen teacher's softened predictions, plus CE.
 
     The student (the recipe's single ``[[peers]]`` entry) minimises
@@ -64,19 +63,14 @@ class HintonKD(Strategy):
     registered frozen: it is never updated, stays in eval mode, and runs once per batch.
     """
 
-    Params = HintonKDParams
     min_peers = 1
     max_peers = 1
     modes = ("alternating", "simultaneous")  # one student: both are the same single step
 
-    def __init__(self, params: HintonKDParams, *, peers: Sequence[str], mode: Any) -> None:
-        super().__init__(params, peers=peers, mode=mode)
-        self.p = params
-
     def setup(self, ctx: SetupContext) -> None:
         # load_peer checks the teacher was trained on this recipe's data (classes, channels).
-        teacher = ctx.load_peer(self.p.teacher, self.p.teacher_peer, field="strategy.teacher")
-        ctx.add_module("teacher", teacher, unit="teacher", trainable=False)
+        teacher = ctx.load_peer(self.params.teacher, self.params.teacher_peer, field="strategy.teacher")
+        ctx.add_module("teacher", teacher.model, unit="teacher", trainable=False)
 
     def steps(self) -> Sequence[Step]:
         return [Step(self.peers[0], (self.peers[0],))]
@@ -86,9 +80,9 @@ class HintonKD(Strategy):
             # The teacher never changes, so its logits are computed once per batch, without a graph.
             with torch.no_grad():
                 ctx.cache["teacher_logits"] = ctx.module("teacher")(ctx.inputs)
-        student = ctx.output(0).logits
+        student = ctx.output(self.peers[0]).logits
         return {
             self.peers[0]: hinton_kd_terms(
-                student, ctx.cache["teacher_logits"], ctx.labels, temperature=self.p.temperature, alpha=self.p.alpha
+                student, ctx.cache["teacher_logits"], ctx.labels, temperature=self.params.temperature, alpha=self.params.alpha
             )
         }

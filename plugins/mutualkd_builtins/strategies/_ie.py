@@ -1,4 +1,4 @@
-"""What IE-KD and IE-DML share: parameters, the module set-up, and the IE loss.
+"""What IE-KD and IE-DML share: parameters, the IE loss terms, and the module set-up.
 
 Huang et al., "Revisiting Knowledge Distillation: An Inheritance and Exploration
 Framework", CVPR 2021. A teacher's feature map f_T is compressed into a factor
@@ -16,67 +16,28 @@ from typing import Literal
 
 from pydantic import Field
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 import torch.nn.functional as F
 
-from mutualkd import get_metric
 from mutualkd.config import OptimizerConfig, SchedulerConfig
 from mutualkd.strategy import SetupContext, StrategyParams
 from mutualkd_builtins.factor import InheritExploreEncoders, Paraphraser
 
-__all__ = ["IEParams", "ie_terms", "resolve_metrics", "make_paraphraser", "make_encoders"]
-
-
-class IEParams(StrategyParams):
-    """Parameters common to ``ie_kd`` and ``ie_dml``."""
-
-    inh_metric: str = Field("l1", description="distance for inheritance (a mutualkd.metrics plugin)")
-    exp_metric: str = Field("l1", description="distance for exploration (a mutualkd.metrics plugin)")
-    lambda_inh: float = Field(50.0, ge=0.0, description="weight of the inheritance term")
-    lambda_exp: float = Field(50.0, ge=0.0, description="weight of the exploration term")
-    rate: float = Field(0.5, gt=0.0, le=4.0, description="factor compression rate k: C' = round(k C)")
-    factor_channels: int | None = Field(None, gt=0, description="fixed C' instead of k C (the authors used 32 for wide maps)")
-    rec_loss: Literal["l1", "l2"] = Field("l1", description="reconstruction loss of the autoencoder")
-    split: Literal["natural", "random"] = Field("natural", description="how student channels are split")
-    ratio: float = Field(0.5, gt=0.0, lt=1.0, description="share of student channels used for inheritance")
-    split_seed: int = Field(0, description="seed of the random split (saved with the checkpoint)")
-
+__all__ = [
+    "IEParams",
+    "ie_terms",
+    "reconstruction_term",
+    "teacher_factor",
+    "match_grid",
+    "resolve_metrics",
+    "make_paraphraser",
+    "make_encoders",
+]
 
 Metric = Callable[[Tensor, Tensor], Tensor]
 
 
-def resolve_metrics(params: IEParams, ctx: SetupContext) -> tuple[Metric, Metric]:
-    """The two distance functions, looked up by name in the registry."""
-    d_inh = get_metric(params.inh_metric, where=f"{ctx.recipe_file} [strategy.inh_metric]")
-    d_exp = get_metric(params.exp_metric, where=f"{ctx.recipe_file} [strategy.exp_metric]")
-    return d_inh, d_exp
-
-
-def make_paraphraser(params: IEParams, channels: int) -> Paraphraser:
-    return Paraphraser(channels, rate=params.rate, fixed_channels=params.factor_channels, rec_loss=params.rec_loss)
-
-
-def make_encoders(params: IEParams, student_channels: int, teacher_factor_channels: int) -> InheritExploreEncoders:
-    return InheritExploreEncoders(
-        student_channels, teacher_factor_channels, split=params.split, ratio=params.ratio, generator_seed=params.split_seed
-    )
-
-
-def ae_optimizer(lr: float | None, base: OptimizerConfig) -> OptimizerConfig:
-    """The autoencoder's optimizer: the given one with ``lr`` replaced when set."""
-    return base if lr is None else base.model_copy(update={"lr": lr})
-
-
-CONSTANT = SchedulerConfig(name="constant")
-
-
-def match_grid(f_student: Tensor, teacher_factor: Tensor) -> Tensor:
-    """Pool the student's map to the teacher factor's spatial size when they differ."""
-    if f_student.shape[-2:] != teacher_factor.shape[-2:]:
-        return F.adaptive_avg_pool2d(f_student, teacher_factor.shape[-2:])
-    return f_student
-
-
+# --------------------------------------------------------------------------- loss terms
 def ie_terms(
     logits: Tensor,
     labels: Tensor,
@@ -101,11 +62,64 @@ def ie_terms(
     }
 
 
-def teacher_factor(ae: torch.nn.Module, features: Tensor) -> Tensor:
+def reconstruction_term(ae: nn.Module, features: Tensor) -> Tensor:
+    """L_rec of a factor autoencoder on ``features``, which are detached: the backbone is not
+    trained by this loss."""
+    f = features.detach()
+    _, recon = ae(f)
+    return ae.reconstruction_loss(f, recon)
+
+
+def teacher_factor(ae: nn.Module, features: Tensor) -> Tensor:
     """F_T = Enc_T(f_T), with no gradient into the teacher or its autoencoder.
 
-    Only the encoder runs (the reconstruction is not needed here). Without gradients there
-    is nothing for DistributedDataParallel to synchronise, so the wrapped module is used.
+    Only the encoder runs (the reconstruction is not needed here).
     """
     with torch.no_grad():
-        return getattr(ae, "module", ae).encode(features.detach())
+        return ae.encode(features.detach())
+
+
+def match_grid(f_student: Tensor, teacher_factor: Tensor) -> Tensor:
+    """Pool the student's map to the teacher factor's spatial size when they differ."""
+    if f_student.shape[-2:] != teacher_factor.shape[-2:]:
+        return F.adaptive_avg_pool2d(f_student, teacher_factor.shape[-2:])
+    return f_student
+
+
+# --------------------------------------------------------------------------- parameters and set-up
+class IEParams(StrategyParams):
+    """Parameters common to ``ie_kd`` and ``ie_dml``."""
+
+    inh_metric: str = Field("l1", description="distance for inheritance (a mutualkd.metrics plugin)")
+    exp_metric: str = Field("l1", description="distance for exploration (a mutualkd.metrics plugin)")
+    lambda_inh: float = Field(50.0, ge=0.0, description="weight of the inheritance term")
+    lambda_exp: float = Field(50.0, ge=0.0, description="weight of the exploration term")
+    rate: float = Field(0.5, gt=0.0, le=4.0, description="factor compression rate k: C' = round(k C)")
+    factor_channels: int | None = Field(None, gt=0, description="fixed C' instead of k C (the authors used 32 for wide maps)")
+    rec_loss: Literal["l1", "l2"] = Field("l1", description="reconstruction loss of the autoencoder")
+    split: Literal["natural", "random"] = Field("natural", description="how student channels are split")
+    ratio: float = Field(0.5, gt=0.0, lt=1.0, description="share of student channels used for inheritance")
+    split_seed: int = Field(0, description="seed of the random split (saved with the checkpoint)")
+
+
+def resolve_metrics(params: IEParams, ctx: SetupContext) -> tuple[Metric, Metric]:
+    """The two distance functions, looked up by name in the registry."""
+    return ctx.metric(params.inh_metric, field="strategy.inh_metric"), ctx.metric(params.exp_metric, field="strategy.exp_metric")
+
+
+def make_paraphraser(params: IEParams, channels: int) -> Paraphraser:
+    return Paraphraser(channels, rate=params.rate, fixed_channels=params.factor_channels, rec_loss=params.rec_loss)
+
+
+def make_encoders(params: IEParams, student_channels: int, teacher_factor_channels: int) -> InheritExploreEncoders:
+    return InheritExploreEncoders(
+        student_channels, teacher_factor_channels, split=params.split, ratio=params.ratio, generator_seed=params.split_seed
+    )
+
+
+def ae_optimizer(lr: float | None, base: OptimizerConfig) -> OptimizerConfig:
+    """The autoencoder's optimizer: the given one with ``lr`` replaced when set."""
+    return base if lr is None else base.model_copy(update={"lr": lr})
+
+
+CONSTANT = SchedulerConfig(name="constant")

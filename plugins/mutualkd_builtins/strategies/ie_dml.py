@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import Field
 import torch
+from torch import Tensor
 
 from mutualkd.strategy import LossTerms, SetupContext, Step, StepContext, Strategy
 from mutualkd_builtins.strategies._ie import (
@@ -22,9 +23,19 @@ from mutualkd_builtins.strategies._ie import (
     make_encoders,
     make_paraphraser,
     match_grid,
+    reconstruction_term,
     resolve_metrics,
     teacher_factor,
 )
+
+
+def mean_over_teachers(per_teacher: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """A student's IE terms averaged over its teachers (the CE does not depend on the teacher)."""
+    return {
+        "ce": per_teacher[0]["ce"],
+        "inh": torch.stack([t["inh"] for t in per_teacher]).mean(),
+        "exp": torch.stack([t["exp"] for t in per_teacher]).mean(),
+    }
 
 
 class IEDMLParams(IEParams):
@@ -33,7 +44,7 @@ class IEDMLParams(IEParams):
     )
 
 
-class IEDML(Strategy):
+class IEDML(Strategy[IEDMLParams]):
     """IE-DML: every peer learns from every other peer's factor by inheritance and exploration.
 
     Schedule (``alternating``), per mini-batch, for two peers exactly the four steps of
@@ -47,97 +58,72 @@ class IEDML(Strategy):
     pass per peer.
     """
 
-    Params = IEDMLParams
     min_peers = 2
     needs_feature_maps = True
 
-    def __init__(self, params: IEDMLParams, *, peers: Sequence[str], mode: Any) -> None:
-        super().__init__(params, peers=peers, mode=mode)
-        self.p = params
+    # Module names: "<peer>.ae" (its own unit) and "<student>.ie.<teacher>" (the student's unit).
+    @staticmethod
+    def ae(peer: str) -> str:
+        return f"{peer}.ae"
 
-    # Module names: "<peer>.ae" (its own unit) and "<student>.ie.<teacher>" (student's unit).
-    def _ae(self, i: int) -> str:
-        return f"{self.peers[i]}.ae"
-
-    def _enc(self, student: int, teacher: int) -> str:
-        return f"{self.peers[student]}.ie.{self.peers[teacher]}"
+    @staticmethod
+    def encoders(student: str, teacher: str) -> str:
+        return f"{student}.ie.{teacher}"
 
     def setup(self, ctx: SetupContext) -> None:
-        self.d_inh, self.d_exp = resolve_metrics(self.p, ctx)
-        factor_c: list[int] = []
+        p = self.params
+        self.d_inh, self.d_exp = resolve_metrics(p, ctx)
+        factor_c: dict[str, int] = {}
         for peer in ctx.peers:
-            ae = make_paraphraser(self.p, peer.feature_shape[0])
-            factor_c.append(ae.factor_channels)
-            base = ctx.recipe.peer_optimizer(peer.index)
+            ae = make_paraphraser(p, peer.feature_shape[0])
+            factor_c[peer.name] = ae.factor_channels
             ctx.add_module(
-                self._ae(peer.index), ae, unit=self._ae(peer.index),
-                optimizer=ae_optimizer(self.p.ae_lr, base), scheduler=ctx.recipe.peer_scheduler(peer.index),
+                self.ae(peer.name), ae, unit=self.ae(peer.name),
+                optimizer=ae_optimizer(p.ae_lr, ctx.recipe.peer_optimizer(peer.index)),
+                scheduler=ctx.recipe.peer_scheduler(peer.index),
             )
         for s in ctx.peers:
             for t in ctx.peers:
-                if s.index != t.index:
-                    enc = make_encoders(self.p, s.feature_shape[0], factor_c[t.index])
-                    ctx.add_module(self._enc(s.index, t.index), enc, unit=s.name)
+                if s.name != t.name:
+                    ctx.add_module(self.encoders(s.name, t.name),
+                                   make_encoders(p, s.feature_shape[0], factor_c[t.name]), unit=s.name)
 
-    def _order(self) -> list[int]:
-        n = len(self.peers)
-        return list(range(1, n)) + [0]
+    def student_order(self) -> list[str]:
+        """Peers in the order they are updated as students: 2, 3, ..., N, then 1."""
+        return self.peers[1:] + self.peers[:1]
 
     def steps(self) -> Sequence[Step]:
-        n = len(self.peers)
         if self.mode == "simultaneous":
-            return [
-                Step("autoencoders", tuple(self._ae(i) for i in range(n))),
-                Step("peers", tuple(self.peers)),
-            ]
+            return [Step("autoencoders", tuple(self.ae(n) for n in self.peers)), Step("peers", tuple(self.peers))]
         steps: list[Step] = []
-        for k in self._order():
-            teachers = [j for j in range(n) if j != k]
-            steps.append(Step("ae:" + ",".join(self.peers[j] for j in teachers), tuple(self._ae(j) for j in teachers)))
-            steps.append(Step(self.peers[k], (self.peers[k],)))
+        for student in self.student_order():
+            teachers = [n for n in self.peers if n != student]
+            steps.append(Step("ae:" + ",".join(teachers), tuple(self.ae(n) for n in teachers)))
+            steps.append(Step(student, (student,)))
         return steps
 
     def compute(self, step: Step, ctx: StepContext) -> LossTerms:
         terms: LossTerms = {}
         for unit in step.updates:
             if unit.endswith(".ae"):
-                j = self.peers.index(unit[: -len(".ae")])
-                # The autoencoder learns to reconstruct the peer's *current* features; the
-                # backbone is not trained by this loss, hence detached.
-                f = ctx.output(j).features.detach()
-                ae = ctx.module(unit)
-                _, recon = ae(f)
-                terms.setdefault(self.peers[j], {})["rec"] = ae_loss(ae, f, recon)
+                # The autoencoder learns to reconstruct the peer's *current* features.
+                peer = unit[: -len(".ae")]
+                terms.setdefault(peer, {})["rec"] = reconstruction_term(ctx.module(unit), ctx.output(peer).features)
             else:
-                terms[unit] = self._student_terms(self.peers.index(unit), ctx)
+                terms[unit] = self._student_terms(unit, ctx)
         return terms
 
-    def _student_terms(self, k: int, ctx: StepContext) -> dict[str, torch.Tensor]:
-        out = ctx.output(k)
-        teachers = [j for j in range(len(self.peers)) if j != k]
+    def _student_terms(self, student: str, ctx: StepContext) -> dict[str, Tensor]:
+        p, out = self.params, ctx.output(student)
         per_teacher = []
-        for j in teachers:
-            ft = teacher_factor(ctx.module(self._ae(j)), ctx.output(j).features)
-            f_inh, f_exp = ctx.module(self._enc(k, j))(match_grid(out.features, ft))
-            per_teacher.append(
-                ie_terms(out.logits, ctx.labels, f_inh, f_exp, ft, d_inh=self.d_inh, d_exp=self.d_exp,
-                         lambda_inh=self.p.lambda_inh, lambda_exp=self.p.lambda_exp)
-            )
-        return {
-            "ce": per_teacher[0]["ce"],
-            "inh": torch.stack([t["inh"] for t in per_teacher]).mean(),
-            "exp": torch.stack([t["exp"] for t in per_teacher]).mean(),
-        }
+        for teacher in (n for n in self.peers if n != student):
+            ft = teacher_factor(ctx.module(self.ae(teacher)), ctx.output(teacher).features)
+            f_inh, f_exp = ctx.module(self.encoders(student, teacher))(match_grid(out.features, ft))
+            per_teacher.append(ie_terms(out.logits, ctx.labels, f_inh, f_exp, ft, d_inh=self.d_inh, d_exp=self.d_exp,
+                                        lambda_inh=p.lambda_inh, lambda_exp=p.lambda_exp))
+        return mean_over_teachers(per_teacher)
 
     def state_dict(self) -> dict[str, Any]:
         # Split indices live in the encoders' buffers (saved with the modules); the
         # order of students is a function of the peer list.
-        return {"order": [self.peers[k] for k in self._order()]}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        pass
-
-
-def ae_loss(ae: torch.nn.Module, f: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-    inner = getattr(ae, "module", ae)  # unwrap DistributedDataParallel
-    return inner.reconstruction_loss(f, recon)
+        return {"order": self.student_order()}

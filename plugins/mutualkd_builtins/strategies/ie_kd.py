@@ -7,13 +7,16 @@ encoders jointly, against the teacher's factors.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import Field
+import torch
+from torch import Tensor
 
 from mutualkd.config import OptimizerConfig
-from mutualkd.peers import PeerModule
+from mutualkd.errors import CheckpointError
+from mutualkd.peers import PeerModule, probe_feature_shape
 from mutualkd.strategy import LossTerms, SetupContext, Stage, Step, StepContext, Strategy
 from mutualkd_builtins.strategies._ie import (
     CONSTANT,
@@ -22,10 +25,10 @@ from mutualkd_builtins.strategies._ie import (
     make_encoders,
     make_paraphraser,
     match_grid,
+    reconstruction_term,
     resolve_metrics,
     teacher_factor,
 )
-from mutualkd_builtins.strategies.ie_dml import ae_loss
 
 
 class IEKDParams(IEParams):
@@ -39,78 +42,61 @@ class IEKDParams(IEParams):
     )
 
 
-class IEKD(Strategy):
+class IEKD(Strategy[IEKDParams]):
     """IE-KD: a frozen teacher's factors guide one student by inheritance and exploration."""
 
-    Params = IEKDParams
     min_peers = 1
     max_peers = 1
     modes = ("alternating", "simultaneous")  # one student: both modes are the same schedule
     needs_feature_maps = True
-    STUDENT_AE = "teacher.ae"
-
-    def __init__(self, params: IEKDParams, *, peers: Sequence[str], mode: Any) -> None:
-        super().__init__(params, peers=peers, mode=mode)
-        self.p = params
+    TEACHER = "teacher"
+    TEACHER_AE = "teacher.ae"
+    ENCODERS = "student.ie"
 
     def setup(self, ctx: SetupContext) -> None:
-        p = self.p
+        p = self.params
         self.d_inh, self.d_exp = resolve_metrics(p, ctx)
-        model = ctx.load_peer(p.teacher, p.teacher_peer, field="strategy.teacher")
-        name = getattr(model, "mutualkd_model_name", type(model).__name__)
-        if p.teacher_model is not None and p.teacher_model != name:
-            from mutualkd.errors import CheckpointError
-
+        loaded = ctx.load_peer(p.teacher, p.teacher_peer, field="strategy.teacher")
+        if p.teacher_model is not None and p.teacher_model != loaded.model_name:
             raise CheckpointError(
-                f"the teacher checkpoint holds a '{name}', the recipe expects '{p.teacher_model}'",
+                f"the teacher checkpoint holds a '{loaded.model_name}', the recipe expects '{p.teacher_model}'",
                 where=f"{ctx.recipe_file} [strategy.teacher_model]",
                 hint="point strategy.teacher at the right run, or correct strategy.teacher_model",
             )
-        teacher = PeerModule(model, name, feature_map=True).to(ctx.device)
-        ctx.add_module("teacher", teacher, unit="teacher", trainable=False)
-        from mutualkd.peers import probe_feature_shape
-
+        teacher = PeerModule(loaded.model, loaded.model_name, feature_map=True).to(ctx.device)
+        ctx.add_module(self.TEACHER, teacher, unit=self.TEACHER, trainable=False)
         t_shape = probe_feature_shape(teacher, ctx.dataset.in_chans, ctx.dataset.image_size, ctx.device)
         ae = make_paraphraser(p, t_shape[0])
-        ctx.add_module(self.STUDENT_AE, ae, unit=self.STUDENT_AE, optimizer=p.ae_optimizer, scheduler=CONSTANT)
+        ctx.add_module(self.TEACHER_AE, ae, unit=self.TEACHER_AE, optimizer=p.ae_optimizer, scheduler=CONSTANT)
         student = ctx.peers[0]
-        ctx.add_module("student.ie", make_encoders(p, student.feature_shape[0], ae.factor_channels), unit=student.name)
+        ctx.add_module(self.ENCODERS, make_encoders(p, student.feature_shape[0], ae.factor_channels), unit=student.name)
 
     def steps(self) -> Sequence[Step]:
         return [Step(self.peers[0], (self.peers[0],))]
 
     def stages(self) -> Sequence[Stage]:
         return [
-            Stage("teacher_ae", (Step(self.STUDENT_AE, (self.STUDENT_AE,)),), epochs=self.p.ae_epochs, evaluate=False),
+            Stage("teacher_ae", (Step(self.TEACHER_AE, (self.TEACHER_AE,)),), epochs=self.params.ae_epochs, evaluate=False),
             Stage("student", tuple(self.steps())),
         ]
 
-    def _teacher_features(self, ctx: StepContext):
-        # The teacher is frozen: one pass per batch, shared by every step.
+    def _teacher_features(self, ctx: StepContext) -> Tensor:
+        # The teacher is frozen: one pass per batch, without a graph, shared by every step.
         if "teacher_f" not in ctx.cache:
-            import torch
-
             with torch.no_grad():
-                ctx.cache["teacher_f"] = ctx.module("teacher")(ctx.inputs)[0]
+                ctx.cache["teacher_f"] = ctx.module(self.TEACHER)(ctx.inputs)[0]
         return ctx.cache["teacher_f"]
 
     def compute(self, step: Step, ctx: StepContext) -> LossTerms:
         f_t = self._teacher_features(ctx)
-        if step.updates == (self.STUDENT_AE,):
-            ae = ctx.module(self.STUDENT_AE)
-            _, recon = ae(f_t)
-            return {"teacher": {"rec": ae_loss(ae, f_t, recon)}}
-        out = ctx.output(0)
-        ft = teacher_factor(ctx.module(self.STUDENT_AE), f_t)
-        f_inh, f_exp = ctx.module("student.ie")(match_grid(out.features, ft))
-        p = self.p
-        return {
-            self.peers[0]: ie_terms(out.logits, ctx.labels, f_inh, f_exp, ft, d_inh=self.d_inh, d_exp=self.d_exp,
-                                    lambda_inh=p.lambda_inh, lambda_exp=p.lambda_exp)
-        }
+        if step.updates == (self.TEACHER_AE,):
+            return {"teacher": {"rec": reconstruction_term(ctx.module(self.TEACHER_AE), f_t)}}
+        student, p = self.peers[0], self.params
+        out = ctx.output(student)
+        ft = teacher_factor(ctx.module(self.TEACHER_AE), f_t)
+        f_inh, f_exp = ctx.module(self.ENCODERS)(match_grid(out.features, ft))
+        return {student: ie_terms(out.logits, ctx.labels, f_inh, f_exp, ft, d_inh=self.d_inh, d_exp=self.d_exp,
+                                  lambda_inh=p.lambda_inh, lambda_exp=p.lambda_exp)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"teacher": str(self.p.teacher), "teacher_peer": self.p.teacher_peer}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        pass
+        return {"teacher": str(self.params.teacher), "teacher_peer": self.params.teacher_peer}

@@ -14,10 +14,9 @@ class IndependentParams(StrategyParams):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
 
 
-class Independent(Strategy):
+class Independent(Strategy[IndependentParams]):
     """Independent training: each peer minimises its own cross-entropy, no distillation."""
 
-    Params = IndependentParams
     min_peers = 1
 
     def steps(self) -> Sequence[Step]:
@@ -25,8 +24,7 @@ class Independent(Strategy):
         return [Step("all", tuple(self.peers))]
 
     def compute(self, step: Step, ctx: StepContext) -> LossTerms:
-        assert isinstance(self.params, IndependentParams)
         return {
-            name: {"ce": F.cross_entropy(ctx.output(i).logits.float(), ctx.labels, label_smoothing=self.params.label_smoothing)}
-            for i, name in enumerate(self.peers)
+            name: {"ce": F.cross_entropy(ctx.output(name).logits.float(), ctx.labels, label_smoothing=self.params.label_smoothing)}
+            for name in self.peers
         }

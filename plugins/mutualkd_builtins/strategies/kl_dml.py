@@ -6,10 +6,22 @@ from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import Field
+from torch import Tensor
 import torch.nn.functional as F
 
 from mutualkd.strategy import LossTerms, Step, StepContext, Strategy, StrategyParams
 from mutualkd_builtins.losses import kl_to_peers
+
+
+def kl_dml_terms(
+    logits: Tensor, others: Sequence[Tensor], labels: Tensor, *, temperature: float, weight: float,
+    reduction: Literal["mean", "sum"],
+) -> dict[str, Tensor]:
+    """One peer's DML terms: ``ce`` and ``kl`` = w * T^2 KL towards the other peers (detached inside)."""
+    return {
+        "ce": F.cross_entropy(logits.float(), labels),
+        "kl": weight * kl_to_peers(logits, others, temperature, reduction),
+    }
 
 
 class KLDMLParams(StrategyParams):
@@ -20,7 +32,7 @@ class KLDMLParams(StrategyParams):
     )
 
 
-class KLDML(Strategy):
+class KLDML(Strategy[KLDMLParams]):
     """Deep Mutual Learning: CE plus the mean KL towards every other peer's predictions.
 
     Peer i minimises ``CE(y, z_i) + w * (1/(N-1)) * sum_{j != i} T^2 KL(p_j || p_i)``
@@ -31,7 +43,6 @@ class KLDML(Strategy):
     * ``simultaneous``: one step; every peer is updated from the same detached targets.
     """
 
-    Params = KLDMLParams
     min_peers = 2
 
     def steps(self) -> Sequence[Step]:
@@ -40,17 +51,11 @@ class KLDML(Strategy):
         return [Step(name, (name,)) for name in self.peers]
 
     def compute(self, step: Step, ctx: StepContext) -> LossTerms:
-        assert isinstance(self.params, KLDMLParams)
         p = self.params
-        terms: LossTerms = {}
-        for name in step.updates:
-            i = self.peers.index(name)
-            logits = ctx.output(i).logits
-            # Other peers are targets: their current logits, detached inside kl_to_peers,
-            # so this peer's loss sends no gradient into them.
-            others = [ctx.output(j).logits for j in range(len(self.peers)) if j != i]
-            terms[name] = {
-                "ce": F.cross_entropy(logits.float(), ctx.labels),
-                "kl": p.weight * kl_to_peers(logits, others, p.temperature, p.reduction),
-            }
-        return terms
+        # Other peers are targets: their current logits, detached inside kl_to_peers, so
+        # this peer's loss sends no gradient into them.
+        return {
+            name: kl_dml_terms(ctx.output(name).logits, [ctx.output(o).logits for o in self.peers if o != name],
+                               ctx.labels, temperature=p.temperature, weight=p.weight, reduction=p.reduction)
+            for name in step.updates
+        }

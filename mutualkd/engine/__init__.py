@@ -1,0 +1,34 @@
+"""The engine: runs a strategy's schedule of steps over N peers.
+
+Modules, in the order a run uses them:
+
+* :mod:`.build` -- recipe -> strategy, data, peers, auxiliary modules, units, optimizers (writes nothing);
+* :mod:`.state` -- the run folder, resume checks, the position in training;
+* :mod:`.precision` -- autocast, loss scaling, backward and optimizer steps;
+* :mod:`.step` -- one batch: the forward cache, the summed terms, one backward path;
+* :mod:`.evaluate` -- top-1 of the peers and their ensemble;
+* :mod:`.hooks` -- the callback protocol and the engine's own logging, progress and checkpoints;
+* :mod:`.trainer` -- the Trainer and its fit loop.
+"""
+
+from mutualkd.engine.build import Unit, check_recipe, resolve_strategy
+from mutualkd.engine.hooks import Callback
+from mutualkd.engine.precision import Precision
+from mutualkd.engine.state import History, Position, resume_folder
+from mutualkd.engine.step import StepResult
+from mutualkd.engine.trainer import EpochClock, RunInterrupted, Trainer
+
+__all__ = [
+    "Trainer",
+    "RunInterrupted",
+    "Callback",
+    "StepResult",
+    "Precision",
+    "Position",
+    "History",
+    "EpochClock",
+    "Unit",
+    "check_recipe",
+    "resolve_strategy",
+    "resume_folder",
+]

@@ -1,0 +1,268 @@
+"""Building a run from a recipe: strategy, data, peers, auxiliary modules, units, optimizers.
+
+Everything that can fail on bad input is resolved here, before anything is written:
+building a run creates no file and changes no process-wide state. ``check_recipe`` runs
+the same checks for ``mutualkd validate``, on the CPU and without an Accelerator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from pydantic import ValidationError
+import torch
+from torch import nn
+
+from mutualkd.config import OptimizerConfig, Recipe, SchedulerConfig, format_validation_error
+from mutualkd.data import BatchLoader, DatasetInfo, load_dataset
+from mutualkd.errors import DataError, RecipeError, UserError, close_matches, in_file
+from mutualkd.optim import build_optimizer, build_scheduler
+from mutualkd.peers import PeerModule, create_peer, probe_feature_shape
+from mutualkd.registry import get_strategy
+from mutualkd.strategy import PeerInfo, SetupContext, Stage, Strategy
+
+__all__ = ["Unit", "Slot", "Built", "resolve_strategy", "build_run", "check_recipe"]
+
+
+@dataclass
+class Unit:
+    """Parameters updated together by one optimizer: a peer and what is attached to it, or an auxiliary unit."""
+
+    name: str
+    modules: list[str]
+    peer: str | None = None  # the peer whose backbone is in this unit
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+
+
+@dataclass
+class Slot:
+    """One module of the run: as the strategy built it (``inner``) and as the engine calls it."""
+
+    name: str
+    inner: nn.Module
+    wrapped: nn.Module  # DistributedDataParallel and/or torch.compile around ``inner``, or ``inner``
+    unit: str | None  # None: frozen
+
+
+@dataclass
+class Built:
+    """A run's parts, ready to train."""
+
+    strategy: Strategy[Any]
+    info: DatasetInfo
+    train_loader: BatchLoader
+    test_loader: BatchLoader
+    peer_names: list[str]
+    slots: dict[str, Slot]  # peers first, in recipe order, then auxiliary modules
+    units: dict[str, Unit]
+    stages: list[Stage]
+    stage_epochs: list[int] = field(default_factory=list)
+
+
+def resolve_strategy(recipe: Recipe, recipe_file: str = "<recipe>") -> tuple[type[Strategy[Any]], Any]:
+    """The recipe's strategy class and its validated parameters, or a RecipeError."""
+    cls = get_strategy(recipe.strategy.name, where=f"{recipe_file} [strategy.name]", blocked=recipe.run.block_plugins or ())
+    try:
+        params = cls.Params.model_validate(recipe.strategy.params)
+    except ValidationError as e:
+        err = format_validation_error(e, recipe_file, prefix="strategy")
+        unknown = [str(x["loc"][-1]) for x in e.errors() if x["type"] == "extra_forbidden"]
+        if unknown:
+            known = sorted(cls.Params.model_fields)
+            err.hint = "; ".join(
+                f"'{k}': " + (f"did you mean {' or '.join(repr(m) for m in close_matches(k, known))}?"
+                              if close_matches(k, known) else "not a parameter of this strategy")
+                for k in unknown
+            ) + f"; parameters of '{recipe.strategy.name}': {', '.join(known)}"
+        raise err from None
+    n = len(recipe.peers)
+    if n < cls.min_peers or (cls.max_peers is not None and n > cls.max_peers):
+        if cls.max_peers is None:
+            want = f"at least {cls.min_peers}"
+        elif cls.min_peers == cls.max_peers:
+            want = f"exactly {cls.min_peers}"
+        else:
+            want = f"{cls.min_peers} to {cls.max_peers}"
+        raise RecipeError(
+            f"strategy '{recipe.strategy.name}' needs {want} peer(s), the recipe has {n}",
+            file=recipe_file, field="peers", hint="add or remove [[peers]] tables",
+        )
+    if recipe.schedule.mode not in cls.modes:
+        raise RecipeError(
+            f"strategy '{recipe.strategy.name}' does not support mode '{recipe.schedule.mode}'",
+            file=recipe_file, field="schedule.mode", hint=f"use one of: {', '.join(cls.modes)}",
+        )
+    return cls, params
+
+
+# --------------------------------------------------------------------------- peers
+def _input_hint(model: nn.Module, info: DatasetInfo, i: int) -> str:
+    """How to make a peer accept the data: the model's own input size and the recipe keys."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    expected = cfg.get("input_size")
+    h, w = info.image_size
+    text = f"the model is configured for input {tuple(expected)}; " if expected else ""
+    if hasattr(model, "patch_embed"):
+        return text + f"set `kwargs = {{ img_size = {h} }}` in [[peers]] table {i}, or data.image_size to its input size"
+    return text + "set data.image_size to a larger size, or choose a model made for small images (e.g. cifar_resnet20)"
+
+
+def probe_peer(module: PeerModule, info: DatasetInfo, device: torch.device, *, file: str, i: int, name: str) -> tuple[int, ...]:
+    """The peer's feature shape from one forward pass, or a RecipeError naming the peer and the fix."""
+    c, (h, w) = info.in_chans, info.image_size
+    try:
+        return probe_feature_shape(module, c, (h, w), device)
+    except UserError as e:  # features that are not a map (see mutualkd.peers)
+        raise RecipeError(f"peer '{name}': {e.message}", file=file, field=f"peers[{i}].model", hint=e.hint) from None
+    except (RuntimeError, ValueError, AssertionError, TypeError, IndexError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise RecipeError(
+            f"peer '{name}' ({module.model_name}) cannot take the data's {c}x{h}x{w} images: {first}",
+            file=file, field=f"peers[{i}]", hint=_input_hint(module.model, info, i),
+        ) from None
+
+
+def _make_peers(recipe: Recipe, file: str, info: DatasetInfo, feature_map: bool, device: torch.device,
+                channels_last: bool = False) -> tuple[list[PeerModule], list[PeerInfo]]:
+    names = recipe.peer_names()
+    modules: list[PeerModule] = []
+    infos: list[PeerInfo] = []
+    for i, pc in enumerate(recipe.peers):
+        model = create_peer(pc.model, num_classes=info.num_classes, in_chans=info.in_chans, kwargs=pc.kwargs,
+                            file=file, field=f"peers[{i}]")
+        module = PeerModule(model, pc.model, feature_map=feature_map).to(device)
+        if channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        shape = probe_peer(module, info, device, file=file, i=i, name=names[i])
+        infos.append(PeerInfo(i, names[i], pc.model, shape, model))
+        modules.append(module)
+    return modules, infos
+
+
+def _setup_strategy(strategy: Strategy[Any], recipe: Recipe, file: str, info: DatasetInfo, infos: Sequence[PeerInfo],
+                    device: torch.device) -> SetupContext:
+    setup = SetupContext(peers=infos, recipe=recipe, dataset=info, device=device, recipe_file=file,
+                         blocked_plugins=tuple(recipe.run.block_plugins or ()))
+    strategy.setup(setup)
+    return setup
+
+
+def _attach(setup: SetupContext, recipe: Recipe, peers: Sequence[PeerModule], device: torch.device
+            ) -> tuple[dict[str, Slot], dict[str, Unit], dict[str, tuple[OptimizerConfig, SchedulerConfig]]]:
+    """Slots for the peers and the strategy's modules; the units they train in, with their configs."""
+    names = recipe.peer_names()
+    slots = {name: Slot(name, m, m, name) for name, m in zip(names, peers)}
+    units = {name: Unit(name, [name], peer=name) for name in names}
+    unit_cfg = {name: (recipe.peer_optimizer(i), recipe.peer_scheduler(i)) for i, name in enumerate(names)}
+    for name, module, unit, opt_cfg, sched_cfg, trainable in setup._added:
+        if name in slots or name in units:
+            raise UserError(f"strategy '{recipe.strategy.name}' registers module '{name}' twice",
+                            hint="this is a bug in the strategy plugin")
+        module = module.to(device)
+        if not trainable:
+            module.eval().requires_grad_(False)
+            slots[name] = Slot(name, module, module, None)
+            continue
+        if unit not in units:
+            units[unit] = Unit(unit, [])
+            unit_cfg[unit] = (opt_cfg or recipe.optimizer, sched_cfg or recipe.scheduler)
+        units[unit].modules.append(name)
+        slots[name] = Slot(name, module, module, unit)
+    return slots, units, unit_cfg
+
+
+def _stages(strategy: Strategy[Any], recipe: Recipe, units: dict[str, Unit]) -> tuple[list[Stage], list[int]]:
+    stages = list(strategy.stages())
+    for stage in stages:
+        for st in stage.steps:
+            unknown = [u for u in st.updates if u not in units]
+            if unknown:
+                raise UserError(f"strategy '{recipe.strategy.name}' step '{st.name}' updates unknown units {unknown}",
+                                hint="this is a bug in the strategy plugin")
+    return stages, [s.epochs if s.epochs is not None else recipe.run.epochs for s in stages]
+
+
+def check_recipe(recipe: Recipe, *, recipe_file: str = "<recipe>", data: bool = True) -> None:
+    """Everything a run checks before training, on the CPU, writing nothing.
+
+    With ``data``, the data set is loaded, every peer is built and probed with one forward
+    pass at the data's size, and the strategy sets up its modules (loading a teacher).
+    """
+    from mutualkd.peers import check_model_name
+
+    cls, params = resolve_strategy(recipe, recipe_file)
+    for i, pc in enumerate(recipe.peers):
+        check_model_name(pc.model, file=recipe_file, field=f"peers[{i}]")
+    if not data:
+        return
+    try:
+        _, _, info = load_dataset(recipe.data, seed=recipe.run.seed)
+    except DataError as e:
+        raise in_file(e, recipe_file) from None
+    cpu = torch.device("cpu")
+    strategy = cls(params, peers=recipe.peer_names(), mode=recipe.schedule.mode)
+    peers, infos = _make_peers(recipe, recipe_file, info, cls.needs_feature_maps, cpu)
+    setup = _setup_strategy(strategy, recipe, recipe_file, info, infos, cpu)
+    _, units, _ = _attach(setup, recipe, peers, cpu)
+    _stages(strategy, recipe, units)
+
+
+# --------------------------------------------------------------------------- the whole run
+def build_run(recipe: Recipe, accelerator: Accelerator, *, recipe_file: str = "<recipe>") -> Built:
+    """Strategy, data, peers, auxiliary modules and one optimizer per unit, prepared for training."""
+    run, acc = recipe.run, accelerator
+    device = acc.device
+
+    # --- strategy: looked up by name in the registry, parameters validated by its model
+    cls, params = resolve_strategy(recipe, recipe_file)
+    peer_names = recipe.peer_names()
+    strategy = cls(params, peers=peer_names, mode=recipe.schedule.mode)
+
+    # --- data (held on the training device, batches augmented there)
+    try:
+        train, test, info = load_dataset(recipe.data, seed=run.seed)
+        common = dict(device=device, rank=acc.process_index, world_size=acc.num_processes, channels_last=run.channels_last)
+        train_loader = BatchLoader(train, info, batch_size=recipe.data.batch_size, train=True,
+                                   augment=recipe.data.augment, seed=run.seed, drop_last=recipe.data.drop_last, **common)
+        test_loader = BatchLoader(test, info, batch_size=recipe.data.eval_batch_size, train=False, augment=False,
+                                  seed=run.seed, **common)
+    except DataError as e:
+        raise in_file(e, recipe_file) from None
+
+    # --- peers: timm models, identical initialisation on every process
+    set_seed(run.seed)
+    peers, infos = _make_peers(recipe, recipe_file, info, cls.needs_feature_maps, device, run.channels_last)
+
+    # --- strategy set-up: auxiliary modules and the units they train with
+    setup = _setup_strategy(strategy, recipe, recipe_file, info, infos, device)
+    slots, units, unit_cfg = _attach(setup, recipe, peers, device)
+    stages, stage_epochs = _stages(strategy, recipe, units)
+
+    # --- one optimizer and one per-step schedule per unit
+    steps_per_epoch = len(train_loader)
+    for unit in units.values():
+        params_ = [p for m in unit.modules for p in slots[m].inner.parameters()]
+        opt_cfg, sched_cfg = unit_cfg[unit.name]
+        unit.optimizer = build_optimizer(params_, opt_cfg)
+        epochs = sum(e for s, e in zip(stages, stage_epochs) if any(unit.name in st.updates for st in s.steps))
+        unit.scheduler = build_scheduler(unit.optimizer, sched_cfg, total_epochs=max(epochs, 1),
+                                         steps_per_epoch=steps_per_epoch)
+
+    # --- devices and DistributedDataParallel through the Accelerator, for the trainable
+    # modules only. Optimizers and schedules stay plain torch objects: the engine steps
+    # them itself (see precision.py), each schedule once per update of its unit.
+    trainable = [s for s in slots.values() if s.unit is not None]
+    if trainable:
+        prepared = acc.prepare(*[s.inner for s in trainable])
+        prepared = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
+        for s, m in zip(trainable, prepared):
+            s.wrapped = m
+    if run.compile:
+        for name in peer_names:
+            slots[name].wrapped = torch.compile(slots[name].wrapped)
+    return Built(strategy, info, train_loader, test_loader, peer_names, slots, units, stages, stage_epochs)

@@ -1,0 +1,190 @@
+"""Lifecycle hooks: the callback protocol, and the engine's own logging, progress and checkpoint cadence.
+
+A callback subclasses :class:`Callback` and overrides the hooks it needs; pass it to
+``Trainer(..., callbacks=[...])``. Hooks run on every process, in order: the engine's
+own callbacks first (metrics.jsonl, console, progress bar, checkpoints), then the
+user's. Use ``trainer.is_main`` to act on one process only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from mutualkd.runlog import console, summary_table
+from mutualkd.strategy import Stage
+
+if TYPE_CHECKING:
+    from mutualkd.engine.step import StepResult
+    from mutualkd.engine.trainer import Trainer
+
+__all__ = ["Callback", "CallbackList", "MetricsLog", "ConsoleLog", "ProgressBar", "Checkpointing"]
+
+
+class Callback:
+    """Hooks around the fit loop; every method is optional (the base does nothing).
+
+    Order of calls: ``on_fit_start``; for each epoch ``on_epoch_start``, then per batch
+    ``on_batch_start`` and ``on_batch_end``, then ``on_epoch_end``; ``on_checkpoint``
+    after each checkpoint is complete on disk; ``on_fit_end`` last, always.
+    """
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """Before the first batch (after a resume has restored the state)."""
+
+    def on_epoch_start(self, trainer: Trainer, stage: Stage, epoch: int) -> None:
+        """Before the first batch of global epoch ``epoch`` (0-based) of ``stage``."""
+
+    def on_batch_start(self, trainer: Trainer, inputs: Tensor, labels: Tensor) -> None:
+        """The batch is loaded; its training step is next."""
+
+    def on_batch_end(self, trainer: Trainer, result: StepResult) -> None:
+        """After the batch's training step; ``result.terms`` are its loss terms (detached)."""
+
+    def on_epoch_end(self, trainer: Trainer, record: Mapping[str, Any]) -> None:
+        """After evaluation; ``record`` is the epoch record written to metrics.jsonl."""
+
+    def on_checkpoint(self, trainer: Trainer, path: Path, kind: str) -> None:
+        """A checkpoint of ``kind`` (``"step"`` or ``"best"``) is complete at ``path`` (main process)."""
+
+    def on_fit_end(self, trainer: Trainer, summary: Mapping[str, Any] | None) -> None:
+        """The run ended: ``summary`` as written to summary.json, or None when it stopped early
+        (a signal, a non-finite loss, an error)."""
+
+
+class CallbackList(Callback):
+    """Calls each callback's hook in order."""
+
+    def __init__(self, callbacks: Sequence[Callback]) -> None:
+        self.callbacks = list(callbacks)
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        for c in self.callbacks:
+            c.on_fit_start(trainer)
+
+    def on_epoch_start(self, trainer: Trainer, stage: Stage, epoch: int) -> None:
+        for c in self.callbacks:
+            c.on_epoch_start(trainer, stage, epoch)
+
+    def on_batch_start(self, trainer: Trainer, inputs: Tensor, labels: Tensor) -> None:
+        for c in self.callbacks:
+            c.on_batch_start(trainer, inputs, labels)
+
+    def on_batch_end(self, trainer: Trainer, result: StepResult) -> None:
+        for c in self.callbacks:
+            c.on_batch_end(trainer, result)
+
+    def on_epoch_end(self, trainer: Trainer, record: Mapping[str, Any]) -> None:
+        for c in self.callbacks:
+            c.on_epoch_end(trainer, record)
+
+    def on_checkpoint(self, trainer: Trainer, path: Path, kind: str) -> None:
+        for c in self.callbacks:
+            c.on_checkpoint(trainer, path, kind)
+
+    def on_fit_end(self, trainer: Trainer, summary: Mapping[str, Any] | None) -> None:
+        for c in self.callbacks:
+            c.on_fit_end(trainer, summary)
+
+
+def _is_log_step(trainer: Trainer) -> bool:
+    pos = trainer.position
+    return pos.global_step % trainer.recipe.run.log_every == 0 or pos.batch == len(trainer.train_loader)
+
+
+class MetricsLog(Callback):
+    """Step records every ``run.log_every`` steps and at the end of each epoch, and the epoch records."""
+
+    def on_batch_end(self, trainer: Trainer, result: StepResult) -> None:
+        if not _is_log_step(trainer):
+            return
+        pos = trainer.position
+        trainer.writer.write({
+            "kind": "step",
+            "stage": trainer.current_stage.name,
+            "epoch": pos.epoch + 1,
+            "global_step": pos.global_step,
+            "batch": pos.batch,
+            "steps": {name: {k: float(v) for k, v in terms.items()} for name, terms in result.terms.items()},
+            "lr": trainer.learning_rates(),
+            "images_per_s": trainer.clock.images_per_s(),
+            "forward_passes": result.forward_passes,
+        })
+
+    def on_epoch_end(self, trainer: Trainer, record: Mapping[str, Any]) -> None:
+        trainer.writer.write(record)
+
+
+class ConsoleLog(Callback):
+    """One line per epoch and the summary table, on the main process when ``run.progress`` is on."""
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        if trainer.resumed_from is not None:
+            console.print(f"[bold]resumed[/] {trainer.run_dir} at step {trainer.position.global_step}"
+                          f" (epoch {trainer.position.epoch})")
+
+    def on_epoch_end(self, trainer: Trainer, record: Mapping[str, Any]) -> None:
+        acc_text = "  ".join(f"{k} {v:.2f}%" for k, v in record.get("top1", {}).items())
+        loss_text = "  ".join(f"{k} {v:.3f}" for k, v in record["loss"].items())
+        console.print(f"[bold]{record['stage']} epoch {record['epoch']}[/]  {loss_text}  {acc_text}".rstrip(),
+                      highlight=False)
+
+    def on_fit_end(self, trainer: Trainer, summary: Mapping[str, Any] | None) -> None:
+        if summary is not None:
+            console.print(summary_table(summary))
+
+
+class ProgressBar(Callback):
+    """A transient rich progress bar per epoch, with the latest loss terms."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"), console=console, transient=True,
+        )
+        self.task: Any = None
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self.progress.start()
+
+    def on_epoch_start(self, trainer: Trainer, stage: Stage, epoch: int) -> None:
+        stage_epochs = trainer.stage_epochs[trainer.position.stage]
+        self.task = self.progress.add_task(
+            f"{stage.name} epoch {trainer.position.stage_epoch + 1}/{stage_epochs}",
+            total=len(trainer.train_loader), completed=trainer.position.batch, info="",
+        )
+
+    def on_batch_end(self, trainer: Trainer, result: StepResult) -> None:
+        if _is_log_step(trainer):
+            parts = [f"{k} {float(v):.3f}" for terms in result.terms.values() for k, v in terms.items()]
+            self.progress.update(self.task, info="  ".join(parts[:6]))
+        self.progress.update(self.task, completed=trainer.position.batch)
+
+    def on_epoch_end(self, trainer: Trainer, record: Mapping[str, Any]) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+            self.task = None
+
+    def on_fit_end(self, trainer: Trainer, summary: Mapping[str, Any] | None) -> None:
+        self.progress.stop()
+
+
+class Checkpointing(Callback):
+    """The checkpoint cadence: every ``run.checkpoint_every`` steps inside an epoch, at each
+    epoch's end, and ``best/`` when the epoch's mean peer top-1 is the best so far."""
+
+    def on_batch_end(self, trainer: Trainer, result: StepResult) -> None:
+        every = trainer.recipe.run.checkpoint_every
+        pos = trainer.position
+        if every and pos.global_step % every == 0 and pos.batch < len(trainer.train_loader):
+            trainer.save_checkpoint("step")
+
+    def on_epoch_end(self, trainer: Trainer, record: Mapping[str, Any]) -> None:
+        trainer.save_checkpoint("step")
+        if "top1" in record and trainer.history.best_epoch == record["epoch"]:
+            trainer.save_checkpoint("best")
