@@ -9,6 +9,7 @@ strategy plugin provides (see :mod:`mutualkd.strategy`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 import copy
 import json
 from pathlib import Path
@@ -22,6 +23,8 @@ from mutualkd.errors import RecipeError
 __all__ = [
     "Recipe",
     "RunConfig",
+    "LOGGING_ONLY_FIELDS",
+    "peer_names_of",
     "DataConfig",
     "PeerConfig",
     "OptimizerConfig",
@@ -62,6 +65,19 @@ class RunConfig(_Strict):
     progress: bool = True
     #: Plugins (``name`` or ``kind:name``) this recipe refuses to load, as ``--block-plugin``.
     block_plugins: list[Annotated[str, Field(min_length=1)]] | None = None
+
+
+#: ``[run]`` fields that only say where and how a run logs and saves, never what it trains:
+#: a resume may change them (:func:`mutualkd.checkpoint.recipe_hash` leaves them out) and
+#: ``mutualkd report`` puts runs that differ only in them (and the seed) in one group.
+LOGGING_ONLY_FIELDS: tuple[str, ...] = (
+    "out_dir",  # where the run folder lies, not what is in it
+    "progress",  # a progress bar on the console
+    "log_every",  # how often a step record is written to metrics.jsonl
+    "checkpoint_every",  # how often a checkpoint is written (saving does not change training)
+    "keep_checkpoints",  # how many checkpoints stay on disk
+    "resume",  # whether an existing run folder is continued; a resumed run trains as if never stopped
+)
 
 
 class DataConfig(_Strict):
@@ -172,12 +188,12 @@ class Recipe(_Strict):
         return self.peers[i].scheduler or self.scheduler
 
     def peer_names(self) -> list[str]:
-        return [p.name or f"peer{i}" for i, p in enumerate(self.peers)]
+        return peer_names_of(p.name for p in self.peers)
 
     @field_validator("peers")
     @classmethod
     def _unique_peer_names(cls, peers: list[PeerConfig]) -> list[PeerConfig]:
-        names = [p.name or f"peer{i}" for i, p in enumerate(peers)]
+        names = peer_names_of(p.name for p in peers)
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"peer names must be unique; {', '.join(dupes)} appears more than once")
@@ -185,6 +201,15 @@ class Recipe(_Strict):
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json(exclude_none=True))
+
+
+def peer_names_of(own_names: Iterable[str | None]) -> list[str]:
+    """The peers' names in ``[[peers]]`` order: a peer's own ``name``, else ``peer<i>``.
+
+    ``own_names`` is each peer's ``name`` field, None (or empty) where it has none; the
+    engine, the checkpoints, ``metrics.jsonl`` and the report all name peers this way.
+    """
+    return [name or f"peer{i}" for i, name in enumerate(own_names)]
 
 
 # --------------------------------------------------------------------------- loading

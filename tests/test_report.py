@@ -2,20 +2,29 @@
 
 Three tiny digits runs (two epochs of 4 steps, 64 test images) are trained once per
 module: two seeds of one KL-DML recipe and one run of another recipe (independent).
+The grouping and peer-naming tests at the end work on recipe dicts and train nothing.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 import shutil
 import statistics
+import subprocess
+import sys
+from typing import Any
 
 import pytest
 
+from mutualkd.checkpoint import RESUME_MAY_CHANGE, recipe_hash
+from mutualkd.config import LOGGING_ONLY_FIELDS, RunConfig, parse_recipe, read_toml
 from mutualkd.errors import UserError
-from mutualkd.report import group_runs, load_run, make_report
-from _helpers import make_trainer, run_cli
+from mutualkd.report import RunData, group_runs, load_run, make_report
+from mutualkd.report.runs import group_key
+from mutualkd.runlog import dump_toml
+from _helpers import make_trainer, recipe_dict, run_cli, subprocess_env
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FIGURES = ("losses.png", "losses_steps.png", "top1.png")
@@ -134,3 +143,91 @@ def test_incomplete_run_with_truncated_line(runs, tmp_path: Path):
     assert not r.complete and r.bad_lines == 1 and len(r.evaluated) == 1
     assert "incomplete, 1 unreadable line(s)" in rep.markdown
     assert _is_png(tmp_path / "rep" / "partial" / "top1.png")
+
+
+def test_grouping_ignores_changed_logging_fields_in_recipe_toml(runs, tmp_path: Path):
+    """A copy of a run whose recipe.toml differs in every logging-only field joins its group."""
+    copied = tmp_path / "dml-s2"
+    shutil.copytree(runs["dml-s1"], copied, ignore=shutil.ignore_patterns("checkpoints"))
+    recipe = read_toml(copied / "recipe.toml")
+    recipe["run"].update({field: OTHER_VALUE[field] for field in LOGGING_ONLY_FIELDS}, seed=2, name="dml-s2")
+    (copied / "recipe.toml").write_text(dump_toml(recipe), encoding="utf-8")
+    parse_recipe(read_toml(copied / "recipe.toml"), file=str(copied / "recipe.toml"))  # still a valid recipe
+    groups = group_runs([load_run(p) for p in (*runs.values(), copied)])
+    assert [(g.label, [r.name for r in g.runs]) for g in groups] == [("dml", ["dml-s0", "dml-s1", "dml-s2"]), ("indep", ["indep"])]
+
+
+# --------------------------------------------------------------------------- one list of logging-only fields
+
+#: A valid value for every ``[run]`` field other than the one the test recipes have
+#: (``recipe_dict``). A new field must be added here, which makes its author decide whether
+#: it is logging-only.
+OTHER_VALUE: dict[str, Any] = {
+    "name": "other",
+    "seed": 7,
+    "epochs": 3,
+    "out_dir": "elsewhere",
+    "deterministic": True,
+    "mixed_precision": "bf16",
+    "device": "auto",
+    "log_every": 7,
+    "checkpoint_every": 3,
+    "keep_checkpoints": 5,
+    "max_steps": 11,
+    "resume": "auto",
+    "channels_last": True,
+    "compile": True,
+    "progress": True,
+    "block_plugins": ["strategy:ie_dml"],
+}
+
+
+def test_every_run_field_has_another_value_to_try():
+    assert set(OTHER_VALUE) == set(RunConfig.model_fields)
+    assert set(LOGGING_ONLY_FIELDS) <= set(RunConfig.model_fields)
+    assert len(set(LOGGING_ONLY_FIELDS)) == len(LOGGING_ONLY_FIELDS) > 0
+
+
+@pytest.mark.parametrize("field", sorted(RunConfig.model_fields))
+def test_resume_and_report_agree_on_logging_only_fields(field: str, tmp_path: Path):
+    """Changing a logging-only field keeps the recipe hash (a resume is accepted) and the
+    report's group; changing any other field changes both, except that ``max_steps`` may
+    change on resume and the seed and the name tell the runs of a group apart."""
+    base = recipe_dict(tmp_path)
+    changed = copy.deepcopy(base)
+    changed["run"][field] = OTHER_VALUE[field]
+    a, b = (parse_recipe(d, file="<test>").to_dict() for d in (base, changed))
+    assert a["run"].get(field) != b["run"][field]
+
+    same_hash = recipe_hash(a) == recipe_hash(b)
+    same_group = group_key(_run_of(a, tmp_path / "a")) == group_key(_run_of(b, tmp_path / "b"))
+    logging_only = field in LOGGING_ONLY_FIELDS
+    assert same_hash == (logging_only or field == "max_steps"), f"recipe_hash and run.{field}"
+    assert same_group == (logging_only or field in ("seed", "name")), f"report grouping and run.{field}"
+    assert (field in RESUME_MAY_CHANGE) == same_hash
+
+
+def _run_of(recipe: dict[str, Any], path: Path) -> RunData:
+    return RunData(path=path, name=path.name, recipe=recipe, epochs=[], steps=[], summary=None)
+
+
+# --------------------------------------------------------------------------- peer names
+
+
+def test_report_names_peers_as_the_recipe_does(tmp_path: Path):
+    d = recipe_dict(tmp_path, peers=3)
+    d["peers"][1]["name"] = "teacher"
+    recipe = parse_recipe(d, file="<test>")
+    assert recipe.peer_names() == ["peer0", "teacher", "peer2"]
+    run = _run_of(recipe.to_dict(), tmp_path / "run")
+    assert run.peers == recipe.peer_names()
+    assert run.models == {"peer0": "cifar_resnet20", "teacher": "cifar_wrn_16_1", "peer2": "cifar_resnet20"}
+
+
+def test_importing_the_report_draws_in_no_matplotlib():
+    code = (
+        "import sys; import mutualkd.cli; import mutualkd.report;"
+        " assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr

@@ -1,0 +1,224 @@
+"""The report's figures: loss terms and test top-1 of each run, top-1 across groups of runs.
+
+- ``<run>/losses.png``: the per-epoch mean of every loss term, one panel per peer (or other
+  owner of terms, e.g. the IE-KD teacher's autoencoder), one line per term;
+- ``<run>/losses_steps.png``: the same terms at every logged step;
+- ``<run>/top1.png``: test top-1 of each peer and of the ensemble per epoch;
+- ``top1_comparison.png``: the peers' mean top-1 per epoch, one line per group of runs,
+  the band is the spread over seeds.
+
+matplotlib is an optional dependency (``mutualkd[report]``): it is imported by the
+functions that draw, never when this module is imported, so that the rest of the command
+line works without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+import statistics
+from typing import Any
+
+from mutualkd.errors import UserError
+from mutualkd.report.runs import ENSEMBLE, Group, RunData, num
+
+__all__ = ["pyplot", "plot_run", "plot_comparison"]
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend; a UserError when it is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError(
+            "mutualkd report needs matplotlib, which is not installed",
+            hint="pip install 'mutualkd[report]' (or pip install matplotlib)",
+        ) from None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _integer_locator() -> Any:
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
+def _save(fig: Any, path: Path, plt: Any) -> Path:
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- loss terms
+
+
+def _owners(keys: Iterable[str]) -> dict[str, list[str]]:
+    """``peer/term`` keys grouped by their owner (the part before the first '/')."""
+    out: dict[str, list[str]] = {}
+    for k in keys:
+        owner, _, term = k.partition("/")
+        out.setdefault(owner if term else "loss", []).append(k)
+    return out
+
+
+def _stage_bounds(records: Sequence[Mapping[str, Any]], x: str) -> list[tuple[float, str]]:
+    """(x where a stage starts, stage name) for every stage after the first."""
+    out = []
+    prev = None
+    for r in records:
+        st = r.get("stage")
+        if prev is not None and st != prev:
+            out.append((float(r.get(x, 0)), str(st)))
+        prev = st
+    return out
+
+
+def _loss_figure(plt: Any, flat: Sequence[Mapping[str, float]], xs: Sequence[float],
+                 xlabel: str, title: str, bounds: Sequence[tuple[float, str]], thin: bool) -> Any:
+    keys: list[str] = []
+    for f in flat:
+        keys += [k for k in f if k not in keys]
+    owners = _owners(keys)
+    # one colour per term name (ce, kl, rec, ...) in every panel
+    terms = list(dict.fromkeys(k.partition("/")[2] or k for k in keys))
+    palette = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    color = {t: palette[i % len(palette)] for i, t in enumerate(terms)}
+    n = max(len(owners), 1)
+    fig, axes = plt.subplots(n, 1, figsize=(7.5, 2.4 * n + 0.6), sharex=True, squeeze=False)
+    for ax, (owner, ks) in zip(axes[:, 0], owners.items()):
+        for k in ks:
+            pts = [(x, f[k]) for x, f in zip(xs, flat) if k in f]
+            if not pts:
+                continue
+            px, py = zip(*pts)
+            term = k.partition("/")[2] or k
+            style: dict[str, Any] = dict(lw=0.9 if thin else 1.6, color=color[term])
+            if len(pts) <= 12:
+                style["marker"] = "o"
+                style["ms"] = 3
+            ax.plot(px, py, label=term, **style)
+        for bx, _name in bounds:
+            ax.axvline(bx - (0.5 if not thin else 0), color="grey", ls=":", lw=1)
+        ax.axhline(0, color="black", lw=0.5, alpha=0.4)
+        ax.set_ylabel(owner)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best", ncol=min(len(ks), 4))
+    if not thin:
+        axes[-1, 0].xaxis.set_major_locator(_integer_locator())
+    if not owners:
+        axes[0, 0].text(0.5, 0.5, "no loss records", ha="center", va="center", transform=axes[0, 0].transAxes)
+    axes[-1, 0].set_xlabel(xlabel)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def _step_terms(run: RunData) -> list[dict[str, float]]:
+    """Every logged step's loss terms, merged over the updates of that step."""
+    flat = []
+    for r in run.steps:
+        f: dict[str, float] = {}
+        for terms in (r.get("steps") or {}).values():
+            if isinstance(terms, Mapping):
+                f.update({k: num(v) for k, v in terms.items()})
+        flat.append(f)
+    return flat
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def _top1_figure(plt: Any, run: RunData) -> Any:
+    ev = run.evaluated
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for n in run.top1():
+        pts = [(float(r["epoch"]), num(r["top1"][n])) for r in ev if n in r["top1"]]
+        if not pts:
+            continue
+        px, py = zip(*pts)
+        if n == ENSEMBLE:
+            ax.plot(px, py, "k--", marker="s", ms=4, lw=1.6, label=f"{n} (final {py[-1]:.2f})")
+        else:
+            model = run.models.get(n, "")
+            ax.plot(px, py, marker="o", ms=4, lw=1.6, label=f"{n} {model} (final {py[-1]:.2f})")
+    if not ev:
+        ax.text(0.5, 0.5, "no evaluated epoch yet", ha="center", va="center", transform=ax.transAxes)
+    else:
+        ax.legend(fontsize=8, loc="lower right")
+        ax.xaxis.set_major_locator(_integer_locator())
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{run.name}: test top-1 ({run.strategy})" + ("" if run.complete else " [incomplete]"), fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def plot_run(run: RunData, out_dir: Path) -> list[Path]:
+    """Write the loss and top-1 figures of one run; returns the files written."""
+    plt = pyplot()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    stages = sorted({str(r.get("stage")) for r in run.epochs}, key=[str(r.get("stage")) for r in run.epochs].index)
+    stage_note = f"  (stages: {' -> '.join(stages)})" if len(stages) > 1 else ""
+
+    flat = [{k: num(v) for k, v in (r.get("loss") or {}).items()} for r in run.epochs]
+    xs = [float(r.get("epoch", i + 1)) for i, r in enumerate(run.epochs)]
+    fig = _loss_figure(plt, flat, xs, "epoch", f"{run.name}: loss terms, mean per epoch{stage_note}",
+                       _stage_bounds(run.epochs, "epoch"), thin=False)
+    written.append(_save(fig, out_dir / "losses.png", plt))
+
+    sxs = [float(r.get("global_step", i + 1)) for i, r in enumerate(run.steps)]
+    fig = _loss_figure(plt, _step_terms(run), sxs, "global step", f"{run.name}: loss terms at each logged step{stage_note}",
+                       _stage_bounds(run.steps, "global_step"), thin=True)
+    written.append(_save(fig, out_dir / "losses_steps.png", plt))
+
+    written.append(_save(_top1_figure(plt, run), out_dir / "top1.png", plt))
+    return written
+
+
+# --------------------------------------------------------------------------- across runs
+
+
+def _peer_mean_curves(group: Group) -> list[list[float]]:
+    """Per run of the group, its peers' mean top-1 at each evaluated epoch."""
+    curves = []
+    for r in group.runs:
+        ev = r.evaluated
+        peers = [n for n in r.peers if ev and n in ev[0]["top1"]]
+        if not peers:
+            continue
+        curves.append([statistics.fmean(num(e["top1"][n]) for n in peers if n in e["top1"]) for e in ev])
+    return curves
+
+
+def plot_comparison(groups: Sequence[Group], path: Path) -> Path | None:
+    """Peers' mean top-1 per evaluated epoch, one line per group (band: min..max over its runs)."""
+    plt = pyplot()
+    series = [(g, curves) for g in groups if (curves := _peer_mean_curves(g))]
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for g, curves in series:
+        length = max(len(c) for c in curves)
+        xs, mean, lo, hi = [], [], [], []
+        for i in range(length):
+            vals = [c[i] for c in curves if i < len(c)]
+            xs.append(i + 1)
+            mean.append(statistics.fmean(vals))
+            lo.append(min(vals))
+            hi.append(max(vals))
+        (line,) = ax.plot(xs, mean, marker="o", ms=4, lw=1.6, label=f"{g.label} (n={len(curves)}, final {mean[-1]:.2f})")
+        if len(curves) > 1:
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+    ax.xaxis.set_major_locator(_integer_locator())
+    ax.set_xlabel("evaluated epoch (training epochs of the stage that is tested)")
+    ax.set_ylabel("test top-1 (%), mean over a run's peers")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("test top-1 per group of runs (line: mean over seeds, band: min..max)", fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path, plt)

@@ -1,0 +1,290 @@
+"""Run folders as the report reads them, and the groups of runs that differ only in their seed.
+
+A run folder is one written by ``mutualkd run``: ``metrics.jsonl`` (``kind: "step"`` and
+``kind: "epoch"`` records), ``recipe.toml`` and, once the run finished, ``summary.json``.
+A run still in progress, or killed, is read as far as it got; a line it left half
+written is counted, not fatal.
+
+Runs whose ``recipe.toml`` agree once ``run.seed``, ``run.name`` and the logging-only
+fields (:data:`mutualkd.config.LOGGING_ONLY_FIELDS`) are left out form a :class:`Group`,
+summarised as mean and sample standard deviation over its runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+import copy
+from dataclasses import dataclass, field
+import json
+import math
+from pathlib import Path
+import re
+import statistics
+from typing import Any
+
+from mutualkd.config import LOGGING_ONLY_FIELDS, peer_names_of
+from mutualkd.errors import UserError
+
+__all__ = ["ENSEMBLE", "IGNORED_RUN_FIELDS", "RunData", "Group", "Stat", "load_run", "group_key", "group_runs", "assign_labels"]
+
+#: ``[run]`` fields left out when grouping: the seed and the name are what tells the runs of
+#: a group apart, the logging-only fields do not change what a run computes.
+IGNORED_RUN_FIELDS = ("seed", "name", *LOGGING_ONLY_FIELDS)
+#: The key of the ensemble's top-1 next to the peers' in an epoch record.
+ENSEMBLE = "ensemble"
+
+
+def num(v: Any) -> float:
+    """A logged value as a float; NaN for anything that is not a number."""
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+# --------------------------------------------------------------------------- one run
+
+
+@dataclass
+class RunData:
+    """What the report reads from one run folder."""
+
+    path: Path
+    name: str
+    recipe: dict[str, Any] | None
+    epochs: list[dict[str, Any]]
+    steps: list[dict[str, Any]]
+    summary: dict[str, Any] | None
+    bad_lines: int = 0
+    label: str = ""  # unique folder name under the report's out dir
+
+    @property
+    def complete(self) -> bool:
+        return self.summary is not None
+
+    @property
+    def seed(self) -> int | None:
+        if self.recipe is None:
+            return None
+        return self.recipe.get("run", {}).get("seed")
+
+    @property
+    def strategy(self) -> str:
+        if self.recipe is not None:
+            return str(self.recipe.get("strategy", {}).get("name", "?"))
+        return str((self.summary or {}).get("strategy", "?"))
+
+    @property
+    def peers(self) -> list[str]:
+        """Peer names in recipe order (as the engine names them)."""
+        if self.recipe is not None:
+            return peer_names_of(p.get("name") for p in self.recipe.get("peers", []))
+        if self.summary is not None:
+            return list(self.summary.get("peers", {}))
+        names: list[str] = []
+        for r in self.evaluated:
+            names += [k for k in r["top1"] if k != ENSEMBLE and k not in names]
+        return names
+
+    @property
+    def models(self) -> dict[str, str]:
+        """Peer name -> model name."""
+        if self.recipe is not None:
+            return {n: p.get("model", "?") for n, p in zip(self.peers, self.recipe.get("peers", []))}
+        return dict((self.summary or {}).get("peers", {}))
+
+    @property
+    def evaluated(self) -> list[dict[str, Any]]:
+        """Epoch records that carry a test evaluation."""
+        return [r for r in self.epochs if isinstance(r.get("top1"), Mapping) and r["top1"]]
+
+    def top1(self) -> dict[str, dict[str, float]]:
+        """Per model (peers, then the ensemble): final and best test top-1 (%)."""
+        out: dict[str, dict[str, float]] = {}
+        ev = self.evaluated
+        if ev:
+            names = [n for n in self.peers if any(n in r["top1"] for r in ev)]
+            names += [k for r in ev for k in r["top1"] if k not in names and k != ENSEMBLE]
+            if any(ENSEMBLE in r["top1"] for r in ev):
+                names.append(ENSEMBLE)
+            for n in dict.fromkeys(names):
+                values = [num(r["top1"][n]) for r in ev if n in r["top1"]]
+                finite = [v for v in values if math.isfinite(v)]
+                if finite:
+                    out[n] = {"final": values[-1], "best": max(finite)}
+        elif self.summary is not None:
+            for n, row in self.summary.get("top1", {}).items():
+                out[n] = {"final": num(row.get("final")), "best": num(row.get("best"))}
+        return out
+
+    def peer_mean(self, which: str) -> float | None:
+        """Mean over the peers (not the ensemble) of their final or best top-1."""
+        t = self.top1()
+        vals = [row[which] for n, row in t.items() if n != ENSEMBLE]
+        return sum(vals) / len(vals) if vals else None
+
+
+def _not_a_run(path: Path) -> UserError:
+    inner = sorted(p.parent.name for p in path.glob("*/metrics.jsonl"))
+    if inner:
+        shown = ", ".join(inner[:5]) + (", ..." if len(inner) > 5 else "")
+        hint = f"this folder holds {len(inner)} run(s) ({shown}); pass them, e.g. `mutualkd report {path}/*/`"
+    else:
+        hint = "name a folder written by `mutualkd run` (runs/<run.name>/ holds metrics.jsonl, recipe.toml, summary.json)"
+    return UserError("not a run folder: it has no metrics.jsonl", where=str(path), hint=hint)
+
+
+def _read_metrics(metrics: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """(epoch records, step records, unreadable lines) of a ``metrics.jsonl``."""
+    epochs: list[dict[str, Any]] = []
+    steps: list[dict[str, Any]] = []
+    bad = 0
+    try:
+        text = metrics.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise UserError(f"cannot read metrics.jsonl: {e.strerror}", where=str(metrics)) from None
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1  # e.g. the last line of a run killed while writing it
+            continue
+        if not isinstance(rec, dict):
+            bad += 1
+        elif rec.get("kind") == "epoch":
+            epochs.append(rec)
+        elif rec.get("kind") == "step":
+            steps.append(rec)
+    return epochs, steps, bad
+
+
+def load_run(path: str | Path) -> RunData:
+    """Read a run folder; a UserError when it is not one."""
+    from mutualkd.config import read_toml
+
+    p = Path(path)
+    if not p.exists():
+        raise UserError("no such folder", where=str(p), hint="name a run folder written by `mutualkd run`")
+    if not p.is_dir():
+        hint = "name the run folder, not a file in it" if p.name in ("metrics.jsonl", "summary.json", "recipe.toml") else None
+        raise UserError("not a folder", where=str(p), hint=hint or "name a run folder written by `mutualkd run`")
+    metrics = p / "metrics.jsonl"
+    if not metrics.is_file():
+        raise _not_a_run(p)
+    epochs, steps, bad = _read_metrics(metrics)
+    recipe = read_toml(p / "recipe.toml") if (p / "recipe.toml").is_file() else None
+    summary = None
+    if (p / "summary.json").is_file():
+        try:
+            summary = json.loads((p / "summary.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            summary = None
+    name = str((recipe or {}).get("run", {}).get("name") or p.name)
+    return RunData(path=p, name=name, recipe=recipe, epochs=epochs, steps=steps, summary=summary, bad_lines=bad)
+
+
+def assign_labels(runs: Sequence[RunData]) -> None:
+    """A unique, file-system safe folder name per run for its plots."""
+    used: set[str] = set()
+    for r in runs:
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", r.path.name) or "run"
+        label = base
+        if label in used:
+            label = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{r.path.parent.name}-{base}")
+        i = 2
+        while label in used:
+            label = f"{base}-{i}"
+            i += 1
+        used.add(label)
+        r.label = label
+
+
+# --------------------------------------------------------------------------- groups of runs
+
+#: A statistic over the runs of a group: (mean, sample standard deviation or None for one
+#: value, number of values).
+Stat = tuple[float, float | None, int]
+
+
+@dataclass
+class Group:
+    """Runs whose recipes differ only in the seed (and the name and logging fields)."""
+
+    key: str
+    runs: list[RunData] = field(default_factory=list)
+    label: str = ""
+
+    @property
+    def strategy(self) -> str:
+        return self.runs[0].strategy
+
+    @property
+    def models(self) -> str:
+        m = self.runs[0].models
+        if not m:
+            return "?"
+        if len(m) > 1 and len(set(m.values())) == 1:
+            return f"{len(m)} x {next(iter(m.values()))}"
+        return ", ".join(f"{n}: {v}" for n, v in m.items())
+
+    @property
+    def seeds(self) -> list[Any]:
+        return [r.seed if r.seed is not None else "?" for r in self.runs]
+
+    def stat(self, values: Sequence[float | None]) -> Stat | None:
+        vals = [v for v in values if v is not None and math.isfinite(v)]
+        if not vals:
+            return None
+        mean = statistics.fmean(vals)
+        std = statistics.stdev(vals) if len(vals) >= 2 else None
+        return mean, std, len(vals)
+
+    def peer_mean(self, which: str) -> Stat | None:
+        return self.stat([r.peer_mean(which) for r in self.runs])
+
+    def every_network(self, which: str) -> Stat | None:
+        return self.stat([row[which] for r in self.runs for n, row in r.top1().items() if n != ENSEMBLE])
+
+    def ensemble(self, which: str) -> Stat | None:
+        return self.stat([r.top1()[ENSEMBLE][which] for r in self.runs if ENSEMBLE in r.top1()])
+
+
+def group_key(run: RunData) -> str:
+    """The run's recipe without :data:`IGNORED_RUN_FIELDS`: equal for the runs of one group."""
+    if run.recipe is None:
+        return f"<no recipe.toml: {run.path}>"
+    rec = copy.deepcopy(run.recipe)
+    for k in IGNORED_RUN_FIELDS:
+        rec.get("run", {}).pop(k, None)
+    return json.dumps(rec, sort_keys=True, default=str)
+
+
+_SEED_SUFFIX = re.compile(r"[-_.]?(?:seed|s)?[-_]?\d+$", re.IGNORECASE)
+
+
+def _group_label(names: Sequence[str]) -> str:
+    stripped = {_SEED_SUFFIX.sub("", n) or n for n in names}
+    if len(stripped) == 1:
+        return stripped.pop()
+    prefix = names[0]
+    for n in names[1:]:
+        while not n.startswith(prefix):
+            prefix = prefix[:-1]
+    prefix = prefix.rstrip("-_. ")
+    return prefix or names[0]
+
+
+def group_runs(runs: Iterable[RunData]) -> list[Group]:
+    """Group runs by recipe (seed, name and logging fields left out), in order of first appearance."""
+    groups: dict[str, Group] = {}
+    for r in runs:
+        groups.setdefault(group_key(r), Group(group_key(r))).runs.append(r)
+    out = list(groups.values())
+    seen: dict[str, int] = {}
+    for g in out:
+        label = _group_label([r.name for r in g.runs])
+        seen[label] = seen.get(label, 0) + 1
+        g.label = label if seen[label] == 1 else f"{label} #{seen[label]}"
+    return out
