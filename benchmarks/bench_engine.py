@@ -73,7 +73,7 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from mutualkd.config import parse_recipe
-from mutualkd.data import BatchLoader, Split, write_fake_cifar
+from mutualkd.data import BatchLoader, Split
 from mutualkd.engine import Trainer
 from mutualkd.optim import build_optimizer
 from mutualkd_builtins.factor import InheritExploreEncoders, Paraphraser
@@ -1059,6 +1059,38 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
     if s.device == "cpu" and s.mixed_precision == "fp16":
         p.error("--mixed-precision fp16 needs --device cuda (the engine refuses fp16 on a CPU); use bf16")
     return s, a
+
+
+def write_fake_cifar(root: Path, kind: str, *, n_train: int, n_test: int, seed: int) -> Path:
+    """A CIFAR tree of seeded random images in torchvision's pickle layout under ``root`` (the data to time on)."""
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    k = 10 if kind == "cifar10" else 100
+    folder = root / ("cifar-10-batches-py" if kind == "cifar10" else "cifar-100-python")
+    folder.mkdir(parents=True, exist_ok=True)
+    label_key = b"labels" if kind == "cifar10" else b"fine_labels"
+
+    def dump(obj: dict[bytes, object], name: str) -> None:
+        with open(folder / name, "wb") as f:
+            pickle.dump(obj, f, protocol=2)
+
+    def batch(n: int) -> dict[bytes, object]:
+        labels = rng.permutation(np.arange(n) % k)
+        return {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), label_key: [int(v) for v in labels]}
+
+    if kind == "cifar10":
+        for i, part in enumerate(np.array_split(np.arange(n_train), 5), start=1):
+            dump(batch(len(part)), f"data_batch_{i}")
+        dump(batch(n_test), "test_batch")
+        dump({b"label_names": [f"class{i}".encode() for i in range(k)]}, "batches.meta")
+    else:
+        dump(batch(n_train), "train")
+        dump(batch(n_test), "test")
+        dump({b"fine_label_names": [f"fine{i}".encode() for i in range(k)]}, "meta")
+    return folder
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

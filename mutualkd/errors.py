@@ -48,27 +48,45 @@ def unknown_name_hint(kind: str, name: str, known: Sequence[str]) -> str:
 
 
 class UserError(Exception):
-    """Something the user can fix. ``where`` says where (file and field), ``hint`` how."""
+    """Something the user can fix. ``where`` says where (file and field), ``hint`` how.
+
+    ``field`` is the recipe's TOML path the error is about (``"data.batch_size"``), for code
+    that knows the field but not the recipe file; :func:`in_file` adds the file at the
+    recipe boundary. Until then the message reads ``[data.batch_size]: ...``.
+    """
 
     exit_code = EXIT_BAD_INPUT
 
-    def __init__(self, message: str, *, where: str | None = None, hint: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        where: str | None = None,
+        hint: str | None = None,
+        field: str | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.where = where
         self.hint = hint
+        self.field = field
 
     def __str__(self) -> str:
-        text = f"{self.where}: {self.message}" if self.where else self.message
+        where = self.where or (f"[{self.field}]" if self.field else None)
+        text = f"{where}: {self.message}" if where else self.message
         if self.hint:
             text += f"\n  fix: {self.hint}"
         return text
 
 
 def in_file(err: UserError, file: str) -> UserError:
-    """Prefix a recipe-field location such as ``[data.root]`` with the recipe file's name."""
-    if err.where and err.where.startswith("["):
-        err.where = f"{file} {err.where}"
+    """Place an error about a recipe field in the recipe ``file``: ``<file> [<field>]: ...``.
+
+    An error that already says where it is (a data file, a run folder) or names no field
+    is returned as it is.
+    """
+    if err.field and err.where is None:
+        err.where = f"{file} [{err.field}]"
     return err
 
 
@@ -94,7 +112,11 @@ class RecipeError(UserError):
 
 
 class DataError(UserError):
-    """A data set that is missing, incomplete or malformed."""
+    """A data set that is missing, incomplete or malformed, or a ``[data]`` field that does not fit it.
+
+    Raised for a recipe field, it carries the field (``DataError(msg, field="data.root")``);
+    raised for a data file, its message names the file.
+    """
 
 
 class PluginError(UserError):

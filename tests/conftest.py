@@ -1,8 +1,106 @@
-"""Shared test set-up."""
+"""Shared test set-up, and factory fixtures that write tiny stand-in data sets."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import os
+from pathlib import Path
+import pickle
+
+import numpy as np
+import pytest
 
 # No test may reach a model or data hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+# --------------------------------------------------------------------------- fake data sets
+
+
+def _fake_cifar(root: Path, kind: str = "cifar10", n_train: int = 50, n_test: int = 20, seed: int = 0) -> Path:
+    """Write a tiny CIFAR tree in torchvision's on-disk pickle format under ``root``.
+
+    ``kind`` is ``"cifar10"`` (``cifar-10-batches-py/data_batch_1..5``, ``test_batch``,
+    ``batches.meta``; the train samples are spread over the five batches) or
+    ``"cifar100"`` (``cifar-100-python/train``, ``test``, ``meta``). Each batch is a
+    dict with bytes keys as the real files read with ``encoding="bytes"``:
+    ``b"data"`` uint8 [N, 3072], ``b"labels"`` (CIFAR-10) or ``b"fine_labels"`` and
+    ``b"coarse_labels"`` (CIFAR-100), ``b"filenames"`` and ``b"batch_label"``.
+    Labels cycle through the classes (from a seeded shuffle), images are seeded
+    random pixels. Returns the data folder written.
+    """
+    if kind not in ("cifar10", "cifar100"):
+        raise ValueError(f"kind must be 'cifar10' or 'cifar100', not {kind!r}")
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / ("cifar-10-batches-py" if kind == "cifar10" else "cifar-100-python")
+    folder.mkdir(parents=True, exist_ok=True)
+    k = 10 if kind == "cifar10" else 100
+
+    def batch(n: int, label: str) -> dict[bytes, object]:
+        fine = rng.permutation(np.arange(n) % k).astype(np.int64)
+        entry: dict[bytes, object] = {
+            b"batch_label": label.encode(),
+            b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+            b"filenames": [f"fake_{label.replace(' ', '_')}_{i}.png".encode() for i in range(n)],
+        }
+        if kind == "cifar10":
+            entry[b"labels"] = [int(v) for v in fine]
+        else:
+            entry[b"fine_labels"] = [int(v) for v in fine]
+            entry[b"coarse_labels"] = [int(v) // 5 for v in fine]
+        return entry
+
+    def dump(obj: object, path: Path) -> None:
+        with open(path, "wb") as f:
+            pickle.dump(obj, f, protocol=2)
+
+    if kind == "cifar10":
+        sizes = [len(part) for part in np.array_split(np.arange(n_train), 5)]
+        for i, n in enumerate(sizes, start=1):
+            dump(batch(n, f"training batch {i} of 5"), folder / f"data_batch_{i}")
+        dump(batch(n_test, "testing batch 1 of 1"), folder / "test_batch")
+        meta: dict[bytes, object] = {
+            b"label_names": [f"class{i}".encode() for i in range(10)],
+            b"num_cases_per_batch": 10000,
+            b"num_vis": 3072,
+        }
+        dump(meta, folder / "batches.meta")
+    else:
+        dump(batch(n_train, "training batch 1 of 1"), folder / "train")
+        dump(batch(n_test, "testing batch 1 of 1"), folder / "test")
+        meta = {
+            b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
+            b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)],
+        }
+        dump(meta, folder / "meta")
+    return folder
+
+
+def _fake_mnist(
+    folder: Path, n_train: int = 30, n_test: int = 12, *, gz: bool = False, size: int = 28, seed: int = 0
+) -> Path:
+    """Write the four MNIST IDX files (``.gz`` when ``gz``) into ``folder``; returns ``folder``.
+
+    Images are seeded random ``size x size`` pixels; labels are ``0, 1, ..., 9, 0, ...``.
+    """
+    from mutualkd.data import write_idx
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if gz else ""
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", rng.integers(0, 256, (n, size, size), dtype=np.uint8))
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", (np.arange(n) % 10).astype(np.uint8))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def write_fake_cifar() -> Callable[..., Path]:
+    """``write_fake_cifar(root, kind="cifar10", n_train=50, n_test=20, seed=0) -> folder``: a tiny CIFAR tree."""
+    return _fake_cifar
+
+
+@pytest.fixture(scope="session")
+def write_fake_mnist() -> Callable[..., Path]:
+    """``write_fake_mnist(folder, n_train=30, n_test=12, *, gz=False, size=28, seed=0)``: four tiny IDX files."""
+    return _fake_mnist

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import gzip
 from pathlib import Path
+import typing
 
 import numpy as np
 import pytest
@@ -18,12 +20,15 @@ from mutualkd.data import (
     DatasetInfo,
     Split,
     augment_batch,
+    list_datasets,
     load_dataset,
     read_idx,
-    write_fake_cifar,
     write_idx,
 )
-from mutualkd.errors import DataError, UserError
+from mutualkd.data._base import register_dataset
+from mutualkd.errors import DataError, UserError, in_file
+
+Writer = Callable[..., Path]  # the factory fixtures of conftest.py: write_fake_cifar, write_fake_mnist
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -31,16 +36,6 @@ from mutualkd.errors import DataError, UserError
 @pytest.fixture(scope="module")
 def digits() -> tuple[Split, Split, DatasetInfo]:
     return load_dataset(DataConfig(dataset="digits"))
-
-
-def _fake_mnist(folder: Path, n_train: int = 30, n_test: int = 12, gz: bool = False, size: int = 28) -> None:
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    suffix = ".gz" if gz else ""
-    write_idx(folder / f"train-images-idx3-ubyte{suffix}", rng.integers(0, 256, (n_train, size, size), dtype=np.uint8))
-    write_idx(folder / f"train-labels-idx1-ubyte{suffix}", (np.arange(n_train) % 10).astype(np.uint8))
-    write_idx(folder / f"t10k-images-idx3-ubyte{suffix}", rng.integers(0, 256, (n_test, size, size), dtype=np.uint8))
-    write_idx(folder / f"t10k-labels-idx1-ubyte{suffix}", (np.arange(n_test) % 10).astype(np.uint8))
 
 
 def _toy(n: int = 37, c: int = 3, h: int = 6, w: int = 5, classes: int = 4) -> tuple[Split, DatasetInfo]:
@@ -134,8 +129,8 @@ def test_idx_header_layout(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("gz", [False, True])
-def test_truncated_idx_raises_data_error_naming_file(tmp_path: Path, gz: bool) -> None:
-    _fake_mnist(tmp_path, gz=gz)
+def test_truncated_idx_raises_data_error_naming_file(tmp_path: Path, gz: bool, write_fake_mnist: Writer) -> None:
+    write_fake_mnist(tmp_path, gz=gz)
     name = "train-images-idx3-ubyte" + (".gz" if gz else "")
     path = tmp_path / name
     if gz:
@@ -152,16 +147,16 @@ def test_truncated_idx_raises_data_error_naming_file(tmp_path: Path, gz: bool) -
     assert exc.value.hint
 
 
-def test_truncated_gzip_stream_raises_data_error(tmp_path: Path) -> None:
-    _fake_mnist(tmp_path, gz=True)
+def test_truncated_gzip_stream_raises_data_error(tmp_path: Path, write_fake_mnist: Writer) -> None:
+    write_fake_mnist(tmp_path, gz=True)
     path = tmp_path / "t10k-labels-idx1-ubyte.gz"
     path.write_bytes(path.read_bytes()[:-12])
     with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz"):
         load_dataset(DataConfig(dataset="mnist", root=str(tmp_path)))
 
 
-def test_wrong_magic_raises_data_error(tmp_path: Path) -> None:
-    _fake_mnist(tmp_path)
+def test_wrong_magic_raises_data_error(tmp_path: Path, write_fake_mnist: Writer) -> None:
+    write_fake_mnist(tmp_path)
     # an image file where the label file should be: magic 0x803 instead of 0x801
     write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros((30, 2, 2), dtype=np.uint8))
     with pytest.raises(DataError, match=r"0x00000803.*0x00000801"):
@@ -172,15 +167,15 @@ def test_wrong_magic_raises_data_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("gz", [False, True])
-def test_fake_mnist_loads(tmp_path: Path, gz: bool) -> None:
-    _fake_mnist(tmp_path / "MNIST" / "raw", gz=gz)  # torchvision's layout under root
+def test_fake_mnist_loads(tmp_path: Path, gz: bool, write_fake_mnist: Writer) -> None:
+    write_fake_mnist(tmp_path / "MNIST" / "raw", gz=gz)  # torchvision's layout under root
     train, test, info = load_dataset(DataConfig(dataset="mnist", root=str(tmp_path)))
     assert train.images.shape == (30, 1, 28, 28) and test.images.shape == (12, 1, 28, 28)
     assert train.labels.dtype == torch.int64 and train.labels.tolist() == [i % 10 for i in range(30)]
     assert info == DatasetInfo("mnist", 10, 1, (28, 28), (0.1307,), (0.3081,), "crop", 2)
 
 
-def test_missing_fashion_mnist_lists_files(tmp_path: Path) -> None:
+def test_missing_fashion_mnist_lists_files(tmp_path: Path, write_fake_mnist: Writer) -> None:
     with pytest.raises(DataError) as exc:
         load_dataset(DataConfig(dataset="fashion_mnist", root=str(tmp_path)))
     msg = str(exc.value)
@@ -188,7 +183,7 @@ def test_missing_fashion_mnist_lists_files(tmp_path: Path) -> None:
         assert str(tmp_path / fname) in msg
     assert "apt-get install dataset-fashion-mnist" in msg and "data.root" in msg
     # a partial folder names only what is missing
-    _fake_mnist(tmp_path)
+    write_fake_mnist(tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte").unlink()
     with pytest.raises(DataError) as exc:
         load_dataset(DataConfig(dataset="fashion_mnist", root=str(tmp_path)))
@@ -198,12 +193,12 @@ def test_missing_fashion_mnist_lists_files(tmp_path: Path) -> None:
 
 
 def test_fashion_mnist_looks_in_system_folder_only_without_root(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_fake_mnist: Writer
 ) -> None:
     monkeypatch.chdir(tmp_path)  # so ./data is empty
     system = tmp_path / "system"
-    _fake_mnist(system, gz=True)
-    monkeypatch.setattr("mutualkd.data.datasets.FASHION_MNIST_SYSTEM_DIR", system)
+    write_fake_mnist(system, gz=True)
+    monkeypatch.setattr("mutualkd.data.idx.FASHION_MNIST_SYSTEM_DIR", system)
     train, _, info = load_dataset(DataConfig(dataset="fashion_mnist"))
     assert len(train) == 30 and info.mean == (0.2860,) and info.std == (0.3530,)
     with pytest.raises(DataError):
@@ -224,7 +219,7 @@ def test_real_fashion_mnist_loads(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
 
 
 @pytest.mark.parametrize(("kind", "classes"), [("cifar10", 10), ("cifar100", 100)])
-def test_fake_cifar_loads(tmp_path: Path, kind: str, classes: int) -> None:
+def test_fake_cifar_loads(tmp_path: Path, kind: str, classes: int, write_fake_cifar: Writer) -> None:
     folder = write_fake_cifar(tmp_path, kind, n_train=53, n_test=21, seed=1)
     train, test, info = load_dataset(DataConfig(dataset=kind, root=str(tmp_path)))
     assert train.images.shape == (53, 3, 32, 32) and test.images.shape == (21, 3, 32, 32)
@@ -245,7 +240,7 @@ def test_fake_cifar_loads(tmp_path: Path, kind: str, classes: int) -> None:
         assert b"coarse_labels" in raw
 
 
-def test_missing_cifar_names_files_and_fixes(tmp_path: Path) -> None:
+def test_missing_cifar_names_files_and_fixes(tmp_path: Path, write_fake_cifar: Writer) -> None:
     with pytest.raises(DataError) as exc:
         load_dataset(DataConfig(dataset="cifar10", root=str(tmp_path)))
     msg = str(exc.value)
@@ -271,14 +266,14 @@ def test_cifar_download_failure_is_data_error(tmp_path: Path, monkeypatch: pytes
     assert "network is unreachable" in msg and "cifar-10-python.tar.gz" in msg and "cifar-10-batches-py" in msg
 
 
-def test_corrupt_cifar_pickle_is_data_error(tmp_path: Path) -> None:
+def test_corrupt_cifar_pickle_is_data_error(tmp_path: Path, write_fake_cifar: Writer) -> None:
     folder = write_fake_cifar(tmp_path, "cifar10")
     (folder / "data_batch_3").write_bytes(b"\x80\x02garbage")
     with pytest.raises(DataError, match="data_batch_3"):
         load_dataset(DataConfig(dataset="cifar10", root=str(tmp_path)))
 
 
-def test_default_root_is_dot_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_root_is_dot_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_fake_cifar: Writer) -> None:
     monkeypatch.chdir(tmp_path)
     write_fake_cifar(tmp_path / "data", "cifar10", n_train=10, n_test=5)
     train, test, _ = load_dataset(DataConfig(dataset="cifar10"))
@@ -312,6 +307,125 @@ def test_image_folder(tmp_path: Path) -> None:
 
 def test_data_error_is_user_error() -> None:
     assert issubclass(DataError, UserError)
+
+
+# --------------------------------------------------------------------------- the name table, errors on fields
+
+
+def test_dataset_table_is_the_recipe_schema() -> None:
+    # every name the recipe schema admits has a loader, and no loader is unreachable
+    admitted = typing.get_args(DataConfig.model_fields["dataset"].annotation)
+    assert list_datasets() == sorted(admitted)
+
+
+def test_unknown_dataset_is_data_error_on_the_field() -> None:
+    with pytest.raises(DataError) as exc:
+        load_dataset(DataConfig.model_construct(dataset="cifar11"))  # past the schema, as a plugin might
+    assert exc.value.field == "data.dataset" and exc.value.where is None
+    assert str(exc.value).startswith("[data.dataset]: unknown data set 'cifar11'")
+    assert "did you mean 'cifar10'" in str(exc.value)
+
+
+def test_a_name_registered_twice_names_both_loaders() -> None:
+    def digits(cfg: DataConfig) -> tuple[Split, Split, DatasetInfo]:
+        raise AssertionError("never called")
+
+    with pytest.raises(ValueError, match=r"'digits' is registered twice: mutualkd\.data\.digits\.digits and test_data"):
+        register_dataset(digits)
+    assert load_dataset(DataConfig(dataset="digits", test_subset=10))[1].labels.shape == (10,)  # the table is intact
+
+
+def test_cifar_statistics_have_one_owner() -> None:
+    from mutualkd.data import cifar
+    from mutualkd.models import _register
+
+    assert _register.CIFAR10_MEAN is cifar.CIFAR10_MEAN and _register.CIFAR100_STD is cifar.CIFAR100_STD
+    cfg = _register.cifar_default_cfgs(("x",), paper_name="p", paper_ids="i")
+    assert cfg["x"].cfgs["cifar100"].mean == cifar.CIFAR100_MEAN
+
+
+def test_user_error_keeps_where_and_hint() -> None:
+    e = UserError("no such folder", where="runs/x", hint="name a run folder")
+    assert e.field is None and str(e) == "runs/x: no such folder\n  fix: name a run folder"
+    assert str(in_file(e, "r.toml")) == str(e)  # it already says where it is
+    assert str(UserError("bare")) == "bare"
+
+
+def test_batch_size_error_carries_the_field_and_in_file_names_the_recipe() -> None:
+    split, info = _toy(n=7)
+    with pytest.raises(DataError) as exc:
+        BatchLoader(split, info, batch_size=8, device="cpu", train=True, augment=False, seed=0)
+    err = exc.value
+    assert err.field == "data.batch_size" and err.where is None
+    assert str(err).startswith("[data.batch_size]: the train split has 7 samples")
+    assert in_file(err, "recipes/r.toml") is err
+    assert err.where == "recipes/r.toml [data.batch_size]"
+    text = str(err)
+    assert text.startswith("recipes/r.toml [data.batch_size]: the train split has 7 samples") and "\n  fix: lower" in text
+    assert str(in_file(err, "other.toml")) == text  # placed once, not twice
+
+
+@pytest.mark.parametrize(
+    ("layout", "image_size", "field", "says"),
+    [
+        ("train+test", None, "data.image_size", "image_folder needs an image size"),
+        (None, 16, "data.root", "image_folder needs the folder"),
+        ("test", 16, "data.root", "image_folder: missing folder(s)"),
+    ],
+)
+def test_image_folder_field_errors(
+    tmp_path: Path, layout: str | None, image_size: int | None, field: str, says: str
+) -> None:
+    for split in (layout or "").split("+"):
+        if split:
+            (tmp_path / split / "a").mkdir(parents=True)
+    cfg = DataConfig(dataset="image_folder", root=None if layout is None else str(tmp_path), image_size=image_size)
+    with pytest.raises(DataError) as exc:
+        load_dataset(cfg)
+    assert exc.value.field == field
+    assert str(in_file(exc.value, "r.toml")).startswith(f"r.toml [{field}]: {says}")
+
+
+def test_download_failure_carries_the_download_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.datasets as tvd
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(tvd, "FashionMNIST", no_network)
+    with pytest.raises(DataError) as exc:
+        load_dataset(DataConfig(dataset="fashion_mnist", root=str(tmp_path), download=True))
+    assert exc.value.field == "data.download"
+    text = str(in_file(exc.value, "r.toml"))
+    assert text.startswith(f"r.toml [data.download]: downloading fashion_mnist into {tmp_path} failed")
+    assert "apt-get install dataset-fashion-mnist" in text and "set download = false" in text
+
+
+def test_data_file_errors_name_the_file_not_the_recipe(tmp_path: Path, write_fake_cifar: Writer) -> None:
+    folder = write_fake_cifar(tmp_path, "cifar10")
+    (folder / "test_batch").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(DataError) as exc:
+        load_dataset(DataConfig(dataset="cifar10", root=str(tmp_path)))
+    assert exc.value.field is None
+    text = str(in_file(exc.value, "r.toml"))
+    assert text.startswith(f"{folder / 'test_batch'}: not a readable CIFAR pickle") and "r.toml" not in text
+
+
+def test_validate_names_recipe_file_and_field(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mutualkd.cli import app
+
+    recipe = tmp_path / "folder.toml"
+    recipe.write_text(
+        f'[data]\ndataset = "image_folder"\nroot = "{tmp_path.as_posix()}"\n'
+        + '\n[[peers]]\nmodel = "cifar_resnet20"\n' * 2,
+        encoding="utf-8",
+    )
+    result = CliRunner().invoke(app, ["validate", str(recipe)], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert result.exit_code == 2, result.output
+    assert f"{recipe} [data.image_size]: image_folder needs an image size" in result.stderr
+    assert "fix: set image_size in [data]" in result.stderr
 
 
 # --------------------------------------------------------------------------- BatchLoader

@@ -9,6 +9,7 @@ recipe in recipes/ whose ``run.name`` is the teacher folder's name (or else an
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import json
 import math
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 
 from mutualkd.config import load_recipe
-from mutualkd.data import write_fake_cifar, write_idx
+from mutualkd.data import write_idx
 from mutualkd.engine import Trainer
 from _helpers import RECIPES, read_metrics, run_cli
 
@@ -46,7 +47,7 @@ def _q(value: str | Path) -> str:
     return json.dumps(str(value))
 
 
-def _fake_data(kind: str, root: Path) -> list[str]:
+def _fake_data(kind: str, root: Path, write_fake_cifar: Callable[..., Path]) -> list[str]:
     """Write stand-in data for ``kind`` under ``root`` once; the --set overrides to use it."""
     root.mkdir(parents=True, exist_ok=True)
     marker = root / ".written"
@@ -112,10 +113,10 @@ def test_recipes_found():
 
 
 @pytest.mark.parametrize("path", RECIPE_FILES, ids=[str(p.relative_to(RECIPES)) for p in RECIPE_FILES])
-def test_recipe_runs(path: Path, tmp_path: Path):
+def test_recipe_runs(path: Path, tmp_path: Path, write_fake_cifar: Callable[..., Path]):
     raw = _raw(path)
     kind = raw.get("data", {}).get("dataset", "digits")
-    data = _fake_data(kind, tmp_path / "data")
+    data = _fake_data(kind, tmp_path / "data", write_fake_cifar)
     overrides = TINY + data + [f"run.out_dir={_q(tmp_path / 'runs')}"]
     if kind == "image_folder" and "image_size" not in raw.get("data", {}):
         overrides.append("data.image_size=12")

@@ -1,6 +1,6 @@
 """Device-resident batching with whole-batch augmentation.
 
-A :class:`BatchLoader` moves a whole :class:`~mutualkd.data.datasets.Split` to the
+A :class:`BatchLoader` moves a whole :class:`~mutualkd.data.Split` to the
 training device once, as uint8, and then builds each batch there with a few tensor
 operations: one gather that does random crop and horizontal flip for the whole
 batch at once, a cast to float32 and the normalisation ``(x / 255 - mean) / std``.
@@ -31,7 +31,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from mutualkd.data.datasets import DatasetInfo, Split
+from mutualkd.data._base import DatasetInfo, Split
 from mutualkd.errors import DataError
 
 __all__ = ["BatchLoader", "augment_batch"]
@@ -187,7 +187,7 @@ class BatchLoader:
                     raise DataError(
                         f"the train split has {n} samples, {n // self.world_size} per process, fewer than one"
                         f" batch of {self.batch_size}, so an epoch would have no step",
-                        where="[data.batch_size]",
+                        field="data.batch_size",
                         hint="lower batch_size, set drop_last = false, or use a larger train_subset",
                     )
             self.num_samples = per

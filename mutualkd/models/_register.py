@@ -23,6 +23,7 @@ from timm.models import (
 )
 from torch import nn
 
+from mutualkd.data.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 from mutualkd.errors import UserError
 
 __all__ = [
@@ -35,12 +36,6 @@ __all__ = [
     "cifar_default_cfgs",
     "register_cifar_model",
 ]
-
-#: Per-channel statistics of the CIFAR training sets (Krizhevsky 2009), RGB in [0, 1].
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
 F = TypeVar("F", bound=Callable[..., Any])
 M = TypeVar("M", bound=nn.Module)

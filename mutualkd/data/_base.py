@@ -1,0 +1,208 @@
+"""What every data source shares: the split and info types, the name table, common steps.
+
+A data source is a module (:mod:`.digits`, :mod:`.idx`, :mod:`.cifar`, :mod:`.folder`)
+whose entrypoints, one per ``[data] dataset`` name, are registered here with
+:func:`register_dataset`. An entrypoint takes the recipe's ``[data]`` table and returns
+``(train, test, info)``: images ``uint8 [N, C, H, W]`` and labels ``int64 [N]`` on the
+CPU. Normalisation and augmentation happen later, per batch, on the training device
+(see :mod:`mutualkd.data.loader`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from mutualkd.errors import DataError, unknown_name_hint
+
+if TYPE_CHECKING:
+    from mutualkd.config import DataConfig
+
+__all__ = [
+    "DEFAULT_ROOT",
+    "DatasetFn",
+    "DatasetInfo",
+    "Split",
+    "dataset_entrypoint",
+    "list_datasets",
+    "mean_std",
+    "register_dataset",
+    "resize_images",
+    "resolve_root",
+    "stratified_subset",
+    "take",
+    "torchvision_download",
+]
+
+#: Where data sets are looked for when ``[data] root`` is not set.
+DEFAULT_ROOT = "./data"
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model and the batch loader need to know about a data set.
+
+    ``mean``/``std`` are per channel in [0, 1] pixel units. ``augment`` is
+    ``"crop_flip"`` (random crop from a reflect-padded image plus horizontal flip),
+    ``"crop"`` (random crop from a zero-padded image, no flip) or ``"none"``;
+    ``padding`` is the crop padding in pixels.
+    """
+
+    name: str
+    num_classes: int
+    in_chans: int
+    image_size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: str
+    padding: int
+
+
+@dataclass
+class Split:
+    """One split held in memory: ``images`` uint8 [N, C, H, W], ``labels`` int64 [N], on CPU."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+# --------------------------------------------------------------------------- the name table
+
+#: An entrypoint: the recipe's ``[data]`` table in, ``(train, test, info)`` out.
+DatasetFn = Callable[["DataConfig"], tuple[Split, Split, DatasetInfo]]
+
+_datasets: dict[str, DatasetFn] = {}
+
+
+def register_dataset(fn: DatasetFn) -> DatasetFn:
+    """Register ``fn`` as the loader of the data set named like the function.
+
+    A name registered twice by different functions is an error naming both; the same
+    function registered again (its module reloaded) replaces itself.
+    """
+    name = getattr(fn, "__name__", "")
+    old = _datasets.get(name)
+    if old is not None and (old.__module__, old.__qualname__) != (fn.__module__, fn.__qualname__):
+        raise ValueError(
+            f"data set {name!r} is registered twice: {old.__module__}.{old.__qualname__}"
+            f" and {fn.__module__}.{fn.__qualname__}"
+        )
+    _datasets[name] = fn
+    return fn
+
+
+def list_datasets() -> list[str]:
+    """The registered data set names, sorted."""
+    return sorted(_datasets)
+
+
+def dataset_entrypoint(name: str) -> DatasetFn:
+    """The loader registered for ``name``; a :class:`DataError` on ``data.dataset`` if there is none."""
+    try:
+        return _datasets[name]
+    except KeyError:
+        raise DataError(
+            f"unknown data set {name!r}",
+            field="data.dataset",
+            hint=unknown_name_hint("data set", name, list_datasets()),
+        ) from None
+
+
+# --------------------------------------------------------------------------- common steps
+
+
+def resolve_root(root: str | None) -> Path:
+    """``[data] root``, or :data:`DEFAULT_ROOT` when it is not set, with ``~`` expanded."""
+    return Path(root if root is not None else DEFAULT_ROOT).expanduser()
+
+
+def mean_std(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std of uint8 images, in [0, 1] pixel units.
+
+    Computed exactly from a 256-bin histogram per channel, so memory stays at one
+    uint8 copy of a channel whatever the size of the split.
+    """
+    values = torch.arange(256, dtype=torch.float64) / 255.0
+    means, stds = [], []
+    for c in range(images.shape[1]):
+        counts = torch.bincount(images[:, c].reshape(-1), minlength=256).to(torch.float64)
+        total = counts.sum().clamp_min(1.0)
+        mean = float((counts * values).sum() / total)
+        var = float((counts * (values - mean) ** 2).sum() / total)
+        means.append(mean)
+        stds.append(max(var**0.5, 1e-6))
+    return tuple(means), tuple(stds)
+
+
+def torchvision_download(name: str, tv_class: str, root: Path, manual: str) -> None:
+    """Ask torchvision's ``tv_class`` to download both splits of ``name`` into ``root``.
+
+    A failure (no network, a bad mirror) is a :class:`DataError` on ``data.download``
+    with the cause and ``manual``, how to put the files there by hand.
+    """
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, tv_class)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        cls(root=str(root), train=True, download=True)
+        cls(root=str(root), train=False, download=True)
+    except Exception as e:  # network errors come in many types (URLError, RuntimeError, OSError, ...)
+        raise DataError(
+            f"downloading {name} into {root} failed ({type(e).__name__}: {e})",
+            field="data.download",
+            hint=(
+                f"without network, {manual}; then set download = false"
+                " (or keep it: files already present are not fetched again)"
+            ),
+        ) from None
+
+
+def stratified_subset(labels: torch.Tensor, n: int, *, seed: int) -> torch.Tensor | None:
+    """Indices (ascending) of a deterministic class-stratified subset of ``n`` samples.
+
+    Samples are shuffled with a generator seeded by ``seed``; each sample's key is
+    ``(rank within its class + 0.5) / class size``, and the ``n`` smallest keys are
+    taken, so every class keeps (up to rounding) its share of the split. Returns
+    ``None`` when ``n`` covers the whole split.
+    """
+    total = int(labels.shape[0])
+    if n >= total:
+        return None
+    gen = torch.Generator().manual_seed(int(seed))
+    perm = torch.randperm(total, generator=gen)
+    lab = labels.to(torch.int64)[perm]
+    counts = torch.bincount(lab)
+    grouped = torch.argsort(lab, stable=True)  # by class, in shuffled order within a class
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty(total, dtype=torch.int64)
+    rank[grouped] = torch.arange(total) - starts[lab[grouped]]
+    key = (rank.to(torch.float64) + 0.5) / counts[lab].to(torch.float64)
+    chosen = perm[torch.argsort(key, stable=True)[:n]]
+    return torch.sort(chosen).values
+
+
+def take(split: Split, idx: torch.Tensor | None) -> Split:
+    """The samples ``idx`` of ``split`` (all of it when ``idx`` is None)."""
+    if idx is None:
+        return split
+    return Split(split.images[idx].contiguous(), split.labels[idx].contiguous())
+
+
+def resize_images(images: torch.Tensor, size: int, *, chunk: int = 2048) -> torch.Tensor:
+    """Resize uint8 ``[N, C, H, W]`` images to ``size x size`` (bilinear, antialiased), in chunks."""
+    n, c = images.shape[:2]
+    out = torch.empty((n, c, size, size), dtype=torch.uint8)
+    for start in range(0, n, chunk):
+        part = images[start : start + chunk].to(torch.float32)
+        part = F.interpolate(part, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[start : start + chunk] = part.round_().clamp_(0, 255).to(torch.uint8)
+    return out
