@@ -32,18 +32,19 @@ import hashlib, json, os, sys, time
 from pathlib import Path
 
 from mutualkd import engine
+from mutualkd.engine.state import RunFolder
 
 _delay_rank = int(os.environ.get("MKD_TEST_DELAY_RANK", "-1"))
 _delay_s = float(os.environ.get("MKD_TEST_DELAY_S", "3"))
 _record = os.environ.get("MKD_TEST_RECORD")
-_resolve = engine.Trainer._resolve_run_dir
+_init = RunFolder.__init__
 _evaluate = engine.Trainer.evaluate
 
 
-def resolve(self, resume):
-    if self.accelerator.process_index == _delay_rank:
+def init(self, recipe, accelerator, resume=None):
+    if accelerator.process_index == _delay_rank:
         time.sleep(_delay_s)
-    return _resolve(self, resume)
+    _init(self, recipe, accelerator, resume)
 
 
 def _hash(tensors):
@@ -58,7 +59,7 @@ def evaluate(self):
     out = _evaluate(self)
     if _record:
         acc = self.accelerator
-        models = [acc.unwrap_model(m) for m in self.peer_modules]
+        models = [self.unwrapped(name) for name in self.peer_names]
         rec = {
             "rank": acc.process_index,
             "world": acc.num_processes,
@@ -73,7 +74,7 @@ def evaluate(self):
     return out
 
 
-engine.Trainer._resolve_run_dir = resolve
+RunFolder.__init__ = init
 engine.Trainer.evaluate = evaluate
 from mutualkd.cli import main
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from mutualkd import checkpoint as ckpt
 from mutualkd.config import load_recipe
-from mutualkd.engine import Trainer
+from mutualkd.engine import Callback, Trainer
 from mutualkd.errors import RecipeError, UserError
 from mutualkd.strategy import PeerOutput, Step, StepContext
 from mutualkd_builtins.losses import kl_to_peers, soft_kl
@@ -127,28 +127,29 @@ def test_kl_to_peers_sends_no_gradient_to_peers():
 class FakeContext(StepContext):
     """A StepContext over fixed peer outputs (what the engine hands to a strategy)."""
 
-    def __init__(self, outputs: Sequence[PeerOutput], labels: torch.Tensor) -> None:
+    def __init__(self, outputs: Sequence[PeerOutput], labels: torch.Tensor, names: Sequence[str] | None = None) -> None:
         self.outputs = list(outputs)
+        self.names = list(names) if names is not None else [f"peer{i}" for i in range(len(self.outputs))]
         self.labels = labels
         self.inputs = torch.zeros(len(labels), 1)
         self.epoch = self.global_step = 0
         self.stage = "train"
         self.cache = {}
 
-    def output(self, peer: int) -> PeerOutput:
-        return self.outputs[peer]
+    def output(self, peer: str) -> PeerOutput:
+        return self.outputs[self.names.index(peer)]
 
     def module(self, name: str) -> nn.Module:
         raise KeyError(name)
 
 
-def _two_linear_peers(n: int = 2) -> tuple[list[nn.Module], FakeContext]:
+def _two_linear_peers(n: int = 2, names: Sequence[str] | None = None) -> tuple[list[nn.Module], FakeContext]:
     torch.manual_seed(0)
     x = torch.randn(6, 5)
     labels = torch.tensor([0, 1, 2, 3, 0, 1])
     models = [nn.Linear(5, 4) for _ in range(n)]
-    outs = [PeerOutput(features=x, logits=m(x), has_grad=True) for m in models]
-    return models, FakeContext(outs, labels)
+    outs = [PeerOutput(features=x, logits=m(x)) for m in models]
+    return models, FakeContext(outs, labels, names)
 
 
 def _grads(m: nn.Module) -> list[torch.Tensor | None]:
@@ -187,7 +188,7 @@ def test_kl_dml_simultaneous_terms_are_isolated():
 
 
 def test_kl_dml_terms_values():
-    models, ctx = _two_linear_peers(3)
+    models, ctx = _two_linear_peers(3, ["a", "b", "c"])
     strat = KLDML(KLDMLParams(temperature=4.0, weight=0.5, reduction="sum"), peers=["a", "b", "c"], mode="alternating")
     terms = strat.compute(Step("b", ("b",)), ctx)["b"]
     z = [o.logits.detach().double().numpy() for o in ctx.outputs]
@@ -231,14 +232,12 @@ def _wrap_compute(trainer: Trainer, hook: Callable[[Step, StepContext, Any], Non
 def test_forward_passes_per_batch(tmp_path, strategy, mode, n, expected):
     tr = make_trainer(tmp_path, strategy=strategy, peers=n, mode=mode, max_steps=2, data=SMALL_TEST)
     counts: list[int] = []
-    original = tr._train_batch
 
-    def train_batch(*a, **kw):
-        out = original(*a, **kw)
-        counts.append(tr.last_forward_passes)
-        return out
+    class Count(Callback):
+        def on_batch_end(self, trainer, result):
+            counts.append(result.forward_passes)
 
-    tr._train_batch = train_batch  # type: ignore[method-assign]
+    tr.add_callback(Count())
     tr.fit()
     assert counts == [expected, expected]
     logged = [r["forward_passes"] for r in read_metrics(tr.run_dir) if r["kind"] == "step"]
@@ -335,7 +334,7 @@ def test_checkpoints(finished_run):
     state = ckpt.load_checkpoint(cks[0][1])
     assert {"peer0", "peer1"} <= set(state["modules"]) and set(state["optimizers"]) == {"peer0", "peer1"}
     # The saved weights are the trained ones.
-    w = finished_run.peer_modules[0].model.state_dict()
+    w = finished_run.unwrapped("peer0").model.state_dict()
     for k, v in state["modules"]["peer0"].items():
         torch.testing.assert_close(v, w[k])
 
@@ -377,7 +376,7 @@ def test_alternating_peers_see_updated_predictions(tmp_path, n):
     inputs: list[torch.Tensor] = []
 
     def hook(step, ctx, terms):
-        seen[step.name] = {j: ctx.output(j).logits.detach().clone() for j in range(n)}
+        seen[step.name] = {j: ctx.output(f"peer{j}").logits.detach().clone() for j in range(n)}
         inputs.append(ctx.inputs)
 
     _wrap_compute(tr, hook)
@@ -386,7 +385,7 @@ def test_alternating_peers_see_updated_predictions(tmp_path, n):
     x = inputs[0]
     assert all(i is x for i in inputs)
     fresh = []
-    for m in tr.peer_modules:
+    for m in _peers(tr):
         m.train()  # as during training: BatchNorm on batch statistics
         with torch.no_grad():
             fresh.append(m(x)[1])
@@ -406,13 +405,13 @@ def test_simultaneous_uses_start_of_batch_predictions(tmp_path):
     seen = {}
 
     def hook(step, ctx, terms):
-        seen[step.name] = [ctx.output(j).logits.detach().clone() for j in range(2)]
+        seen[step.name] = [ctx.output(f"peer{j}").logits.detach().clone() for j in range(2)]
         seen["x"] = ctx.inputs
 
     _wrap_compute(tr, hook)
     tr.fit()
     assert [k for k in seen if k != "x"] == ["all"]
-    for j, m in enumerate(tr.peer_modules):
+    for j, m in enumerate(_peers(tr)):
         m.train()
         with torch.no_grad():
             after = m(seen["x"])[1]
@@ -420,6 +419,10 @@ def test_simultaneous_uses_start_of_batch_predictions(tmp_path):
 
 
 # --------------------------------------------------------------------------- no gradient leaks in the engine
+
+
+def _peers(tr: Trainer) -> list[nn.Module]:
+    return [tr.unwrapped(name) for name in tr.peer_names]
 
 
 def _grad_state(modules: dict[str, nn.Module]) -> dict[str, list[torch.Tensor | None]]:
@@ -434,10 +437,8 @@ def _same(a: list[torch.Tensor | None], b: list[torch.Tensor | None]) -> bool:
 @pytest.mark.parametrize("strategy", ["kl_dml", "ie_dml"])
 def test_engine_step_touches_only_its_units_gradients(tmp_path, strategy):
     tr = make_trainer(tmp_path, strategy=strategy, peers=2, max_steps=2, data=SMALL_TEST)
-    modules = {name: tr.peer_modules[i] for i, name in enumerate(tr.peer_names)}
-    modules.update(tr.aux)
-    unit_of = {name: name for name in tr.peer_names}
-    unit_of.update(tr.aux_unit)
+    modules = {name: tr.unwrapped(name) for name in tr.module_names}
+    unit_of = {m: u.name for u in tr.units.values() for m in u.modules}
     checked: list[str] = []
     pending: dict[str, Any] = {}
 
@@ -447,21 +448,21 @@ def test_engine_step_touches_only_its_units_gradients(tmp_path, strategy):
 
     _wrap_compute(tr, hook)
     for uname, unit in tr.units.items():
-        original_step = unit.step_optimizer.step
+        original_step = unit.optimizer.step
 
         def opt_step(*a, _orig=original_step, _u=uname, **kw):
             st = pending["step"]
             if _u == st.updates[0]:  # after the step's backward, before any update
                 after = _grad_state(modules)
                 for m in modules:
-                    if unit_of[m] not in st.updates:
+                    if unit_of.get(m) not in st.updates:
                         assert _same(pending["before"][m], after[m]), f"step {st.name} changed the gradient of {m}"
                     else:
                         assert any(g is not None for g in after[m]), f"step {st.name} left {m} without gradient"
                 checked.append(st.name)
             return _orig(*a, **kw)
 
-        unit.step_optimizer.step = opt_step
+        unit.optimizer.step = opt_step
     tr.fit()
     n_steps = len(tr.stages[0].steps)
     assert len(checked) == 2 * n_steps
@@ -498,14 +499,12 @@ def test_max_steps_stops_the_run(tmp_path):
 
 
 def test_training_step_calls_the_optimizers_directly(tmp_path):
-    """Accelerate's per-step wrappers add nothing on one process without accumulation; the
-    step bypasses them (their package lookups cost a few percent on small models), and the
-    updates land in the prepared optimizers' state all the same."""
+    """The engine owns backward and the optimizer step (mutualkd.engine.precision): each unit's
+    optimizer is a plain torch optimizer, no per-step wrapper around it, and the updates land
+    in its state."""
     tr = make_trainer(tmp_path, strategy="kl_dml", peers=2, max_steps=2, data=SMALL_TEST)
-    assert tr._direct_steps
     for unit in tr.units.values():
-        assert unit.step_optimizer is unit.optimizer.optimizer  # the torch optimizer inside the wrapper
-        unit.optimizer.step = unit.optimizer.zero_grad = None  # would raise if the step used the wrapper
+        assert type(unit.optimizer) is torch.optim.SGD  # not a wrapper class around it
     tr.fit()
     for unit in tr.units.values():
         momenta = [s["momentum_buffer"] for s in unit.optimizer.state_dict()["state"].values()]

@@ -41,9 +41,11 @@ def _wrap_compute(trainer: Trainer, before: Callable[[Step, StepContext], None] 
 
 
 def _all_modules(tr: Trainer) -> dict[str, torch.nn.Module]:
-    mods = {name: tr.peer_modules[i] for i, name in enumerate(tr.peer_names)}
-    mods.update(tr.aux)
-    return mods
+    return {name: tr.unwrapped(name) for name in tr.module_names}
+
+
+def _aux_names(tr: Trainer) -> list[str]:
+    return [name for name in tr.module_names if name not in tr.peer_names]
 
 
 # --------------------------------------------------------------------------- IE-DML, two peers
@@ -56,7 +58,7 @@ def test_ie_dml_two_peer_schedule_declaration(one_batch):
     steps = stages[0].steps
     assert [s.name for s in steps] == ["ae:peer0", "peer1", "ae:peer1", "peer0"]
     assert [s.updates for s in steps] == [("peer0.ae",), ("peer1",), ("peer1.ae",), ("peer0",)]
-    assert set(tr.aux) == {"peer0.ae", "peer1.ae", "peer0.ie.peer1", "peer1.ie.peer0"}
+    assert set(_aux_names(tr)) == {"peer0.ae", "peer1.ae", "peer0.ie.peer1", "peer1.ie.peer0"}
     # A student's encoders train with its backbone; each autoencoder is a unit of its own.
     assert sorted(tr.units) == ["peer0", "peer0.ae", "peer1", "peer1.ae"]
     assert tr.units["peer1"].modules == ["peer1", "peer1.ie.peer0"]
@@ -76,11 +78,11 @@ def one_batch(tmp_path_factory) -> dict[str, Any]:
         rec["snaps"].append(param_snapshot(mods))
 
     def after(step, ctx, terms):
-        rec["feats"][step.name] = {j: ctx.output(j).features.detach().clone() for j in range(2)}
+        rec["feats"][step.name] = {j: ctx.output(f"peer{j}").features.detach().clone() for j in range(2)}
         rec["inputs"].append(ctx.inputs)
 
     _wrap_compute(tr, before, after)
-    ae0 = tr.aux["peer0.ae"]
+    ae0 = tr.unwrapped("peer0.ae")
     # Training calls the whole autoencoder (forward); the teacher factor only its encoder.
     for method in ("forward", "encode"):
         original = getattr(ae0, method)
@@ -120,7 +122,7 @@ def test_ie_dml_recomputes_changed_nets_only(one_batch):
     feats, x = one_batch["feats"], one_batch["inputs"][0]
     assert all(i is x for i in one_batch["inputs"])
     # Step 3 trains net 2's autoencoder on net 2's *updated* features (recomputed after step 2).
-    peer1 = one_batch["trainer"].peer_modules[1]
+    peer1 = one_batch["trainer"].unwrapped("peer1")
     peer1.train()
     with torch.no_grad():
         f1_now = peer1(x)[0]
@@ -182,14 +184,14 @@ def test_ie_dml_three_peers_order_and_averaging(tmp_path):
             assert all(set(t) == {"rec"} for t in terms.values())
             return
         k = tr.peer_names.index(step.name)
-        out = ctx.output(k)
+        out = ctx.output(step.name)
         inh, exp = [], []
         with torch.no_grad():
             for j in range(3):
                 if j == k:
                     continue
-                ft, _ = tr.aux[f"peer{j}.ae"](ctx.output(j).features.detach())
-                f_inh, f_exp = tr.aux[f"peer{k}.ie.peer{j}"](out.features)
+                ft, _ = tr.unwrapped(f"peer{j}.ae")(ctx.output(f"peer{j}").features.detach())
+                f_inh, f_exp = tr.unwrapped(f"peer{k}.ie.peer{j}")(out.features)
                 inh.append(3.0 * l1_distance(f_inh, ft))
                 exp.append(-2.0 * l1_distance(f_exp, ft))
         assert len(inh) == 2
@@ -253,7 +255,7 @@ def kd_run(tmp_path_factory, teacher_run) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("kd")
     tr = Trainer(make_recipe(**_ie_kd(out, teacher_run, teacher_model="cifar_resnet20")), recipe_file="<test>")
     info: dict[str, Any] = {"trainer": tr, "stage_steps": []}
-    ae = tr.aux["teacher.ae"]
+    ae = tr.unwrapped("teacher.ae")
 
     def before(step, ctx):
         info["stage_steps"].append((ctx.stage, step.name))
@@ -274,7 +276,7 @@ def test_ie_kd_stages(kd_run):
     assert [s.updates for s in stages[1].steps] == [("peer0",)]
     assert kd_run["stage_steps"] == [("teacher_ae", "teacher.ae")] * 4 + [("student", "peer0")] * 2
     assert tr.units["peer0"].modules == ["peer0", "student.ie"]
-    assert "teacher" in tr.frozen and "teacher" not in tr.units
+    assert "teacher" in tr.frozen_modules and "teacher" not in tr.units
 
 
 def test_ie_kd_metrics(kd_run):
@@ -299,23 +301,23 @@ def test_ie_kd_metrics(kd_run):
 def test_ie_kd_teacher_and_autoencoder_frozen_in_stage_2(kd_run, teacher_run):
     tr = kd_run["trainer"]
     # The autoencoder does not change while the student trains (parameters and BN statistics).
-    now = tr.aux["teacher.ae"].state_dict()
+    now = tr.unwrapped("teacher.ae").state_dict()
     for k, v in kd_run["ae_at_student"].items():
         assert torch.equal(v, now[k]), k
     # The teacher is exactly the checkpoint's network, BN statistics included.
     saved = ckpt.load_checkpoint(ckpt.latest_checkpoint(teacher_run / "checkpoints"))["modules"]["peer0"]
-    teacher = tr.aux["teacher"].model.state_dict()
+    teacher = tr.unwrapped("teacher").model.state_dict()
     assert set(saved) == set(teacher)
     for k, v in saved.items():
         assert torch.equal(v, teacher[k]), k
-    assert not tr.aux["teacher"].training
+    assert not tr.unwrapped("teacher").training
 
 
 def test_ie_kd_checkpoint_holds_split_indices(kd_run):
     tr = kd_run["trainer"]
-    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tr.ckpt_dir))
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tr.folder.checkpoints))
     enc = state["modules"]["student.ie"]
-    assert tr.aux["student.ie"].in_channels == 64  # cifar_wrn_16_1's last stage
+    assert tr.unwrapped("student.ie").in_channels == 64  # cifar_wrn_16_1's last stage
     assert torch.equal(enc["inh_index"], torch.arange(32))
     assert torch.equal(enc["exp_index"], torch.arange(32, 64))
     assert "teacher.ae" in state["modules"] and "teacher" in state["modules"]
@@ -326,7 +328,7 @@ def test_ie_kd_random_split_saved_and_restored(tmp_path, teacher_run):
     kw = _ie_kd(tmp_path, teacher_run, split="random", split_seed=7, epochs=2, max_steps=6)
     tr = Trainer(make_recipe(**kw), recipe_file="<test>")
     tr.fit()
-    latest = ckpt.latest_checkpoint(tr.ckpt_dir)
+    latest = ckpt.latest_checkpoint(tr.folder.checkpoints)
     state = ckpt.load_checkpoint(latest)
     inh, exp = state["modules"]["student.ie"]["inh_index"], state["modules"]["student.ie"]["exp_index"]
     assert inh.numel() == exp.numel() == 32
@@ -342,8 +344,8 @@ def test_ie_kd_random_split_saved_and_restored(tmp_path, teacher_run):
     kw["max_steps"] = 7
     again = Trainer(make_recipe(**kw), recipe_file="<test>", resume=tr.run_dir)
     again.fit()
-    assert torch.equal(again.aux["student.ie"].inh_index, other[:32])
-    assert torch.equal(again.aux["student.ie"].exp_index, other[32:])
+    assert torch.equal(again.unwrapped("student.ie").inh_index, other[:32])
+    assert torch.equal(again.unwrapped("student.ie").exp_index, other[32:])
 
 
 def test_ie_kd_teacher_model_mismatch(tmp_path, teacher_run):

@@ -104,19 +104,19 @@ LAUNCH_SHIM = """\
 import sys
 import time
 
-from mutualkd.engine import Trainer
+from mutualkd.engine.state import RunFolder
 
 LATE_RANK = {late_rank}
-_resolve = Trainer._resolve_run_dir
+_init = RunFolder.__init__
 
 
-def _resolve_late(self, resume):
-    if resume is None and self.accelerator.process_index == LATE_RANK:
+def _init_late(self, recipe, accelerator, resume=None):
+    if resume is None and accelerator.process_index == LATE_RANK:
         time.sleep(3.0)
-    return _resolve(self, resume)
+    _init(self, recipe, accelerator, resume)
 
 
-Trainer._resolve_run_dir = _resolve_late
+RunFolder.__init__ = _init_late
 from mutualkd.cli import main
 
 sys.argv[0] = "mutualkd"

@@ -136,6 +136,7 @@ class Trainer:
         # --- the run folder: refuse to touch an existing run unless resuming it
         self.folder = RunFolder(recipe, acc, resume)
         self.run_dir = self.folder.path
+        self.recipe_hash = self.folder.recipe_hash
         self.resumed_from: Path | None = self.folder.resume_from
         self._resume_state = self.folder.load_resume_state()
         self.writer = MetricsWriter(None)
@@ -145,6 +146,10 @@ class Trainer:
             own += [ProgressBar(), ConsoleLog()]
         own.append(Checkpointing())
         self.callbacks = CallbackList([*own, *callbacks])
+
+    def add_callback(self, callback: Callback) -> None:
+        """Call ``callback``'s hooks too, after those already registered."""
+        self.callbacks.callbacks.append(callback)
 
     # ------------------------------------------------------------------ the fit loop
     def fit(self) -> dict[str, Any]:
@@ -278,6 +283,11 @@ class Trainer:
     def module_names(self) -> list[str]:
         """Peers (recipe order), then the strategy's modules (registration order)."""
         return list(self._slots)
+
+    @property
+    def frozen_modules(self) -> list[str]:
+        """Modules no optimizer updates (e.g. a loaded teacher)."""
+        return [name for name, s in self._slots.items() if s.unit is None]
 
     def unwrapped(self, name: str) -> nn.Module:
         """A peer (its :class:`mutualkd.peers.PeerModule`) or strategy module, without the engine's wrappers."""
