@@ -2,6 +2,10 @@
 
 Every error the user can fix is printed as one message (where, what, how to fix) with
 exit code 2, never as a traceback.
+
+This module imports nothing heavy (torch, timm, accelerate, matplotlib, numpy): each
+command imports what it needs inside its function, so ``mutualkd --help`` and
+``mutualkd --version`` answer at once.
 """
 
 from __future__ import annotations
@@ -9,13 +13,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 import sys
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 import typer
 
 from mutualkd.errors import EXIT_BAD_INPUT, NonFiniteLossError, UserError
+
+if TYPE_CHECKING:
+    from mutualkd.config import Recipe
+    from mutualkd.recipe_doc import ExplainRow
 
 app = typer.Typer(
     add_completion=False,
@@ -42,6 +51,24 @@ def _fail(e: UserError) -> None:
     raise typer.Exit(e.exit_code)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from mutualkd import __version__
+
+        out_console.print(f"mutualkd {__version__}", markup=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Mutual learning and knowledge distillation for timm models."""
+
+
 def _load(recipe: Path, overrides: list[str] | None):
     from mutualkd.config import load_recipe
 
@@ -58,19 +85,15 @@ def run(
     block_plugin: BlockOpt = None,
 ) -> None:
     """Train the peers of RECIPE."""
-    from mutualkd._registry import registry
-    from mutualkd.engine import RunInterrupted, Trainer
+    from mutualkd import registry
+    from mutualkd.engine import RunInterrupted, Trainer, resume_folder
 
     try:
         registry.block(block_plugin or [])
         if recipe is None:
             if resume is None:
                 raise UserError("no recipe given", hint="run `mutualkd run RECIPE.toml` or `mutualkd run --resume RUN_DIR`")
-            if not resume.is_dir():
-                raise UserError(
-                    "run folder to resume does not exist", where=str(resume), hint="name the folder of an earlier run"
-                )
-            recipe = resume / "recipe.toml"
+            recipe = resume_folder(resume) / "recipe.toml"
         rec = _load(recipe, set_)
         trainer = Trainer(rec, recipe_file=str(recipe), resume=resume)
         trainer.fit()
@@ -94,29 +117,52 @@ def validate(
     recipe: Annotated[Path, typer.Argument(help="The TOML recipe to check.")],
     set_: SetOpt = None,
     data: Annotated[bool, typer.Option("--data/--no-data", help="Also check that the data set can be loaded.")] = True,
+    explain: Annotated[
+        bool,
+        typer.Option("--explain", help="Also print every key of the resolved recipe: value, set or default, meaning."),
+    ] = False,
 ) -> None:
-    """Check RECIPE (fields, strategy and its parameters, model names, data) without training."""
-    from mutualkd._registry import registry
-    from mutualkd.data import load_dataset
-    from mutualkd.errors import DataError, in_file
-    from mutualkd.engine import resolve_strategy
-    from mutualkd.peers import check_model_name
+    """Check RECIPE (fields, strategy and its parameters, model names, data) without training.
+
+    The keys, their defaults and what they do: docs/recipes.md, or --explain for this recipe.
+    """
+    from mutualkd.engine import check_recipe
 
     try:
         rec = _load(recipe, set_)
-        registry.block(rec.run.block_plugins or [], source="run.block_plugins (recipe)")
-        resolve_strategy(rec, str(recipe))
-        for i, pc in enumerate(rec.peers):
-            check_model_name(pc.model, file=str(recipe), field=f"peers[{i}]")
-        if data:
-            try:
-                load_dataset(rec.data, seed=rec.run.seed)
-            except DataError as e:
-                raise in_file(e, str(recipe)) from None
+        # The same checks as a run, writing nothing: strategy and parameters, model names
+        # and, with the data, every peer probed at the data's size and the strategy's set-up.
+        # Nothing is blocked process-wide: the recipe's run.block_plugins apply to it only.
+        check_recipe(rec, recipe_file=str(recipe), data=data)
+        rows = _explain_rows(rec, str(recipe)) if explain else []
     except UserError as e:
         _fail(e)
+    if explain:
+        out_console.print(_explain_table(str(recipe), rows))
     names = ", ".join(f"{n} ({p.model})" for n, p in zip(rec.peer_names(), rec.peers))
     out_console.print(f"[green]ok[/] {recipe}: strategy {rec.strategy.name}, {len(rec.peers)} peers: {names}; data {rec.data.dataset}")
+
+
+def _explain_rows(rec: Recipe, recipe_file: str) -> list[ExplainRow]:
+    """Every key of ``rec`` resolved, the strategy's parameters with their defaults filled in."""
+    from mutualkd import get_strategy
+    from mutualkd.recipe_doc import explain
+
+    cls = get_strategy(rec.strategy.name, where=f"{recipe_file} [strategy.name]")
+    return explain(rec, cls.Params.model_validate(rec.strategy.params))
+
+
+def _explain_table(recipe_file: str, rows: list[ExplainRow]) -> Table:
+    table = Table(title=f"{recipe_file}, resolved (reference: docs/recipes.md)", title_justify="left")
+    table.add_column("key", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    table.add_column("from", no_wrap=True)
+    table.add_column("what it does", overflow="fold")
+    for r in rows:
+        style = "" if r.source == "recipe" else "dim"
+        # Text cells: values and descriptions hold brackets ([optimizer]) that are not markup.
+        table.add_row(Text(r.key), Text(r.value), Text(r.source), Text(r.description), style=style)
+    return table
 
 
 @app.command()
@@ -131,12 +177,12 @@ def plugins(
     every third-party plugin (status "disabled"); --block-plugin NAME, a recipe's
     run.block_plugins and MUTUALKD_BLOCK_PLUGINS block single ones (status "blocked").
     """
-    from mutualkd._registry import ENV_DISABLE_AUTOLOAD, registry
+    from mutualkd import registry
 
     registry.block(block_plugin or [], source="--block-plugin")
     infos = registry.infos(load=True)
     known = {i.name for i in infos} | {f"{i.kind}:{i.name}" for i in infos}
-    unmatched = sorted({n for names in registry.blocked().values() for n in names} - known)
+    unmatched = sorted({n for names in registry.blocks().values() for n in names} - known)
     if as_json:
         sys.stdout.write(json.dumps([i.as_dict() for i in infos], indent=2) + "\n")
         return
@@ -154,7 +200,7 @@ def plugins(
             out_console.print(f"[{colour}]{i.status}[/] {i.kind} {i.name} ({i.distribution} {i.version}): ", end="")
             out_console.print(i.error, markup=False, soft_wrap=True)
     if not registry.autoload():
-        out_console.print(f"third-party plugins are disabled: {ENV_DISABLE_AUTOLOAD} is set", markup=False)
+        out_console.print(f"third-party plugins are disabled: {registry.ENV_DISABLE_AUTOLOAD} is set", markup=False)
     if unmatched:
         out_console.print(f"note: blocked names that match no plugin: {', '.join(unmatched)}", markup=False)
 

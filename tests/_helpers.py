@@ -112,12 +112,8 @@ def step_terms(records: Iterable[Mapping[str, Any]]) -> list[dict[str, float]]:
 
 
 def param_snapshot(modules: Mapping[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
-    """Copies of every parameter (not buffers) of each named module."""
-    out = {}
-    for name, m in modules.items():
-        inner = getattr(m, "module", m)  # unwrap DDP
-        out[name] = {k: p.detach().clone() for k, p in inner.named_parameters()}
-    return out
+    """Copies of every parameter (not buffers) of each named module (as ``Trainer.unwrapped`` gives them)."""
+    return {name: {k: p.detach().clone() for k, p in m.named_parameters()} for name, m in modules.items()}
 
 
 def changed(before: Mapping[str, Mapping[str, torch.Tensor]], after: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, float]:

@@ -177,6 +177,23 @@ def _unknown_model_validate(w: World, t: Path) -> Case:
                     field="peers[1].model", says=("unknown model", "'cifar_wrn_16_1'"), command="validate")
 
 
+def _vit_without_img_size(w: World, t: Path) -> Case:
+    # A ViT built for 224 px cannot take the 8 px digits: the feature probe fails at set-up.
+    return run_case(w, t, w.recipe(t, lambda d: d["peers"][0].__setitem__("model", "vit_tiny_patch16_224")),
+                    field="peers[0]", says=("peer 'peer0'", "vit_tiny_patch16_224", "1x8x8", "(3, 224, 224)", "img_size = 8"))
+
+
+def _vit_without_img_size_validate(w: World, t: Path) -> Case:
+    # validate runs the same probe as a run (it used to say "ok" here).
+    return run_case(w, t, w.recipe(t, lambda d: d["peers"][1].__setitem__("model", "vit_tiny_patch16_224")),
+                    field="peers[1]", says=("peer 'peer1'", "img_size = 8"), command="validate")
+
+
+def _convnext_at_8px(w: World, t: Path) -> Case:
+    return run_case(w, t, w.recipe(t, lambda d: d["peers"][1].__setitem__("model", "convnext_atto")), command="validate",
+                    field="peers[1]", says=("peer 'peer1'", "convnext_atto", "1x8x8", "data.image_size"))
+
+
 def _unknown_strategy(w: World, t: Path) -> Case:
     return run_case(w, t, w.recipe(t, lambda d: d.__setitem__("strategy", {"name": "kl_dm"})), field="strategy.name",
                     says=("'kl_dml'",))
@@ -400,6 +417,9 @@ CASES = [
     pytest.param(_batch_larger_than_data, id="batch-larger-than-data"),
     pytest.param(_unknown_model, id="unknown-model"),
     pytest.param(_unknown_model_validate, id="unknown-model-validate"),
+    pytest.param(_vit_without_img_size, id="vit-without-img_size"),
+    pytest.param(_vit_without_img_size_validate, id="vit-without-img_size-validate"),
+    pytest.param(_convnext_at_8px, id="convnext-at-8px-validate"),
     pytest.param(_unknown_strategy, id="unknown-strategy"),
     pytest.param(_unknown_strategy_param, id="unknown-strategy-parameter"),
     pytest.param(_unknown_metric, id="unknown-metric"),
