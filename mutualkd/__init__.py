@@ -6,7 +6,8 @@ through the entry-point groups ``mutualkd.strategies`` and ``mutualkd.metrics``.
 """
 
 from mutualkd import models as models  # noqa: F401  (registers cifar_* models in timm)
-from mutualkd._registry import get_metric, get_strategy, registry
+from mutualkd import registry as registry
+from mutualkd.registry import get_metric, get_strategy
 from mutualkd.config import Recipe, load_recipe
 from mutualkd.errors import CheckpointError, DataError, PluginError, RecipeError, UserError
 from mutualkd.strategy import (

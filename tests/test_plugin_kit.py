@@ -23,12 +23,12 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from mutualkd import get_metric, get_strategy
-from mutualkd._registry import ENV_DISABLE_AUTOLOAD, registry
+from mutualkd import get_metric, get_strategy, registry
 from mutualkd.cli import app
 from mutualkd.config import load_recipe, parse_recipe
 from mutualkd.engine import Trainer
 from mutualkd.errors import PluginError
+from mutualkd.registry import ENV_DISABLE_AUTOLOAD
 from mutualkd.strategy import LossTerms, SetupContext, Step, StepContext, Strategy, StrategyParams
 from mutualkd.testing import check_metric, check_strategy, make_teacher, registered
 
@@ -39,17 +39,24 @@ EXAMPLES = {("metric", "cosine"): "mutualkd-cosine", ("strategy", "hinton_kd"): 
 
 
 @pytest.fixture(autouse=True)
-def clean_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def fresh_plugins(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Each test starts from freshly discovered plugins with no block, and leaves none."""
-    monkeypatch.setattr(registry, "_blocked", {})
     monkeypatch.delenv(ENV_DISABLE_AUTOLOAD, raising=False)
     monkeypatch.delenv("MUTUALKD_BLOCK_PLUGINS", raising=False)
+    _lift_blocks()
     registry.reset()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is faster on a shared machine
     yield
     torch.set_num_threads(threads)
+    _lift_blocks()
     registry.reset()
+
+
+def _lift_blocks() -> None:
+    """Lift every process-wide block (a test may have used --block-plugin in-process)."""
+    for source in registry.blocks():
+        registry.block([], source=source)
 
 
 @pytest.fixture(scope="module")
@@ -182,16 +189,15 @@ class _Peers(Strategy):
         return [Step(p, (p,)) for p in self.peers]
 
     def compute(self, step: Step, ctx: StepContext) -> LossTerms:
-        i = self.peers.index(step.name)
-        return {step.name: {"ce": F.cross_entropy(ctx.output(i).logits.float(), ctx.labels)}}
+        return {step.name: {"ce": F.cross_entropy(ctx.output(step.name).logits.float(), ctx.labels)}}
 
 
 class LeakyDML(_Peers):
     """DML with the classic bug: the other peer's logits are not detached."""
 
     def compute(self, step: Step, ctx: StepContext) -> LossTerms:
-        i = self.peers.index(step.name)
-        mine, other = ctx.output(i).logits, ctx.output(1 - i).logits
+        other_name = next(p for p in self.peers if p != step.name)
+        mine, other = ctx.output(step.name).logits, ctx.output(other_name).logits
         kl = F.kl_div(mine.log_softmax(1), other.log_softmax(1), reduction="batchmean", log_target=True)
         return {step.name: {"ce": F.cross_entropy(mine, ctx.labels), "kl": kl}}
 
@@ -391,6 +397,7 @@ def test_recipe_block_plugins_blocks_for_that_recipe_only(tmp_path: Path) -> Non
     _example_installed("metric", "cosine")
     with pytest.raises(PluginError, match=r"block\.toml \[strategy\.inh_metric\]: metric 'cosine' .* blocked by run\.block_plugins"):
         Trainer(_ie_dml_recipe(tmp_path, "blocked", ["cosine"]), recipe_file="block.toml")
+    assert registry.blocks() == {}  # the recipe blocked for its own lookups, not process-wide
     # The next recipe of the same process does not inherit the block.
     Trainer(_ie_dml_recipe(tmp_path, "free", None), recipe_file="block.toml").fit()
     assert "block_plugins" not in _ie_dml_recipe(tmp_path, "x", None).to_dict()["run"]  # old recipe hashes unchanged

@@ -1,20 +1,23 @@
-"""Tests of the plugin registry (mutualkd._registry): discovery, duplicates, broken plugins."""
+"""Tests of the plugin registry (mutualkd.registry): discovery, duplicates, broken plugins, blocking."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from importlib import metadata
+import re
 import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
 import mutualkd
-from mutualkd import _registry
-from mutualkd._registry import GROUPS, Registry, get_metric, get_strategy, registry
+from mutualkd import registry
+from mutualkd.cli import app
 from mutualkd.errors import PluginError
+from mutualkd.registry import GROUPS, RECIPE_BLOCK, get_metric, get_strategy
 from mutualkd.strategy import Strategy
 
 BUILTIN_STRATEGIES = {"independent", "kl_dml", "ie_kd", "ie_dml"}
@@ -70,10 +73,20 @@ not_callable = 3
 '''
 
 
+def _lift_blocks() -> None:
+    for source in registry.blocks():
+        registry.block([], source=source)
+
+
 @pytest.fixture(autouse=True)
-def _clean_registry() -> Iterator[None]:
+def _fresh_plugins(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test starts from freshly discovered plugins with no block, and leaves none."""
+    monkeypatch.delenv("MUTUALKD_BLOCK_PLUGINS", raising=False)
+    monkeypatch.delenv("MUTUALKD_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    _lift_blocks()
     registry.reset()
     yield
+    _lift_blocks()
     registry.reset()
 
 
@@ -93,13 +106,15 @@ def install_fakes(monkeypatch: pytest.MonkeyPatch, fakes: list[tuple[str, str, s
 
     def entry_points(**kw: Any):
         group = kw.get("group")
+        if group not in GROUPS.values():
+            return _real_entry_points(**kw)
         eps = list(_real_entry_points(**kw))
         for kind, name, value, dist, version in fakes:
             if GROUPS[kind] == group:  # type: ignore[index]
                 eps.append(FakeEntryPoint(name, value, group, FakeDist(dist, version)))
         return eps
 
-    monkeypatch.setattr(_registry.metadata, "entry_points", entry_points)
+    monkeypatch.setattr(metadata, "entry_points", entry_points)
     registry.reset()
 
 
@@ -107,7 +122,7 @@ def install_fakes(monkeypatch: pytest.MonkeyPatch, fakes: list[tuple[str, str, s
 
 
 def test_builtins_listed_with_distribution_mutualkd():
-    infos = Registry().infos(load=True)
+    infos = registry.infos(load=True)
     by_kind = {(i.kind, i.name): i for i in infos}
     for name in BUILTIN_STRATEGIES:
         info = by_kind[("strategy", name)]
@@ -117,8 +132,8 @@ def test_builtins_listed_with_distribution_mutualkd():
     for name in BUILTIN_METRICS:
         info = by_kind[("metric", name)]
         assert info.distribution == "mutualkd" and info.status == "ok", info
-    assert set(Registry().names("strategy")) >= BUILTIN_STRATEGIES
-    assert set(Registry().names("metric")) >= BUILTIN_METRICS
+    assert set(registry.names("strategy")) >= BUILTIN_STRATEGIES
+    assert set(registry.names("metric")) >= BUILTIN_METRICS
 
 
 def test_get_builtins():
@@ -130,11 +145,11 @@ def test_get_builtins():
 
     a = torch.randn(3, 4)
     assert float(d(a, a)) == pytest.approx(0.0, abs=1e-7)
-    assert mutualkd.get_strategy is get_strategy
+    assert mutualkd.get_strategy is get_strategy and mutualkd.get_metric is get_metric
 
 
 def test_as_dict_for_json():
-    info = next(i for i in Registry().infos() if i.name == "kl_dml")
+    info = next(i for i in registry.infos() if i.name == "kl_dml")
     d = info.as_dict()
     assert d["kind"] == "strategy" and d["distribution"] == "mutualkd" and d["status"] == "ok"
     assert d["module"] == "mutualkd_builtins.strategies.kl_dml:KLDML" and d["error"] is None
@@ -278,24 +293,142 @@ def test_disable_autoload_keeps_only_mutualkd(monkeypatch, plugin_module):
 
 def test_block_by_env(monkeypatch):
     monkeypatch.setenv("MUTUALKD_BLOCK_PLUGINS", "kl_dml, metric:cka")
-    r = Registry()
     with pytest.raises(PluginError) as ei:
-        r.get("strategy", "kl_dml")
+        registry.get("strategy", "kl_dml")
     assert "blocked" in str(ei.value)
     with pytest.raises(PluginError):
-        r.get("metric", "cka")
-    assert r.get("metric", "l1") is not None
-    assert r.get("strategy", "independent") is not None
-    statuses = {(i.kind, i.name): i.status for i in r.infos()}
+        registry.get("metric", "cka")
+    assert registry.get("metric", "l1") is not None
+    assert registry.get("strategy", "independent") is not None
+    statuses = {(i.kind, i.name): i.status for i in registry.infos()}
     assert statuses[("strategy", "kl_dml")] == "blocked" and statuses[("metric", "l2")] == "ok"
 
 
 def test_block_method():
-    r = Registry()
-    r.block(["strategy:ie_kd"])
+    registry.block(["strategy:ie_kd"])
     with pytest.raises(PluginError):
-        r.get("strategy", "ie_kd")
-    assert r.get("strategy", "ie_dml") is not None
+        registry.get("strategy", "ie_kd")
+    assert registry.get("strategy", "ie_dml") is not None
+
+
+def test_block_replaces_what_the_source_blocked_and_lists_every_source(monkeypatch):
+    registry.block(["kl_dml", "metric:l2"])
+    registry.block(["l1"], source="a notebook")
+    registry.block(["metric:l2"])  # the second call of a source replaces its first
+    monkeypatch.setenv("MUTUALKD_BLOCK_PLUGINS", "cka")
+    assert registry.blocks() == {
+        "--block-plugin": {"metric:l2"}, "a notebook": {"l1"}, "MUTUALKD_BLOCK_PLUGINS": {"cka"},
+    }
+    assert registry.get_strategy("kl_dml").__name__ == "KLDML"
+    assert registry.is_blocked("metric", "l2") and not registry.is_blocked("strategy", "l2")
+    with pytest.raises(PluginError, match="metric 'l1' from mutualkd is blocked by a notebook"):
+        get_metric("l1")
+    registry.block([], source="a notebook")
+    assert get_metric("l1").__name__ == "l1_distance"
+
+
+@pytest.mark.parametrize("blocked", [["kl_dml"], ["strategy:kl_dml"], ("other", " kl_dml ")])
+def test_blocked_argument_refuses_one_lookup_only(blocked):
+    with pytest.raises(PluginError) as ei:
+        get_strategy("kl_dml", where="r.toml [strategy.name]", blocked=blocked)
+    e = ei.value
+    assert str(e).startswith("r.toml [strategy.name]: strategy 'kl_dml' from mutualkd is blocked by run.block_plugins (recipe)")
+    assert e.hint == "remove 'kl_dml' from run.block_plugins (recipe), or choose another plugin"
+    assert e.exit_code == 2
+    # Nothing changed process-wide: the next lookup, the listing and the block list are as before.
+    assert get_strategy("kl_dml").__name__ == "KLDML"
+    assert registry.blocks() == {} and not registry.is_blocked("strategy", "kl_dml")
+    assert registry.is_blocked("strategy", "kl_dml", blocked=blocked)
+    assert next(i for i in registry.infos() if i.name == "kl_dml").status == "ok"
+
+
+def test_blocked_argument_for_metrics_respects_the_kind():
+    assert get_metric("l1", blocked=["strategy:l1", None, ""]).__name__ == "l1_distance"
+    with pytest.raises(PluginError, match=re.escape(f"metric 'l1' from mutualkd is blocked by {RECIPE_BLOCK}")):
+        get_metric("l1", blocked=["metric:l1"])
+    assert get_metric("l1", blocked=None).__name__ == "l1_distance"
+
+
+def _recipe(tmp_path: Path, strategy: str, block: list[str]) -> Path:
+    path = tmp_path / "blocking.toml"
+    path.write_text(textwrap.dedent(f"""
+        [run]
+        name = "blocking"
+        out_dir = "{tmp_path.as_posix()}"
+        block_plugins = {block!r}
+
+        [data]
+        dataset = "digits"
+
+        [[peers]]
+        model = "cifar_wrn_16_1"
+
+        [[peers]]
+        model = "cifar_wrn_16_1"
+
+        [strategy]
+        name = "{strategy}"
+    """))
+    return path
+
+
+def test_recipe_check_blocks_for_that_recipe_only(tmp_path):
+    """`mutualkd validate` refuses what the recipe blocks and leaves the registry unblocked."""
+    ok = CliRunner().invoke(app, ["validate", str(_recipe(tmp_path, "kl_dml", ["metric:l2", "cka"])), "--no-data"])
+    assert ok.exit_code == 0, ok.output
+    assert registry.blocks() == {}
+    assert get_metric("l2").__name__ == "l2_distance" and get_metric("cka") is not None
+    assert {i.status for i in registry.infos() if i.distribution == "mutualkd"} == {"ok"}
+
+    recipe = _recipe(tmp_path, "kl_dml", ["kl_dml"])
+    refused = CliRunner().invoke(app, ["validate", str(recipe), "--no-data"])
+    assert refused.exit_code == 2
+    assert f"{recipe} [strategy.name]: strategy 'kl_dml' from mutualkd is blocked by run.block_plugins (recipe)" in refused.output
+    assert "Traceback" not in refused.output
+    assert registry.blocks() == {} and get_strategy("kl_dml").__name__ == "KLDML"
+
+
+# --------------------------------------------------------------------------- in-process registration and validation
+
+
+def test_register_checks_the_contract_refuses_taken_names_and_unregisters():
+    def tiny(a, b):
+        return (a - b).abs().mean()
+
+    info = registry.register("metric", "tiny", tiny, distribution="notebook", version="1")
+    assert (info.distribution, info.status, info.value) == ("notebook", "ok", f"{__name__}:{tiny.__qualname__}")
+    assert get_metric("tiny") is tiny and "tiny" in registry.names("metric")
+    registry.reset()  # kept over a re-discovery
+    assert get_metric("tiny") is tiny
+    with pytest.raises(PluginError, match=r"cannot register metric 'tiny' .* already provided by notebook 1"):
+        registry.register("metric", "tiny", tiny)
+    with pytest.raises(PluginError, match=r"cannot register metric 'bad' .*exactly two required arguments"):
+        registry.register("metric", "bad", lambda a: a)
+    registry.unregister("metric", "tiny")
+    with pytest.raises(PluginError, match="unknown metric 'tiny'"):
+        get_metric("tiny")
+    with pytest.raises(PluginError, match="was not registered in-process"):
+        registry.unregister("metric", "l1")  # entry points cannot be removed
+    assert get_metric("l1").__name__ == "l1_distance"
+
+
+def test_register_a_name_an_entry_point_takes_later_is_a_duplicate(monkeypatch, plugin_module):
+    registry.register("strategy", "later", get_strategy("kl_dml"), distribution="notebook")
+    install_fakes(monkeypatch, [("strategy", "later", f"{plugin_module}:Good", "late-dist", "3")])
+    with pytest.raises(PluginError, match="more than one distribution: late-dist 3 .* and notebook"):
+        get_strategy("later")
+    registry.unregister("strategy", "later")  # the entry point is left, no longer a duplicate
+    assert get_strategy("later").__name__ == "Good"
+
+
+def test_plugin_validation_is_public():
+    assert registry.validate_plugin("metric", lambda a, b: (a - b).sum()) is None
+    assert registry.validate_plugin("strategy", get_strategy("kl_dml")) is None
+    assert "subclass of mutualkd.Strategy" in registry.validate_plugin("strategy", dict)
+    assert "exactly two required arguments" in registry.validate_plugin("metric", lambda a, b, c: a)
+    assert "unknown plugin kind" in registry.validate_plugin("loss", len)  # type: ignore[arg-type]
+    with pytest.raises(PluginError, match="unknown plugin kind 'loss'"):
+        registry.names("loss")  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- a real distribution on sys.path
