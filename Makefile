@@ -1,16 +1,18 @@
 # Set-up and everyday commands. Each target creates the virtual environment in .venv
-# and installs the project (and its example plugins) on first use.
+# and installs the project (and its example plugins) on first use, with the releases
+# pinned in constraints/dev.txt (torch, torchvision): the ones the tests run on.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mutualkd-installed
+CONSTRAINTS := constraints/dev.txt
 EXAMPLE_PLUGINS := $(wildcard plugins/mutualkd-*/pyproject.toml)
 
-.PHONY: install quickstart test clean-runs
+.PHONY: install quickstart test reference clean-runs
 
-$(STAMP): pyproject.toml $(EXAMPLE_PLUGINS)
+$(STAMP): pyproject.toml $(CONSTRAINTS) $(EXAMPLE_PLUGINS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e ".[dev,report]" $(foreach p,$(EXAMPLE_PLUGINS),-e $(dir $(p)))
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e ".[dev,report]" $(foreach p,$(EXAMPLE_PLUGINS),-e $(dir $(p)))
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -22,6 +24,10 @@ quickstart: $(STAMP)
 # The whole test suite.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Regenerate docs/recipes.md from the recipe and strategy models (the tests check it is current).
+reference: $(STAMP)
+	$(BIN)/python -m mutualkd.recipe_doc docs/recipes.md
 
 clean-runs:
 	rm -rf runs

@@ -48,23 +48,48 @@ PositiveInt = Annotated[int, Field(gt=0)]
 class RunConfig(_Strict):
     """``[run]``: what the run is called, where it writes, and how it is logged."""
 
-    name: str = "run"
-    seed: int = 0
-    epochs: PositiveInt = 1
-    out_dir: str = "runs"
-    deterministic: bool = False
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    device: Literal["auto", "cpu"] = "auto"
-    log_every: PositiveInt = 50
-    checkpoint_every: Annotated[int, Field(ge=0)] = 0
-    keep_checkpoints: Annotated[int, Field(ge=2)] = 2
-    max_steps: Annotated[int, Field(gt=0)] | None = None
-    resume: Literal["never", "auto"] = "never"
-    channels_last: bool = False
-    compile: bool = False
-    progress: bool = True
-    #: Plugins (``name`` or ``kind:name``) this recipe refuses to load, as ``--block-plugin``.
-    block_plugins: list[Annotated[str, Field(min_length=1)]] | None = None
+    name: str = Field("run", description="name of the run's folder, out_dir/name")
+    seed: int = Field(0, description="seed of weight initialisation, data order, augmentation and train_subset")
+    epochs: PositiveInt = Field(
+        1, description="epochs of training (a strategy stage may set its own, e.g. ie_kd's ae_epochs)"
+    )
+    out_dir: str = Field("runs", description="folder that holds the run folders")
+    deterministic: bool = Field(
+        False, description="deterministic torch kernels only (slower); off: cuDNN may pick the fastest kernels"
+    )
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no",
+        description="autocast precision of the forward passes: float32 (no), bfloat16, or float16 with"
+        " loss scaling (GPU only)",
+    )
+    device: Literal["auto", "cpu"] = Field(
+        "auto", description="auto: the GPU when there is one, else the CPU; cpu: always the CPU"
+    )
+    log_every: PositiveInt = Field(
+        50, description="write a step record to metrics.jsonl every this many steps (and at each epoch's end)"
+    )
+    checkpoint_every: Annotated[int, Field(ge=0)] = Field(
+        0, description="also checkpoint every this many steps inside an epoch; 0: at the end of each epoch only"
+    )
+    keep_checkpoints: Annotated[int, Field(ge=2)] = Field(
+        2, description="step checkpoints kept on disk, the newest ones (best/ is kept besides)"
+    )
+    max_steps: Annotated[int, Field(gt=0)] | None = Field(
+        None, description="stop after this many optimizer steps in all (smoke tests); unset: train every epoch"
+    )
+    resume: Literal["never", "auto"] = Field(
+        "never",
+        description="auto: continue a run folder of the same name from its latest checkpoint;"
+        " never: refuse a folder that already holds a run",
+    )
+    channels_last: bool = Field(
+        False, description="keep the peers and their batches in the channels-last memory format (faster on GPUs)"
+    )
+    compile: bool = Field(False, description="torch.compile each peer")
+    progress: bool = Field(True, description="show a progress bar and one line per epoch on the console")
+    block_plugins: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, description="plugins (name or kind:name) this recipe refuses to load, as --block-plugin does"
+    )
 
 
 #: ``[run]`` fields that only say where and how a run logs and saves, never what it trains:
@@ -83,28 +108,44 @@ LOGGING_ONLY_FIELDS: tuple[str, ...] = (
 class DataConfig(_Strict):
     """``[data]``: which data set, where it lies, and how batches are drawn."""
 
-    dataset: Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "image_folder"] = "digits"
-    root: str | None = None
-    download: bool = False
-    batch_size: PositiveInt = 64
-    eval_batch_size: PositiveInt = 512
-    augment: bool = True
-    train_subset: PositiveInt | None = None
-    test_subset: PositiveInt | None = None
-    image_size: PositiveInt | None = None
-    drop_last: bool = True
+    dataset: Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "image_folder"] = Field(
+        "digits", description="the data set; digits is bundled with scikit-learn, the others are read from root"
+    )
+    root: str | None = Field(
+        None, description="folder of the data set's files; unset: ./data (Fashion-MNIST also /usr/share/datasets)"
+    )
+    download: bool = Field(False, description="download a missing data set into root through torchvision")
+    batch_size: PositiveInt = Field(64, description="training images per batch, per process")
+    eval_batch_size: PositiveInt = Field(512, description="test images per batch at evaluation, per process")
+    augment: bool = Field(
+        True, description="the data set's training augmentation (random crop with padding, and flip where it fits)"
+    )
+    train_subset: PositiveInt | None = Field(
+        None, description="train on a class-stratified subset of this many images, chosen with run.seed; unset: all"
+    )
+    test_subset: PositiveInt | None = Field(
+        None, description="evaluate on a class-stratified subset of this many images (fixed seed 0); unset: all"
+    )
+    image_size: PositiveInt | None = Field(
+        None,
+        description="resize both splits to image_size x image_size (required for image_folder); unset: the"
+        " native size",
+    )
+    drop_last: bool = Field(True, description="drop the last, incomplete training batch of each epoch")
 
 
 class OptimizerConfig(_Strict):
     """An optimizer: SGD (momentum, Nesterov) or AdamW."""
 
-    name: Literal["sgd", "adamw"] = "sgd"
-    lr: Annotated[float, Field(gt=0)] = 0.1
-    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
-    nesterov: bool = True
-    weight_decay: Annotated[float, Field(ge=0)] = 5e-4
-    no_decay_1d: bool = False
-    betas: tuple[float, float] = (0.9, 0.999)
+    name: Literal["sgd", "adamw"] = Field("sgd", description="SGD with momentum, or AdamW")
+    lr: Annotated[float, Field(gt=0)] = Field(0.1, description="base learning rate, before the schedule's factor")
+    momentum: Annotated[float, Field(ge=0, lt=1)] = Field(0.9, description="SGD momentum (sgd only)")
+    nesterov: bool = Field(True, description="Nesterov momentum (sgd only; needs momentum > 0)")
+    weight_decay: Annotated[float, Field(ge=0)] = Field(5e-4, description="L2 weight decay (decoupled for adamw)")
+    no_decay_1d: bool = Field(
+        False, description="exempt biases and normalisation parameters (1-D tensors) from weight decay"
+    )
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's moment decay rates (adamw only)")
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> OptimizerConfig:
@@ -114,13 +155,21 @@ class OptimizerConfig(_Strict):
 
 
 class SchedulerConfig(_Strict):
-    """A learning-rate schedule, stepped once per epoch, with optional linear warmup."""
+    """A learning-rate schedule in epochs, stepped after every optimizer step, with optional linear warmup."""
 
-    name: Literal["constant", "multistep", "cosine"] = "constant"
-    milestones: list[PositiveInt] = Field(default_factory=list)
-    gamma: Annotated[float, Field(gt=0)] = 0.1
-    min_lr: Annotated[float, Field(ge=0)] = 0.0
-    warmup_epochs: Annotated[int, Field(ge=0)] = 0
+    name: Literal["constant", "multistep", "cosine"] = Field(
+        "constant",
+        description="constant: lr throughout; multistep: times gamma at each milestone; cosine: down to min_lr"
+        " at the last epoch",
+    )
+    milestones: list[PositiveInt] = Field(
+        default_factory=list, description="epochs at which multistep multiplies the lr by gamma, increasing"
+    )
+    gamma: Annotated[float, Field(gt=0)] = Field(0.1, description="multistep's factor at each milestone")
+    min_lr: Annotated[float, Field(ge=0)] = Field(0.0, description="cosine's final learning rate")
+    warmup_epochs: Annotated[int, Field(ge=0)] = Field(
+        0, description="epochs of linear warmup from 0 to lr, before the schedule"
+    )
 
     @field_validator("milestones")
     @classmethod
@@ -133,11 +182,20 @@ class SchedulerConfig(_Strict):
 class PeerConfig(_Strict):
     """``[[peers]]``: one network, any timm model name with its keyword arguments."""
 
-    model: str
-    name: str | None = None
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    optimizer: OptimizerConfig | None = None
-    scheduler: SchedulerConfig | None = None
+    model: str = Field(
+        description="timm model name, e.g. cifar_resnet20 or resnet18 (mutualkd registers the cifar_* families)"
+    )
+    name: str | None = Field(None, description="the peer's name in logs and checkpoints; unset: peer<i>, its index")
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="keyword arguments of timm.create_model (num_classes and in_chans come from the data set)",
+    )
+    optimizer: OptimizerConfig | None = Field(
+        None, description="this peer's own optimizer; unset: the shared [optimizer]"
+    )
+    scheduler: SchedulerConfig | None = Field(
+        None, description="this peer's own schedule; unset: the shared [scheduler]"
+    )
 
     @field_validator("kwargs")
     @classmethod
@@ -157,7 +215,9 @@ class StrategyConfig(BaseModel):
     """``[strategy]``: the strategy's name; every other key belongs to the strategy."""
 
     model_config = ConfigDict(extra="allow")
-    name: str = "kl_dml"
+    name: str = Field(
+        "kl_dml", description="the strategy plugin (`mutualkd plugins` lists them); its parameters sit next to name"
+    )
 
     @property
     def params(self) -> dict[str, Any]:
@@ -167,19 +227,34 @@ class StrategyConfig(BaseModel):
 class ScheduleConfig(_Strict):
     """``[schedule]``: faithful sequential updates or one shared forward for all peers."""
 
-    mode: Literal["alternating", "simultaneous"] = "alternating"
+    mode: Literal["alternating", "simultaneous"] = Field(
+        "alternating",
+        description="alternating: the peers are updated one after another, each seeing the others' latest state;"
+        " simultaneous: every peer from one shared forward pass",
+    )
 
 
 class Recipe(_Strict):
     """A whole recipe."""
 
-    run: RunConfig = Field(default_factory=RunConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    peers: list[PeerConfig] = Field(min_length=1)
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
-    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    run: RunConfig = Field(
+        default_factory=RunConfig, description="what the run is called, where it writes, how it runs and logs"
+    )
+    data: DataConfig = Field(default_factory=DataConfig, description="the data set and its batches")
+    peers: list[PeerConfig] = Field(min_length=1, description="the networks, one [[peers]] table each (at least one)")
+    optimizer: OptimizerConfig = Field(
+        default_factory=OptimizerConfig, description="the optimizer of every peer without its own [peers.optimizer]"
+    )
+    scheduler: SchedulerConfig = Field(
+        default_factory=SchedulerConfig,
+        description="the learning-rate schedule of every peer without its own [peers.scheduler]",
+    )
+    strategy: StrategyConfig = Field(
+        default_factory=StrategyConfig, description="the method: a strategy plugin's name and its parameters"
+    )
+    schedule: ScheduleConfig = Field(
+        default_factory=ScheduleConfig, description="the order of the peers' updates in a batch"
+    )
 
     def peer_optimizer(self, i: int) -> OptimizerConfig:
         return self.peers[i].optimizer or self.optimizer

@@ -11,7 +11,7 @@ import pytest
 
 from mutualkd.config import Recipe, apply_overrides, load_recipe, parse_recipe, read_toml
 from mutualkd.errors import RecipeError, UserError
-from _helpers import QUICKSTART
+from _helpers import QUICKSTART, REPO
 
 FILE = "my_recipe.toml"
 
@@ -367,3 +367,122 @@ def test_peer_count_checked_against_strategy(base):
     with pytest.raises(RecipeError) as ei:
         resolve_strategy(parse_recipe(d, file=FILE), FILE)
     assert ei.value.field == "peers" and "at least 2" in str(ei.value)
+
+
+# --------------------------------------------------------------------------- the recipe reference
+
+REFERENCE = REPO / "docs" / "recipes.md"
+
+
+def _models() -> list[type]:
+    from mutualkd import config
+
+    return [config.Recipe, config.RunConfig, config.DataConfig, config.PeerConfig, config.OptimizerConfig,
+            config.SchedulerConfig, config.StrategyConfig, config.ScheduleConfig]
+
+
+def _repo_distributions() -> set[str]:
+    """mutualkd and the example plugin distributions of plugins/: what `make install` installs."""
+    names = {"mutualkd"}
+    for p in (REPO / "plugins").glob("mutualkd-*/pyproject.toml"):
+        names.add(tomllib.loads(p.read_text(encoding="utf-8"))["project"]["name"])
+    return names
+
+
+@pytest.mark.parametrize("model", _models(), ids=lambda m: m.__name__)
+def test_every_recipe_key_is_described(model):
+    undescribed = [k for k, f in model.model_fields.items() if not (f.description or "").strip()]
+    assert not undescribed, f"{model.__name__}: add Field(description=...) to {undescribed}"
+
+
+def test_reference_is_up_to_date():
+    from mutualkd.recipe_doc import REGENERATE, render_reference
+
+    expected = render_reference(_repo_distributions())
+    assert REFERENCE.is_file(), f"docs/recipes.md is missing; write it with `{REGENERATE}`"
+    assert REFERENCE.read_text(encoding="utf-8") == expected, (
+        f"docs/recipes.md is out of date with the recipe models; regenerate it with `{REGENERATE}` (make reference)"
+    )
+
+
+def test_reference_names_every_section_key_and_strategy_parameter():
+    from mutualkd import get_strategy, registry
+    from mutualkd.config import Recipe
+
+    text = REFERENCE.read_text(encoding="utf-8")
+    for section, info in Recipe.model_fields.items():
+        assert f"### `[[{section}]]`" in text or f"### `[{section}]`" in text, section
+    for model in _models()[1:]:
+        for key in model.model_fields:
+            assert f"| `{key}` |" in text, f"{model.__name__}.{key}"
+    builtins = [i.name for i in registry.infos(load=False) if i.kind == "strategy" and i.distribution == "mutualkd"]
+    assert {"independent", "kl_dml", "ie_kd", "ie_dml"} <= set(builtins)
+    for name in builtins:
+        section = text.split(f"### `{name}`", 1)[1].split("\n### ", 1)[0]
+        for key, field in get_strategy(name).Params.model_fields.items():
+            assert f"| `{key}` |" in section, f"{name}: {key}"
+            if field.description:
+                assert field.description in section
+
+
+def test_reference_rows_read_the_models():
+    from mutualkd.config import DataConfig, OptimizerConfig, PeerConfig, RunConfig
+    from mutualkd.recipe_doc import key_docs
+
+    run = {d.key: d for d in key_docs(RunConfig)}
+    assert (run["epochs"].type, run["epochs"].default) == ("integer > 0", "1")
+    assert (run["max_steps"].type, run["max_steps"].default) == ("integer > 0", "unset")
+    assert run["mixed_precision"].type == 'one of "no", "bf16", "fp16"'
+    assert run["block_plugins"].type == "array of string (length >= 1)"
+    assert run["name"].default == '"run"' and run["progress"].default == "true"
+    opt = {d.key: d for d in key_docs(OptimizerConfig)}
+    assert opt["momentum"].type == "float >= 0, < 1" and opt["betas"].default == "[0.9, 0.999]"
+    peer = {d.key: d for d in key_docs(PeerConfig)}
+    assert peer["model"].default == "required" and peer["kwargs"].default == "{}"
+    assert peer["optimizer"].type == "table (the keys of [optimizer])"
+    assert {d.key: d for d in key_docs(DataConfig)}["train_subset"].description.startswith("train on a class")
+
+
+def test_reference_check_mode_fails_on_a_stale_page(tmp_path):
+    from mutualkd.recipe_doc import main
+
+    page = tmp_path / "recipes.md"
+    assert main([str(page), "--distribution", "mutualkd"]) == 0
+    assert "| `epochs` |" in page.read_text(encoding="utf-8")
+    assert main([str(page), "--check", "--distribution", "mutualkd"]) == 0
+    page.write_text(page.read_text(encoding="utf-8").replace("| `epochs` |", "| `epochz` |"), encoding="utf-8")
+    assert main([str(page), "--check", "--distribution", "mutualkd"]) == 1
+    assert main([str(tmp_path / "absent.md"), "--check"]) == 1
+
+
+def test_explain_marks_what_the_recipe_sets(base):
+    from mutualkd.engine import resolve_strategy
+    from mutualkd.recipe_doc import explain
+
+    d = copy.deepcopy(base)
+    d["peers"][0]["optimizer"] = {"lr": 0.01}
+    recipe = parse_recipe(d, file=FILE)
+    _, params = resolve_strategy(recipe, FILE)
+    rows = {r.key: r for r in explain(recipe, params)}
+    assert (rows["peers[0].optimizer.lr"].value, rows["peers[0].optimizer.lr"].source) == ("0.01", "recipe")
+    assert (rows["peers[0].optimizer.momentum"].value, rows["peers[0].optimizer.momentum"].source) == ("0.9", "default")
+    assert rows["peers[1].optimizer"].value == "the shared [optimizer]"
+    assert rows["strategy.weight"].source == "recipe" and rows["strategy.reduction"].source == "default"
+    assert rows["schedule.mode"].source == "recipe" and rows["run.compile"].source == "default"
+    assert list(rows)[0] == "run.name" and list(rows)[-1] == "schedule.mode"
+
+
+def test_explain_flattens_a_default_table_of_a_strategy_as_defaults(base):
+    """ie_kd's ae_optimizer default is built with keyword arguments; it is still a default."""
+    from mutualkd import get_strategy
+    from mutualkd.recipe_doc import explain
+
+    d = copy.deepcopy(base)
+    d["peers"] = d["peers"][:1]
+    d["strategy"] = {"name": "ie_kd", "teacher": "runs/t"}
+    recipe = parse_recipe(d, file=FILE)
+    rows = {r.key: r for r in explain(recipe, get_strategy("ie_kd").Params.model_validate(recipe.strategy.params))}
+    assert (rows["strategy.teacher"].value, rows["strategy.teacher"].source) == ('"runs/t"', "recipe")
+    assert (rows["strategy.ae_optimizer.nesterov"].value, rows["strategy.ae_optimizer.nesterov"].source) == (
+        "false", "default")
+    assert rows["strategy.ae_epochs"].source == "default"

@@ -1,4 +1,4 @@
-"""The wheel: entry points of the built-in plugins, package layout, py.typed.
+"""The wheel: entry points of the built-in plugins, package layout, py.typed, dependencies.
 
 The wheel is built from a copy of the sources in a temporary folder, so the build leaves
 nothing (build/, *.egg-info) in the working tree.
@@ -7,13 +7,16 @@ nothing (build/, *.egg-info) in the working tree.
 from __future__ import annotations
 
 import configparser
+from importlib import metadata
 from pathlib import Path
+import re
 import shutil
 import subprocess
 import sys
 import zipfile
 
 import pytest
+from packaging.requirements import Requirement
 
 from _helpers import REPO, subprocess_env
 
@@ -96,7 +99,10 @@ def test_layout(names):
     for module in (
         "mutualkd/__init__.py",
         "mutualkd/cli.py",
-        "mutualkd/engine.py",
+        "mutualkd/engine/__init__.py",
+        "mutualkd/report/__init__.py",
+        "mutualkd/testing/__init__.py",
+        "mutualkd/recipe_doc.py",
         "mutualkd/models/__init__.py",
         "mutualkd/data/__init__.py",
         "mutualkd_builtins/__init__.py",
@@ -128,3 +134,69 @@ def test_every_source_module_is_packaged(names):
 def test_metadata(wheel, names):
     meta = _dist_info_file(wheel, names, "METADATA")
     assert "Name: mutualkd" in meta and "Requires-Dist: timm" in meta
+
+
+def _installed_requires(wheel: Path, names: list[str], tmp_path: Path) -> list[Requirement]:
+    """``importlib.metadata.requires("mutualkd")`` as an install of this wheel answers it."""
+    info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(tmp_path, members=[n for n in names if n.startswith(f"{info}/")])
+    dist = metadata.PathDistribution(tmp_path / info)
+    assert dist.metadata["Name"] == "mutualkd"
+    return [Requirement(r) for r in dist.requires or []]
+
+
+def test_dependencies_have_floors_and_no_caps(wheel, names, tmp_path):
+    """A user with a newer torch can install mutualkd: the tested releases are pinned only
+    for development (constraints/dev.txt), never in the package's metadata."""
+    reqs = {r.name: r for r in _installed_requires(wheel, names, tmp_path) if r.marker is None}
+    for name in ("torch", "torchvision", "timm"):
+        spec = reqs[name].specifier
+        assert spec, f"{name} has no floor"
+        assert all(s.operator == ">=" for s in spec), f"{name}: {spec} caps the release (only >= floors belong here)"
+        assert not spec.contains("0.0.1"), f"{name}: {spec} has no floor"
+    for future in ("2.15.0", "3.0"):
+        assert reqs["torch"].specifier.contains(future), f"torch {future} is refused by {reqs['torch'].specifier}"
+    assert reqs["torchvision"].specifier.contains("0.30.0")
+
+
+def test_timm_floor_has_the_names_the_code_imports(wheel, names, tmp_path):
+    """timm.layers.get_device_dtype, used by the CIFAR models, first shipped in timm 1.0.29."""
+    reqs = {r.name: r for r in _installed_requires(wheel, names, tmp_path)}
+    assert not reqs["timm"].specifier.contains("1.0.28") and reqs["timm"].specifier.contains("1.0.29")
+    assert "get_device_dtype" in (REPO / "mutualkd" / "models" / "_common.py").read_text(encoding="utf-8")
+
+
+def test_python_floor_has_tomllib(wheel, names):
+    """mutualkd reads recipes with tomllib, new in Python 3.11."""
+    meta = _dist_info_file(wheel, names, "METADATA")
+    floor = re.search(r"^Requires-Python: (.+)$", meta, re.M)
+    assert floor is not None and floor.group(1).strip() == ">=3.11", meta[:500]
+
+
+def test_dev_constraints_pin_the_tested_torch():
+    """constraints/dev.txt pins what development and CI install, on its own (no site-wide pip
+    configuration is needed), and the Makefile hands it to pip."""
+    pins = {}
+    for line in (REPO / "constraints" / "dev.txt").read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            r = Requirement(line)
+            pins[r.name] = str(r.specifier)
+    assert pins["torch"] == "==2.14.1" and pins["torchvision"] == "==0.29.1"
+    makefile = (REPO / "Makefile").read_text(encoding="utf-8")
+    assert "CONSTRAINTS := constraints/dev.txt" in makefile and "pip install --quiet -c $(CONSTRAINTS)" in makefile
+
+
+def test_packages_list_every_subpackage():
+    """Every folder of mutualkd/ with an __init__.py is in [tool.setuptools] packages."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(p.parent.relative_to(REPO).parts)
+        for p in (REPO / "mutualkd").rglob("__init__.py")
+        if "__pycache__" not in p.parts
+    }
+    assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
+    assert {"mutualkd.engine", "mutualkd.testing", "mutualkd.report", "mutualkd.models", "mutualkd.data"} <= listed

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import json
 import math
 from pathlib import Path
+import re
 import tomllib
 from typing import Any
 
@@ -106,10 +107,50 @@ def _check_run(tr: Trainer, max_steps: int) -> list[dict[str, Any]]:
     return recs
 
 
+#: The recipes that stay at the top of recipes/ (the README and the docs start from them).
+TOP_LEVEL = {"quickstart.toml", "ie_dml_wrn.toml"}
+
+
 def test_recipes_found():
     names = {p.name for p in RECIPE_FILES}
     assert "quickstart.toml" in names
     assert len(RECIPE_FILES) >= 1
+    found = {p.relative_to(RECIPES).as_posix() for p in RECIPE_FILES}
+    assert {"fashion_mnist/ie_dml.toml", "cifar10/ie_kd_resnet56_resnet20.toml", "cifar10/resnet56_teacher.toml"} <= found
+
+
+@pytest.mark.parametrize("path", RECIPE_FILES, ids=[str(p.relative_to(RECIPES)) for p in RECIPE_FILES])
+def test_recipe_sits_in_the_folder_of_its_data_set(path: Path):
+    rel = path.relative_to(RECIPES)
+    if len(rel.parts) == 1:
+        assert rel.name in TOP_LEVEL, f"move {rel} into recipes/<data set>/ (only {sorted(TOP_LEVEL)} stay on top)"
+        return
+    dataset = _raw(path).get("data", {}).get("dataset", "digits")
+    assert len(rel.parts) == 2 and rel.parts[0] == dataset, f"{rel} trains on {dataset}: put it in recipes/{dataset}/"
+
+
+def test_one_recipe_per_set_up():
+    """A set-up is a data set with a strategy; two recipes of one set-up are a duplicate to merge."""
+    seen: dict[tuple[str, str], Path] = {}
+    for path in RECIPE_FILES:
+        raw = _raw(path)
+        key = (raw.get("data", {}).get("dataset", "digits"), raw.get("strategy", {}).get("name", "kl_dml"))
+        assert key not in seen, f"{path.relative_to(RECIPES)} and {seen[key].relative_to(RECIPES)} are both {key}"
+        seen[key] = path
+
+
+def test_recipe_paths_named_in_the_docs_exist():
+    """Every recipes/... path the README, CONTRIBUTING, docs/, scripts/ and benchmarks/ name is a file."""
+    repo = RECIPES.parent
+    files = [repo / "README.md", repo / "CONTRIBUTING.md", repo / "Makefile", *RECIPES.glob("**/*.toml")]
+    for folder in ("docs", "scripts", "benchmarks"):
+        files += [p for p in (repo / folder).glob("**/*") if p.is_file() and p.suffix in (".md", ".sh", ".py", ".toml")]
+    missing = []
+    for f in files:
+        for ref in re.findall(r"recipes/[\w./-]+\.toml", f.read_text(encoding="utf-8", errors="replace")):
+            if not (repo / ref).is_file():
+                missing.append(f"{f.relative_to(repo)}: {ref}")
+    assert not missing, missing
 
 
 @pytest.mark.parametrize("path", RECIPE_FILES, ids=[str(p.relative_to(RECIPES)) for p in RECIPE_FILES])
