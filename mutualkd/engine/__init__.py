@@ -7,6 +7,7 @@ Modules, in the order a run uses them:
 * :mod:`.precision` -- autocast, loss scaling, backward and optimizer steps;
 * :mod:`.step` -- one batch: the forward cache, the summed terms, one backward path;
 * :mod:`.evaluate` -- top-1 of the peers and their ensemble;
+* :mod:`.signals` -- SIGINT / SIGTERM as a request to stop after the batch;
 * :mod:`.hooks` -- the callback protocol and the engine's own logging, progress and checkpoints;
 * :mod:`.trainer` -- the Trainer and its fit loop.
 """
@@ -16,7 +17,8 @@ from mutualkd.engine.hooks import Callback
 from mutualkd.engine.precision import Precision
 from mutualkd.engine.state import History, Position, resume_folder
 from mutualkd.engine.step import StepResult
-from mutualkd.engine.trainer import EpochClock, RunInterrupted, Trainer
+from mutualkd.engine.signals import RunInterrupted
+from mutualkd.engine.trainer import EpochClock, Trainer
 
 __all__ = [
     "Trainer",

@@ -14,8 +14,6 @@ import json
 import os
 from pathlib import Path
 import random
-import signal
-import contextlib
 import time
 from typing import Any
 
@@ -31,6 +29,7 @@ from mutualkd.engine.build import Unit, build_run
 from mutualkd.engine.evaluate import evaluate
 from mutualkd.engine.hooks import Callback, CallbackList, Checkpointing, ConsoleLog, MetricsLog, ProgressBar
 from mutualkd.engine.precision import Precision, launcher_precision
+from mutualkd.engine.signals import RunInterrupted, StopRequest
 from mutualkd.engine.state import History, Position, RunFolder
 from mutualkd.engine.step import BatchStep, StagePlan, StepResult, plan_stage
 from mutualkd.errors import CheckpointError, RecipeError
@@ -38,16 +37,6 @@ from mutualkd.runlog import MetricsWriter, atomic_write_text, console, dump_toml
 from mutualkd.strategy import Stage
 
 __all__ = ["Trainer", "RunInterrupted", "EpochClock"]
-
-
-class RunInterrupted(Exception):
-    """Raised after SIGINT/SIGTERM once the current batch finished and a checkpoint was written."""
-
-    def __init__(self, signum: int, run_dir: Path | None) -> None:
-        super().__init__(f"interrupted by signal {signum}")
-        self.signum = signum
-        self.run_dir = run_dir
-        self.exit_code = 128 + signum
 
 
 class EpochClock:
@@ -131,7 +120,7 @@ class Trainer:
         self.last_forward_passes = 0
         self._epoch_sums: dict[str, Tensor] = {}  # per-term sums over the epoch, kept on the device
         self._epoch_count = 0
-        self._stop_signal: int | None = None
+        self._stop = StopRequest()
 
         # --- the run folder: refuse to touch an existing run unless resuming it
         self.folder = RunFolder(recipe, acc, resume)
@@ -166,17 +155,16 @@ class Trainer:
             atomic_write_text(self.run_dir / "recipe.toml", dump_toml(self.folder.recipe_dict))
         acc.wait_for_everyone()
 
-        old_handlers = self._install_signal_handlers()
         summary: dict[str, Any] | None = None
         try:
-            self.callbacks.on_fit_start(self)
-            self._run_stages()
+            with self._stop.installed():
+                self.callbacks.on_fit_start(self)
+                self._run_stages()
             summary = self._summary()
             if self.is_main:
                 atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
         finally:
             self.callbacks.on_fit_end(self, summary)
-            self._restore_signal_handlers(old_handlers)
             self.writer.close()
         acc.wait_for_everyone()
         return summary
@@ -208,9 +196,9 @@ class Trainer:
                     pos.global_step += 1
                     self.clock.images += x.shape[0] * world
                     self.callbacks.on_batch_end(self, result)  # step log, progress, mid-epoch checkpoints
-                    if self._stop_signal is not None:
+                    if self._stop.signum is not None:
                         self.save_checkpoint("step")
-                        raise RunInterrupted(self._stop_signal, self.run_dir)
+                        raise RunInterrupted(self._stop.signum, self.run_dir)
                     if run.max_steps is not None and pos.global_step >= run.max_steps:
                         break
                 # --- epoch end: evaluation, the epoch record, its checkpoints
@@ -407,21 +395,3 @@ class Trainer:
         else:
             torch.backends.cudnn.benchmark = True
         set_seed(run.seed)
-
-    def _install_signal_handlers(self) -> dict[int, Any]:
-        old: dict[int, Any] = {}
-
-        def handler(signum: int, frame: Any) -> None:
-            if self._stop_signal is not None:  # a second signal: stop now
-                raise KeyboardInterrupt
-            self._stop_signal = signum
-
-        with contextlib.suppress(ValueError):  # not in the main thread
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                old[sig] = signal.signal(sig, handler)
-        return old
-
-    @staticmethod
-    def _restore_signal_handlers(old: Mapping[int, Any]) -> None:
-        for sig, h in old.items():
-            signal.signal(sig, h)
