@@ -64,7 +64,6 @@ __all__ = [
 _EXPORTS: dict[str, str] = {
     "Recipe": "mutualkd.config",
     "load_recipe": "mutualkd.config",
-    "registry": "mutualkd.registry",
     "get_strategy": "mutualkd.registry",
     "get_metric": "mutualkd.registry",
     **dict.fromkeys(("UserError", "RecipeError", "DataError", "PluginError", "CheckpointError"), "mutualkd.errors"),
@@ -74,8 +73,6 @@ _EXPORTS: dict[str, str] = {
         "mutualkd.strategy",
     ),
 }
-#: Modules that took over from an older one: the older one serves until the newer exists.
-_FALLBACKS: dict[str, str] = {"mutualkd.registry": "mutualkd._registry"}
 
 
 def _version() -> str:
@@ -88,27 +85,13 @@ def _version() -> str:
         return "0+unknown"
 
 
-def _import(module: str) -> ModuleType:
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name != module or module not in _FALLBACKS:
-            raise
-        return importlib.import_module(_FALLBACKS[module])
-
-
 def __getattr__(name: str) -> Any:
     if name == "__version__":
         value: Any = _version()
-    elif name == "models":
-        value = importlib.import_module("mutualkd.models")
-    elif name == "registry":
-        # The public registry is the module mutualkd.registry itself; its predecessor
-        # mutualkd._registry held it as an object of that name.
-        module = _import(_EXPORTS[name])
-        value = module if module.__name__ == "mutualkd.registry" else module.registry
+    elif name in ("models", "registry"):  # submodules: the registry is the module itself
+        value = importlib.import_module(f"mutualkd.{name}")
     elif name in _EXPORTS:
-        value = getattr(_import(_EXPORTS[name]), name)
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
     else:
         raise AttributeError(f"module 'mutualkd' has no attribute {name!r}")
     globals()[name] = value  # later accesses skip this function
