@@ -1,8 +1,8 @@
 """Where the engine's training step spends its time, next to the hand-written loop's.
 
-Builds one benchmark case (see bench_engine.py), then calls the engine's batch step
-(``trainer._train_batch``, without ``fit()`` around it) and the hand-written loop
-alternately on the same batches, and prints:
+Builds one benchmark case (see cases.py), then calls the engine's training step
+(``trainer.train_step``, without ``fit()`` around it) and the hand-written loop
+(reference.py) alternately on the same batches, and prints:
 
 * the median wall time per batch of each, and the median of the per-batch ratios;
 * with ``--profile``: a cProfile of ``--batches`` steps of each, as the functions whose
@@ -16,31 +16,27 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import importlib.util
 from pathlib import Path
 import pstats
 import statistics
 import sys
 import tempfile
 import time
-from typing import Any
 
 import torch
 
+# The sibling modules, also when this file is loaded by path (tests).
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
 
-def _bench() -> Any:
-    spec = importlib.util.spec_from_file_location("bench_engine", Path(__file__).with_name("bench_engine.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from cases import CASES, Settings, build_trainer  # noqa: E402
+from reference import clone_modules, loop_for  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    B = _bench()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--case", default="ie_dml_alt_n2", choices=[c.name for c in B.CASES])
+    p.add_argument("--case", default="ie_dml_alt_n2", choices=[c.name for c in CASES])
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--batches", type=int, default=60, help="steps of each implementation")
     p.add_argument("--batch-size", type=int, default=32)
@@ -49,20 +45,18 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    case = next(c for c in B.CASES if c.name == a.case)
-    s = B.Settings(batch_size=a.batch_size, warmup=1, steps=1, repeats=1)
+    case = next(c for c in CASES if c.name == a.case)
+    s = Settings(batch_size=a.batch_size, warmup=1, steps=1, repeats=1)
     with tempfile.TemporaryDirectory(prefix="mkd-profile-") as work:
-        trainer = B.build_trainer(case, s, Path(work))
-        hand = B.clone_modules(trainer)
-        stage = trainer.stages[0]
-        steps, grad_from, updated_units = trainer._stage_plan(stage)
-        trainer._set_train_mode(updated_units)
-        fn = B.loop_for(case, "hand")
+        trainer = build_trainer(case, s, Path(work))
+        hand = clone_modules(trainer)
+        fn = loop_for(case, "hand")
         batches = iter(trainer.train_loader)
         data = [next(batches) for _ in range(4)]
 
         def engine(i: int) -> None:
-            trainer._train_batch(stage, steps, grad_from, *data[i % len(data)])
+            # One batch of the first stage: train/eval modes, steps, finiteness check, epoch sums.
+            trainer.train_step(*data[i % len(data)])
 
         def loop(i: int) -> None:
             fn(hand, *data[i % len(data)])

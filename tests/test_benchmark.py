@@ -1,4 +1,5 @@
-"""The benchmark (benchmarks/bench_engine.py) and the engine's speed knobs on CPU.
+"""The benchmark (benchmarks/: cases, reference loops, measuring, rounds, bench_engine.py) and
+the engine's speed knobs on CPU.
 
 * The three implementations the benchmark compares run the passes it claims: the engine
   and the hand-written loops the minimum (KL-DML alternating 2N-1, simultaneous N, IE-DML
@@ -9,7 +10,8 @@
   loss scaling, one scale update per iteration), ``run.channels_last``, ``run.compile``,
   cuDNN autotuning unless ``run.deterministic``.
 
-Runs are tiny (digits at 8x8, batch 8, one or two steps). No timing is asserted.
+Runs are tiny (digits at 8x8, batch 8, one or two steps). No timing is asserted. Everything
+goes through the engine's public API (callbacks, ``train_step``, ``unwrapped``, ``precision``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import pytest
 import torch
 from torch import nn
 
+from mutualkd.data import BatchLoader, Split
+from mutualkd.engine import Callback
 from mutualkd.errors import RecipeError
 from _helpers import make_trainer, read_metrics, step_terms
 
@@ -41,15 +45,20 @@ def _load_bench() -> Any:
     return module
 
 
-bench = _load_bench()
-CASES = {c.name: c for c in bench.CASES}
+bench = _load_bench()  # puts benchmarks/ on sys.path: its sibling modules import by name
+import cases  # noqa: E402
+import measure  # noqa: E402
+import reference  # noqa: E402
+import rounds  # noqa: E402
+
+CASES = {c.name: c for c in cases.CASES}
 
 
 def tiny(**kw: Any) -> Any:
     """Benchmark settings for a test: digits at their native 8x8, batch 8, one warm-up and one timed batch."""
     base = dict(batch_size=8, image_size=8, warmup=1, steps=1, repeats=1)
     base.update(kw)
-    return bench.Settings(**base)
+    return cases.Settings(**base)
 
 
 @pytest.fixture(autouse=True)
@@ -81,7 +90,7 @@ def _finite_terms(run_dir: Path) -> list[dict[str, float]]:
 
 
 def test_forward_pass_formulas() -> None:
-    n = {c: (bench.min_forwards(CASES[c]), bench.naive_forwards(CASES[c])) for c in CASES}
+    n = {c: (cases.min_forwards(CASES[c]), cases.naive_forwards(CASES[c])) for c in CASES}
     assert n == {
         "kl_dml_alt_n2": (3, 4),
         "kl_dml_alt_n3": (5, 9),
@@ -94,12 +103,12 @@ def test_forward_pass_formulas() -> None:
 @pytest.mark.parametrize("name", list(CASES))
 def test_forward_passes_per_batch(name: str, tmp_path: Path) -> None:
     case = CASES[name]
-    result = bench.run_case(case, tiny(), tmp_path, log=lambda _: None)
+    result = rounds.run_case(case, tiny(), tmp_path, log=lambda _: None)
     impls = result["impls"]
-    assert impls["engine"]["forwards_per_batch"] == bench.min_forwards(case)
-    assert impls["engine"]["forwards_per_batch_engine_count"] == bench.min_forwards(case)  # trainer.last_forward_passes
-    assert impls["hand"]["forwards_per_batch"] == bench.min_forwards(case)
-    assert impls["naive"]["forwards_per_batch"] == bench.naive_forwards(case)
+    assert impls["engine"]["forwards_per_batch"] == cases.min_forwards(case)
+    assert impls["engine"]["forwards_per_batch_engine_count"] == cases.min_forwards(case)  # trainer.last_forward_passes
+    assert impls["hand"]["forwards_per_batch"] == cases.min_forwards(case)
+    assert impls["naive"]["forwards_per_batch"] == cases.naive_forwards(case)
     for v in impls.values():
         assert v["images_per_s"] > 0 and 0 <= v["data_wait_share"] < 1
 
@@ -108,14 +117,12 @@ def test_rounds_interleave_the_same_batches(tmp_path: Path, monkeypatch: pytest.
     """Round by round, the engine's window and then each loop's, over one engine epoch,
     every implementation seeing the same batches in the same order."""
     seen: list[tuple[str, list[int]]] = []
-    inner = bench.Trainer._train_batch
 
-    def engine_batch(self: Any, stage: Any, steps: Any, grad_from: Any, x: torch.Tensor, y: torch.Tensor) -> Any:
-        seen.append(("engine", y.tolist()))
-        return inner(self, stage, steps, grad_from, x, y)
+    class EngineBatches(Callback):
+        def on_batch_start(self, trainer: Any, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+            seen.append(("engine", labels.tolist()))
 
-    monkeypatch.setattr(bench.Trainer, "_train_batch", engine_batch)
-    loop_for = bench.loop_for
+    loop_for = rounds.loop_for
 
     def recording_loop_for(case: Any, impl: str) -> Any:
         fn = loop_for(case, impl)
@@ -126,10 +133,13 @@ def test_rounds_interleave_the_same_batches(tmp_path: Path, monkeypatch: pytest.
 
         return loop_batch
 
-    monkeypatch.setattr(bench, "loop_for", recording_loop_for)
+    monkeypatch.setattr(rounds, "loop_for", recording_loop_for)
     s = tiny(warmup=1, steps=2, repeats=3)
-    result = bench.run_case(CASES["kl_dml_alt_n2"], s, tmp_path, log=lambda _: None)
+    result = rounds.run_case(CASES["kl_dml_alt_n2"], s, tmp_path, log=lambda _: None, callbacks=[EngineBatches()])
     assert {impl: len(ws) for impl, ws in result["windows"].items()} == {"engine": 3, "hand": 3, "naive": 3}
+    for ws in result["windows"].values():
+        assert all(w["batches"] == 2 and w["images"] == 2 * s.batch_size for w in ws)
+        assert all(0 < w["step_seconds"] <= w["seconds"] for w in ws)
     assert len(result["paired"]["hand"]["rounds"]) == 3
     timing = seen[: 3 * (1 + 2 * 3)]  # then the memory windows
     who = [impl for impl, _ in timing]
@@ -144,21 +154,21 @@ def test_rounds_interleave_the_same_batches(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_a_plan_longer_than_an_epoch_is_refused(tmp_path: Path) -> None:
-    trainer = bench.build_trainer(CASES["kl_dml_alt_n2"], tiny(), tmp_path)
+    trainer = cases.build_trainer(CASES["kl_dml_alt_n2"], tiny(), tmp_path)
     n = len(trainer.train_loader)
     with pytest.raises(SystemExit, match=f"do not fit in one epoch \\({n} batches"):
-        bench.EngineRunner(trainer).run([1, n], lambda i: None)
+        measure.EngineRunner(trainer).run([1, n], lambda i: None)
 
 
 def test_paired_ratios_take_the_median_of_rounds() -> None:
     def w(seconds: float, batches: int = 2) -> Any:
-        return bench.Window(seconds=seconds, cpu_seconds=seconds / 2, batches=batches, images=8 * batches)
+        return measure.Window(seconds=seconds, cpu_seconds=seconds / 2, batches=batches, images=8 * batches)
 
     windows = {"engine": [w(1.0), w(2.0), w(1.0)], "hand": [w(1.0), w(1.8), w(5.0)]}
-    got = bench.paired_ratios(windows)
+    got = measure.paired_ratios(windows)
     assert got["hand"]["rounds"] == pytest.approx([1.0, 0.9, 5.0])
     assert got["hand"]["median"] == pytest.approx(1.0)  # the outlier round does not move it
-    assert bench.paired_ratios({"hand": windows["hand"]}) == {}
+    assert measure.paired_ratios({"hand": windows["hand"]}) == {}
 
 
 def _params(m: nn.Module) -> list[torch.Tensor]:
@@ -170,36 +180,38 @@ def test_hand_written_loop_matches_the_engine(name: str, tmp_path: Path) -> None
     """Same weights, same batch, one update: the hand-written loop lands where the engine does."""
     case = CASES[name]
     s = tiny()
-    trainer = bench.build_trainer(case, s, tmp_path)
-    hand = bench.clone_modules(trainer)
+    trainer = cases.build_trainer(case, s, tmp_path)
+    hand = reference.clone_modules(trainer)
     before = [_params(p) for p in hand.peers]
-    split = bench.Split(trainer.train_loader.images, trainer.train_loader.labels)
-    loader = bench.BatchLoader(split, trainer.info, batch_size=s.batch_size, device="cpu", train=True,
-                               augment=True, seed=s.seed)
-    bench.EngineRunner(trainer).run([1], lambda i: None)
-    bench.LoopRunner("hand", bench.loop_for(case, "hand"), hand, loader, torch.device("cpu"),
-                     bench._no_amp, None).window(1)
-    for i, (engine_peer, hand_peer) in enumerate(zip(trainer.peer_modules, hand.peers)):
-        e, h = _params(engine_peer), _params(hand_peer)
+    split = Split(trainer.train_loader.images, trainer.train_loader.labels)
+    loader = BatchLoader(split, trainer.info, batch_size=s.batch_size, device="cpu", train=True,
+                         augment=True, seed=s.seed)
+    measure.EngineRunner(trainer).run([1], lambda i: None)
+    measure.LoopRunner("hand", reference.loop_for(case, "hand"), hand, loader, torch.device("cpu"),
+                       reference.no_amp, None).window(1)
+    names = trainer.peer_names
+    for i, (name, hand_peer) in enumerate(zip(names, hand.peers)):
+        e, h = _params(trainer.unwrapped(name)), _params(hand_peer)
         assert any(not torch.equal(a, b) for a, b in zip(h, before[i])), "the hand loop did not update peer"
         for a, b in zip(e, h):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    names = trainer.peer_names
+    assert len(hand.aes) == (len(names) if case.strategy == "ie_dml" else 0)
+    assert len(hand.encs) == (len(names) * (len(names) - 1) if case.strategy == "ie_dml" else 0)
     for i, ae in enumerate(hand.aes):
-        for a, b in zip(_params(trainer.aux[f"{names[i]}.ae"]), _params(ae)):
+        for a, b in zip(_params(trainer.unwrapped(f"{names[i]}.ae")), _params(ae)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     for (si, ti), enc in hand.encs.items():
-        for a, b in zip(_params(trainer.aux[f"{names[si]}.ie.{names[ti]}"]), _params(enc)):
+        for a, b in zip(_params(trainer.unwrapped(f"{names[si]}.ie.{names[ti]}")), _params(enc)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_naive_loop_sends_gradients_into_every_peer(tmp_path: Path) -> None:
     """What makes the naive loop expensive: one peer's loss backpropagates through the others."""
-    trainer = bench.build_trainer(CASES["kl_dml_alt_n2"], tiny(), tmp_path)
-    m = bench.clone_modules(trainer)
+    trainer = cases.build_trainer(CASES["kl_dml_alt_n2"], tiny(), tmp_path)
+    m = reference.clone_modules(trainer)
     x, y = next(iter(trainer.train_loader))
     logits = [p(x)[1] for p in m.peers]
-    bench._naive_kl_loss(logits, 0, y).backward()
+    reference.naive_kl_loss(logits, 0, y).backward()
     assert all(p.grad is not None for p in m.peers[1].parameters() if p.requires_grad)
 
 
@@ -224,8 +236,8 @@ def test_report_tables_and_targets(tmp_path: Path) -> None:
 def test_bf16_autocast_on_cpu(tmp_path: Path, fresh_accelerator: None) -> None:
     trainer = make_trainer(tmp_path, run={"mixed_precision": "bf16", "max_steps": 2}, data={"test_subset": 20})
     dtypes: list[torch.dtype] = []
-    for m in trainer.peer_modules:
-        # Accelerate casts a prepared model's outputs back to float32, so look inside: a convolution.
+    for m in (trainer.unwrapped(n) for n in trainer.peer_names):
+        # Look inside the peer, at a convolution: what runs in bf16, whatever the output dtype.
         conv = next(c for c in m.modules() if isinstance(c, nn.Conv2d))
         conv.register_forward_hook(lambda mod, args, out: dtypes.append(out.dtype) if mod.training else None)
     trainer.fit()
@@ -236,7 +248,7 @@ def test_bf16_autocast_on_cpu(tmp_path: Path, fresh_accelerator: None) -> None:
 def test_channels_last(tmp_path: Path) -> None:
     trainer = make_trainer(tmp_path, run={"channels_last": True, "max_steps": 2}, data={"test_subset": 20})
     layouts: list[bool] = []
-    for m in trainer.peer_modules:
+    for m in (trainer.unwrapped(n) for n in trainer.peer_names):
         m.register_forward_pre_hook(
             lambda mod, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
         )
@@ -258,15 +270,31 @@ def _compile_works() -> str | None:
 
 
 @pytest.mark.slow
-def test_compile(tmp_path: Path) -> None:
+def test_compile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     reason = _compile_works()
     if reason is not None:
         pytest.skip(f"torch.compile does not work on this machine ({reason})")
+    compile_ = torch.compile
+    compiled: list[tuple[nn.Module, nn.Module]] = []  # (argument, compiled wrapper)
+
+    def recording_compile(model: Any, *args: Any, **kwargs: Any) -> Any:
+        wrapper = compile_(model, *args, **kwargs)
+        compiled.append((model, wrapper))
+        return wrapper
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
     trainer = make_trainer(tmp_path, run={"compile": True, "max_steps": 2}, data={"test_subset": 20})
-    assert all(hasattr(m, "_orig_mod") for m in trainer.peer_modules)
+    monkeypatch.setattr(torch, "compile", compile_)
+    # Every peer, and nothing else, went through torch.compile (one device: no DDP around it).
+    assert [model for model, _ in compiled] == [trainer.unwrapped(n) for n in trainer.peer_names]
+    calls = [0]
+    for model, wrapper in compiled:
+        assert isinstance(wrapper, nn.Module) and wrapper is not model
+        wrapper.register_forward_pre_hook(lambda mod, args: calls.__setitem__(0, calls[0] + 1) if mod.training else None)
     trainer.fit()
     _finite_terms(trainer.run_dir)
     assert trainer.last_forward_passes == 3
+    assert calls[0] == 3 * 2  # the training forwards ran through the compiled wrappers
 
 
 class _Counting:
@@ -282,7 +310,7 @@ class _Counting:
 
 
 def _fp16_trainer(tmp_path: Path, **kw: Any) -> Any:
-    """A trainer whose fp16 loss scaling goes through ``trainer.scaler``.
+    """A trainer whose fp16 loss scaling goes through ``trainer.precision.scaler``.
 
     On a GPU that is a real fp16 run. On a CPU the engine refuses fp16 (see
     test_fp16_on_cpu_is_refused), so the run is fp32 with a CPU GradScaler put in the
@@ -291,22 +319,23 @@ def _fp16_trainer(tmp_path: Path, **kw: Any) -> Any:
     run = dict(kw.pop("run", {}))
     if torch.cuda.is_available():
         trainer = make_trainer(tmp_path, run={**run, "mixed_precision": "fp16", "device": "auto"}, **kw)
-        assert trainer.scaler is not None
+        assert trainer.precision.scaler is not None
     else:
         trainer = make_trainer(tmp_path, run=run, **kw)
-        trainer.scaler = torch.amp.GradScaler("cpu")
+        assert trainer.precision.scaler is None
+        trainer.precision.scaler = torch.amp.GradScaler("cpu")
     return trainer
 
 
 def test_fp16_scaler_updates_once_per_iteration(tmp_path: Path, fresh_accelerator: None) -> None:
     k = 3
     trainer = _fp16_trainer(tmp_path, peers=3, mode="alternating", run={"max_steps": k}, data={"test_subset": 20})
-    scaler = trainer.scaler
+    scaler = trainer.precision.scaler
     update, step = _Counting(scaler.update), _Counting(scaler.step)
     scaler.update, scaler.step = update, step  # type: ignore[method-assign]
     trainer.fit()
     _finite_terms(trainer.run_dir)
-    assert trainer.pos.global_step == k
+    assert trainer.position.global_step == k
     assert update.calls == k  # once per iteration, after all three optimizers stepped
     assert step.calls == 3 * k
     assert math.isfinite(scaler.get_scale()) and scaler.get_scale() > 0
