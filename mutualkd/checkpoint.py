@@ -18,15 +18,12 @@ import os
 from pathlib import Path
 import shutil
 import tempfile
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from mutualkd.config import LOGGING_ONLY_FIELDS
 from mutualkd.errors import CheckpointError
-
-if TYPE_CHECKING:
-    from mutualkd.strategy import LoadedModel
 
 __all__ = [
     "MARKER",
@@ -210,11 +207,13 @@ def resolve_checkpoint(path: Path, where: str | None = None) -> Path:
 
 def load_peer_model(
     path: str | Path, peer: str | int, *, num_classes: int, in_chans: int, where: str | None = None
-) -> LoadedModel:
-    """Rebuild peer ``peer`` (name or index) of a saved run and load its weights (eval, frozen)."""
+) -> tuple[torch.nn.Module, str]:
+    """Rebuild peer ``peer`` (name or index) of a saved run and load its weights (eval, frozen).
+
+    Returns the timm model and its architecture name.
+    """
     from mutualkd.errors import unknown_name_hint
     from mutualkd.peers import create_peer
-    from mutualkd.strategy import LoadedModel
 
     folder = resolve_checkpoint(Path(path), where)
     meta = read_meta(folder)
@@ -245,4 +244,4 @@ def load_peer_model(
             hint="the checkpoint is of another architecture; name the right run or peer",
         ) from None
     model.eval().requires_grad_(False)
-    return LoadedModel(model, spec["model"])
+    return model, spec["model"]

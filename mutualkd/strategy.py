@@ -28,7 +28,7 @@ runs the forward pass through whatever wrapper the engine put around it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, get_args
 
@@ -126,30 +126,32 @@ class PeerInfo:
 
 @dataclass
 class SetupContext:
-    """Handed to :meth:`Strategy.setup`: the peers, the data set, and a way to add modules."""
+    """Handed to :meth:`Strategy.setup`: the peers, the data set, and a way to add modules.
+
+    The engine supplies how networks and metrics are found for this run (``load_model``,
+    ``find_metric``); strategies call :meth:`load_peer` and :meth:`metric`.
+    """
 
     peers: Sequence[PeerInfo]
     recipe: Recipe
     dataset: DatasetInfo
     device: torch.device
     recipe_file: str
+    #: ``(path, peer, field) -> LoadedModel``, checked against this run's data set.
+    load_model: Callable[[str, str | int, str], LoadedModel]
+    #: ``(name, field) -> metric``, with the run's ``run.block_plugins`` applied.
+    find_metric: Callable[[str, str], Any]
     _added: list[tuple[str, nn.Module, str, Any, Any, bool]] = field(default_factory=list)
-
-    blocked_plugins: Sequence[str] = ()
 
     def load_peer(self, path: str, peer: str | int, *, field: str = "strategy") -> LoadedModel:
         """A peer network from a checkpoint of an earlier mutualkd run, frozen.
 
         ``path`` is a checkpoint folder or a run folder (its latest complete checkpoint);
         ``peer`` a peer name or index of that run. The model is rebuilt from the run's
-        recorded architecture and checked against this recipe's data set.
+        recorded architecture and checked against this recipe's data set. ``field`` is
+        the recipe key that named it (for error messages).
         """
-        from mutualkd.checkpoint import load_peer_model
-
-        return load_peer_model(
-            path, peer, num_classes=self.dataset.num_classes, in_chans=self.dataset.in_chans,
-            where=f"{self.recipe_file} [{field}]",
-        )
+        return self.load_model(path, peer, field)
 
     def metric(self, name: str, *, field: str) -> Any:
         """The distance metric plugin ``name``, looked up in the registry for this run.
@@ -157,9 +159,7 @@ class SetupContext:
         ``field`` is the recipe key that named it (for the error message). Plugins blocked
         by the recipe's ``run.block_plugins`` are refused for this run only.
         """
-        from mutualkd.registry import get_metric
-
-        return get_metric(name, where=f"{self.recipe_file} [{field}]", blocked=self.blocked_plugins)
+        return self.find_metric(name, field)
 
     def add_module(
         self,

@@ -22,8 +22,9 @@ from mutualkd.data import BatchLoader, DatasetInfo, load_dataset
 from mutualkd.errors import DataError, RecipeError, UserError, close_matches, in_file
 from mutualkd.optim import build_optimizer, build_scheduler
 from mutualkd.peers import PeerModule, create_peer, probe_feature_shape
-from mutualkd.registry import get_strategy
-from mutualkd.strategy import PeerInfo, SetupContext, Stage, Strategy
+from mutualkd.checkpoint import load_peer_model
+from mutualkd.registry import get_metric, get_strategy
+from mutualkd.strategy import LoadedModel, PeerInfo, SetupContext, Stage, Strategy
 
 __all__ = ["Unit", "Slot", "Built", "resolve_strategy", "build_run", "check_recipe"]
 
@@ -146,8 +147,18 @@ def _make_peers(recipe: Recipe, file: str, info: DatasetInfo, feature_map: bool,
 
 def _setup_strategy(strategy: Strategy[Any], recipe: Recipe, file: str, info: DatasetInfo, infos: Sequence[PeerInfo],
                     device: torch.device) -> SetupContext:
+    blocked = tuple(recipe.run.block_plugins or ())
+
+    def load_model(path: str, peer: str | int, field: str) -> LoadedModel:
+        model, name = load_peer_model(path, peer, num_classes=info.num_classes, in_chans=info.in_chans,
+                                      where=f"{file} [{field}]")
+        return LoadedModel(model, name)
+
+    def find_metric(name: str, field: str) -> Any:
+        return get_metric(name, where=f"{file} [{field}]", blocked=blocked)
+
     setup = SetupContext(peers=infos, recipe=recipe, dataset=info, device=device, recipe_file=file,
-                         blocked_plugins=tuple(recipe.run.block_plugins or ()))
+                         load_model=load_model, find_metric=find_metric)
     strategy.setup(setup)
     return setup
 
