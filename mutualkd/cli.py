@@ -148,7 +148,7 @@ def _explain_rows(rec: Recipe, recipe_file: str) -> list[ExplainRow]:
     from mutualkd import get_strategy
     from mutualkd.recipe_doc import explain
 
-    cls = get_strategy(rec.strategy.name, where=f"{recipe_file} [strategy.name]")
+    cls = get_strategy(rec.strategy.name, where=f"{recipe_file} [strategy.name]", blocked=rec.run.block_plugins or ())
     return explain(rec, cls.Params.model_validate(rec.strategy.params))
 
 
@@ -174,8 +174,9 @@ def plugins(
 
     A plugin whose import or validation fails is listed with status "error" and the
     reason; the others keep working. MUTUALKD_DISABLE_PLUGIN_AUTOLOAD=1 switches off
-    every third-party plugin (status "disabled"); --block-plugin NAME, a recipe's
-    run.block_plugins and MUTUALKD_BLOCK_PLUGINS block single ones (status "blocked").
+    every third-party plugin (status "disabled"); --block-plugin NAME and
+    MUTUALKD_BLOCK_PLUGINS block single ones (status "blocked"). A recipe's
+    run.block_plugins applies to that recipe's run only.
     """
     from mutualkd import registry
 
