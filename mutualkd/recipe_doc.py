@@ -23,19 +23,29 @@ from pathlib import Path
 import re
 import sys
 import types
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
-import annotated_types as at
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from mutualkd.config import OptimizerConfig, Recipe, SchedulerConfig
+from mutualkd.config import Recipe
 
-__all__ = ["ExplainRow", "KeyDoc", "explain", "key_docs", "render_reference", "toml_value", "type_text"]
+if TYPE_CHECKING:
+    from mutualkd.registry import PluginInfo
 
-#: Models that are a recipe section of their own: where else they appear, they are named by it.
-_SECTIONS: dict[type[BaseModel], str] = {OptimizerConfig: "[optimizer]", SchedulerConfig: "[scheduler]"}
+__all__ = [
+    "ExplainRow",
+    "KeyDoc",
+    "default_text",
+    "explain",
+    "key_docs",
+    "main",
+    "render_reference",
+    "toml_value",
+    "type_text",
+]
+
 _TOML_TYPES: dict[Any, str] = {int: "integer", float: "float", str: "string", bool: "boolean", Any: "any"}
 REGENERATE = "python -m mutualkd.recipe_doc docs/recipes.md"
 
@@ -82,23 +92,19 @@ def toml_value(value: Any) -> str:
     return str(value)
 
 
+#: annotated-types constraints (pydantic's Gt, Ge, ...), read by their attribute.
+_COMPARISONS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+_LENGTHS = (("min_length", ">="), ("max_length", "<="))
+
+
 def _bounds(metadata: Sequence[Any]) -> list[str]:
     out: list[str] = []
     for m in metadata:
         if isinstance(m, FieldInfo):
             out += _bounds(m.metadata)
-        elif isinstance(m, at.Gt):
-            out.append(f"> {m.gt}")
-        elif isinstance(m, at.Ge):
-            out.append(f">= {m.ge}")
-        elif isinstance(m, at.Lt):
-            out.append(f"< {m.lt}")
-        elif isinstance(m, at.Le):
-            out.append(f"<= {m.le}")
-        elif isinstance(m, at.MinLen):
-            out.append(f"length >= {m.min_length}")
-        elif isinstance(m, at.MaxLen):
-            out.append(f"length <= {m.max_length}")
+            continue
+        out += [f"{op} {getattr(m, attr)}" for attr, op in _COMPARISONS if getattr(m, attr, None) is not None]
+        out += [f"length {op} {getattr(m, attr)}" for attr, op in _LENGTHS if getattr(m, attr, None) is not None]
     return out
 
 
@@ -112,7 +118,8 @@ def type_text(tp: Any, metadata: Sequence[Any] = ()) -> str:
     elif origin is Literal:
         text = "one of " + ", ".join(toml_value(a) for a in args)
     elif origin is list:
-        text = f"array of {type_text(args[0])}"
+        item = type_text(args[0])
+        text = f"array, each {item}" if item.startswith("one of") else f"array of {item}"
     elif origin is tuple:
         text = "array [" + ", ".join(type_text(a) for a in args) + "]"
     elif origin is dict:
@@ -129,6 +136,27 @@ def type_text(tp: Any, metadata: Sequence[Any] = ()) -> str:
     if length:
         text += f" ({', '.join(length)})"
     return text
+
+
+def _model_of(tp: Any) -> tuple[type[BaseModel] | None, bool]:
+    """The model a table field holds (``X``, ``X | None``, ``list[X]``), and whether it is an array of tables."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        models = [m for m, _ in map(_model_of, args) if m is not None]
+        return (models[0] if len(models) == 1 else None), False
+    if origin is list and args:
+        return _model_of(args[0])[0], True
+    return (tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None), False
+
+
+#: Models that are a recipe section of their own, e.g. OptimizerConfig -> "[optimizer]":
+#: where else they appear (a peer's optimizer, ie_kd's ae_optimizer), they are named by it.
+_SECTIONS: dict[type[BaseModel], str] = {
+    model: f"[{name}]"
+    for name, info in Recipe.model_fields.items()
+    for model, many in [_model_of(info.annotation)]
+    if model is not None and not many
+}
 
 
 def _default(info: FieldInfo) -> Any:
@@ -167,21 +195,12 @@ def _key_table(model: type[BaseModel]) -> list[str]:
     return lines
 
 
-def _section_model(info: FieldInfo) -> tuple[type[BaseModel], bool]:
-    """The model of a Recipe field and whether it is an array of tables (``[[peers]]``)."""
-    tp = info.annotation
-    if get_origin(tp) is list:
-        return get_args(tp)[0], True
-    assert isinstance(tp, type) and issubclass(tp, BaseModel)
-    return tp, False
-
-
 def _markdown(doc: str | None) -> str:
     """A docstring as Markdown: rST ``code`` becomes `code`."""
     return re.sub(r"``(.+?)``", r"`\1`", inspect.cleandoc(doc or "")).strip()
 
 
-def _strategies(distributions: Collection[str] | None) -> list[Any]:
+def _strategies(distributions: Collection[str] | None) -> list[PluginInfo]:
     """The loadable strategy plugins (entry points only), built-ins first, then by name."""
     from mutualkd import registry
 
@@ -201,7 +220,7 @@ def _peers_text(cls: Any) -> str:
     return f"exactly {lo}" if lo == hi else f"{lo} to {hi}"
 
 
-def _strategy_section(info: Any) -> list[str]:
+def _strategy_section(info: PluginInfo) -> list[str]:
     cls = info.obj
     summary = _markdown(cls.__doc__).split("\n\n")[0].replace("\n", " ")
     lines = [
@@ -242,16 +261,19 @@ def render_reference(distributions: Collection[str] | None = None) -> str:
         "",
     ]
     for name, info in Recipe.model_fields.items():
-        model, many = _section_model(info)
+        model, many = _model_of(info.annotation)
+        assert model is not None, f"Recipe.{name} is not a table"
         header = f"[[{name}]]" if many else f"[{name}]"
-        required = " Required." if info.is_required() else ""
-        lines += [f"### `{header}`", "", f"{_markdown(info.description).capitalize()}.{required}", ""]
+        required = " Required." if info.is_required() else " Optional." if info.default is None else ""
+        purpose = _markdown(info.description)
+        lines += [f"### `{header}`", "", f"{purpose[:1].upper()}{purpose[1:]}.{required}", ""]
         lines += _key_table(model)
         if name == "peers":
+            own = [k for k, f in model.model_fields.items() if _model_of(f.annotation)[0] in _SECTIONS]
             lines += [
                 "",
-                "A peer's own `[peers.optimizer]` and `[peers.scheduler]` tables (written after its `[[peers]]`"
-                " table) take the keys of `[optimizer]` and `[scheduler]`.",
+                "A peer's own " + ", ".join(f"`[peers.{k}]`" for k in own) + " tables (written after its"
+                " `[[peers]]` table) take the keys of " + ", ".join(f"`[{k}]`" for k in own) + ".",
             ]
         if name == "strategy":
             lines += ["", "Every other key is a parameter of the named strategy: see [Strategies](#strategies)."]
@@ -290,20 +312,22 @@ def explain(recipe: Recipe, strategy_params: BaseModel | None = None) -> list[Ex
 
     ``strategy_params`` is the strategy's validated ``Params`` object (its defaults
     filled in); without it the ``[strategy]`` keys are listed as the recipe gives them.
-    A peer without its own optimizer or schedule shows the shared one it uses.
+    A peer without a table of its own (optimizer, schedule, ...) shows the shared one it uses.
     """
     rows: list[ExplainRow] = []
     names = recipe.peer_names()
-    for section in Recipe.model_fields:
+    for section, section_info in Recipe.model_fields.items():
         value = getattr(recipe, section)
-        if section == "peers":
+        if value is None:  # an optional section the recipe leaves out
+            rows.append(ExplainRow(section, "unset", "default", section_info.description or ""))
+        elif section == "peers":
             for i, peer in enumerate(value):
                 for row in _rows(f"peers[{i}]", peer):
-                    if row.key.endswith(".name") and peer.name is None:
+                    field = row.key.rsplit(".", 1)[1]
+                    if field == "name" and peer.name is None:
                         row = ExplainRow(row.key, toml_value(names[i]), "default", row.description)
-                    elif row.value == "unset" and row.key.rsplit(".", 1)[1] in ("optimizer", "scheduler"):
-                        shared = row.key.rsplit(".", 1)[1]
-                        row = ExplainRow(row.key, f"the shared [{shared}]", "default", row.description)
+                    elif row.value == "unset" and f"[{field}]" in _SECTIONS.values() and getattr(recipe, field):
+                        row = ExplainRow(row.key, f"the shared [{field}]", "default", row.description)
                     rows.append(row)
         elif section == "strategy":
             rows.extend(_rows("strategy", value))
