@@ -80,8 +80,13 @@ def test_help_is_fast():
 
 @pytest.mark.parametrize(
     "code",
-    ["import mutualkd; import timm", "import timm; import mutualkd", "import mutualkd; import timm.layers; import timm"],
-    ids=["mutualkd-first", "timm-first", "timm-submodule-first"],
+    [
+        "import mutualkd; import timm",
+        "import timm; import mutualkd",
+        "import mutualkd; import timm.layers; import timm",
+        "import mutualkd.models; import timm",  # the hook fires while mutualkd.models imports timm
+    ],
+    ids=["mutualkd-first", "timm-first", "timm-submodule-first", "models-first"],
 )
 def test_import_mutualkd_registers_cifar_models_in_timm(code):
     """`import mutualkd` keeps its promise (timm.create_model("cifar_resnet20")) without importing timm."""
