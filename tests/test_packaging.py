@@ -189,14 +189,15 @@ def test_dev_constraints_pin_the_tested_torch():
 
 
 def test_packages_list_every_subpackage():
-    """Every folder of mutualkd/ with an __init__.py is in [tool.setuptools] packages."""
+    """Every folder of mutualkd/ and plugins/mutualkd_builtins/ with an __init__.py is in
+    [tool.setuptools] packages (a package left out is silently missing from the wheel)."""
     import tomllib
 
     listed = set(tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"])
-    found = {
-        ".".join(p.parent.relative_to(REPO).parts)
-        for p in (REPO / "mutualkd").rglob("__init__.py")
-        if "__pycache__" not in p.parts
-    }
+    found = set()
+    for base, name in ((REPO / "mutualkd", "mutualkd"), (REPO / "plugins" / "mutualkd_builtins", "mutualkd_builtins")):
+        for p in base.rglob("__init__.py"):
+            if "__pycache__" not in p.parts:
+                found.add(".".join((name, *p.parent.relative_to(base).parts)))
     assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
     assert {"mutualkd.engine", "mutualkd.testing", "mutualkd.report", "mutualkd.models", "mutualkd.data"} <= listed
