@@ -1,4 +1,4 @@
-"""The ``mutualkd`` command: run, validate, plugins, report.
+"""The ``mutualkd`` command: run, validate, plugins, report, analyze.
 
 Every error the user can fix is printed as one message (where, what, how to fix) with
 exit code 2, never as a traceback.
@@ -225,6 +225,53 @@ def report(
         make_report(run_dirs, out, console=out_console)
     except UserError as e:
         _fail(e)
+
+
+@app.command()
+def analyze(
+    run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR", help="Finished run folders, e.g. runs/ie_kd-s*/.")],
+    teacher: Annotated[
+        Optional[Path], typer.Option("--teacher", help="Teacher run or checkpoint folder; default: the run's strategy.teacher.")
+    ] = None,
+    teacher_peer: Annotated[
+        Optional[str], typer.Option("--teacher-peer", help="The teacher's peer name or index; default: strategy.teacher_peer.")
+    ] = None,
+    peer: Annotated[str, typer.Option("--peer", help="The student: a peer name or index of each run.")] = "0",
+    best: Annotated[bool, typer.Option("--best", help="Use checkpoints/best instead of the latest checkpoint.")] = False,
+    max_samples: Annotated[
+        Optional[int], typer.Option("--max-samples", min=4, help="Use only the first N test images.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per run, for scripts.")] = False,
+) -> None:
+    """Linear CKA between each run's student and its teacher, feature maps over the whole test split.
+
+    Prints, per run, CKA of the flattened feature maps and of the pooled ones, each biased and
+    debiased (unbiased HSIC), with the test top-1 of both networks (docs/methods.md).
+    """
+    from mutualkd.analyze import analyze_run
+
+    def as_index(v: str) -> str | int:
+        return int(v) if v.isdigit() else v
+
+    rows = []
+    try:
+        for run_dir in run_dirs:
+            rows.append(analyze_run(run_dir, peer=as_index(peer), teacher=teacher,
+                                    teacher_peer=None if teacher_peer is None else as_index(teacher_peer),
+                                    checkpoint=run_dir / "checkpoints" / "best" if best else None, max_samples=max_samples))
+    except UserError as e:
+        _fail(e)
+    if as_json:
+        sys.stdout.write("".join(json.dumps(r.as_dict()) + "\n" for r in rows))
+        return
+    table = Table(title="teacher-student linear CKA on the test split", title_justify="left")
+    for col in ("run", "student", "teacher", "n", "top-1 S / T", "CKA maps", "debiased", "CKA pooled", "debiased"):
+        table.add_column(col, overflow="fold", justify="left" if col in ("run", "student", "teacher") else "right")
+    for r in rows:
+        table.add_row(Text(r.run), Text(f"{r.student} ({r.student_model})"), Text(f"{r.teacher_peer} ({r.teacher_model})"),
+                      str(r.samples), f"{r.student_top1:.2f} / {r.teacher_top1:.2f}", f"{r.cka_maps:.4f}",
+                      f"{r.cka_maps_debiased:.4f}", f"{r.cka_pooled:.4f}", f"{r.cka_pooled_debiased:.4f}")
+    out_console.print(table)
 
 
 def main() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -14,6 +16,7 @@ from mutualkd_builtins.factor import (
     InheritExploreEncoders,
     Paraphraser,
     factor_channels,
+    inheritance_channels,
     reconstruction_loss,
 )
 
@@ -33,7 +36,10 @@ def _feature(c: int = 16, bsz: int = 4, hw: int = 5, seed: int = 0) -> torch.Ten
 def test_factor_channels() -> None:
     assert factor_channels(16) == 8
     assert factor_channels(16, rate=0.25) == 4
-    assert factor_channels(5, rate=0.5) == 3  # halves round up
+    # halves round to even, as the Factor Transfer code's int(round(C * rate))
+    assert factor_channels(5, rate=0.5) == 2
+    assert factor_channels(7, rate=0.5) == 4
+    assert factor_channels(3, rate=0.5) == 2
     assert factor_channels(1, rate=0.1) == 1  # at least one channel
     assert factor_channels(512, fixed=32) == 32
     for bad in (dict(in_channels=0), dict(in_channels=4, rate=0.0), dict(in_channels=4, fixed=0)):
@@ -73,14 +79,33 @@ def test_encoder_input_act_does_not_modify_input() -> None:
     assert torch.equal(f, f_copy)
 
 
-def test_decoder_structure() -> None:
+def test_decoder_structure_mirror_is_the_default() -> None:
     dec = FactorDecoder(8, 16)
+    assert dec.kind == "mirror" and Paraphraser(16).decoder.kind == "mirror"
+    convs = _convs(dec)
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(8, 8), (8, 16), (16, 16)]
+    assert all(c.bias is None for c in convs)
+    assert isinstance(dec.input_act, nn.LeakyReLU) and dec.input_act.negative_slope == pytest.approx(0.1)
+    layers = list(dec.body)
+    assert len(layers) == 9  # three conv -> BN -> LeakyReLU blocks, the last one included
+    for i in range(3):
+        conv, bn, act = layers[3 * i : 3 * i + 3]
+        assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and isinstance(act, nn.LeakyReLU)
+        assert bn.num_features == conv.out_channels and act.negative_slope == pytest.approx(0.1)
+
+
+def test_decoder_structure_linear_out() -> None:
+    dec = FactorDecoder(8, 16, kind="linear_out")
     convs = _convs(dec)
     assert [(c.in_channels, c.out_channels) for c in convs] == [(8, 8), (8, 16), (16, 16)]
     assert convs[0].bias is None and convs[1].bias is None
     assert convs[2].bias is not None  # plain last conv, can output any real value
     assert list(dec.body)[-1] is convs[2]  # no BN / activation after it
     assert sum(isinstance(m, nn.BatchNorm2d) for m in dec.modules()) == 2
+    assert isinstance(dec.input_act, nn.Identity)
+    assert Paraphraser(16, decoder="linear_out").decoder.kind == "linear_out"
+    with pytest.raises(ValueError, match="decoder"):
+        FactorDecoder(8, 16, kind="transposed")  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,6 +224,13 @@ def test_natural_split_ratio() -> None:
     assert ie.exp_index.tolist() == list(range(3, 10))
 
 
+def test_odd_channel_counts_give_the_extra_channel_to_exploration() -> None:
+    ie = InheritExploreEncoders(7, 4)
+    assert ie.inh_index.tolist() == [0, 1, 2] and ie.exp_index.tolist() == [3, 4, 5, 6]
+    assert inheritance_channels(7) == 3 and inheritance_channels(8) == 4
+    assert inheritance_channels(100, 0.29) == 29  # 0.29 * 100 = 28.999999999999996 in binary
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     c=st.integers(2, 64),
@@ -206,7 +238,7 @@ def test_natural_split_ratio() -> None:
     seed=st.integers(0, 2**31 - 1),
 )
 def test_random_split_is_a_fixed_permutation(c: int, ratio: float, seed: int) -> None:
-    n_inh = int(ratio * c + 0.5)
+    n_inh = math.floor(ratio * c + 1e-9)  # the authors' int(C / 2) at ratio 0.5
     if n_inh < 1 or n_inh > c - 1:
         with pytest.raises(ValueError):
             InheritExploreEncoders(c, 1, split="random", ratio=ratio, generator_seed=seed)

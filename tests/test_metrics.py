@@ -16,11 +16,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from mutualkd.testing import check_metric
 from mutualkd_builtins.metrics import (
+    cka_debiased_distance,
     cka_distance,
     l1_distance,
     l2_distance,
+    l2_per_sample_distance,
     orthogonal_distance,
+    orthogonal_sq_distance,
 )
 
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -28,10 +32,13 @@ Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 METRICS: dict[str, Metric] = {
     "l1": l1_distance,
     "l2": l2_distance,
+    "l2_per_sample": l2_per_sample_distance,
     "cka": cka_distance,
+    "cka_debiased": cka_debiased_distance,
     "orthogonal": orthogonal_distance,
+    "orthogonal_sq": orthogonal_sq_distance,
 }
-PER_SAMPLE = ["l1", "l2", "orthogonal"]
+PER_SAMPLE = ["l1", "l2", "l2_per_sample", "orthogonal", "orthogonal_sq"]
 
 SETTINGS = settings(max_examples=40, deadline=None)
 EPS = 1e-12  # the implementation's normalisation floor
@@ -91,11 +98,21 @@ def ref_l1(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def ref_l2(a: np.ndarray, b: np.ndarray) -> float:
+    """The authors' NormLoss(p=2): root mean square over all B * N elements."""
+    ua, ub = _unit_rows(a), _unit_rows(b)
+    total = 0.0
+    for i in range(ua.shape[0]):
+        for j in range(ua.shape[1]):
+            total += (ua[i, j] - ub[i, j]) ** 2
+    return math.sqrt(total / ua.size)
+
+
+def ref_l2_per_sample(a: np.ndarray, b: np.ndarray) -> float:
     ua, ub = _unit_rows(a), _unit_rows(b)
     return float(np.mean([np.linalg.norm(ua[i] - ub[i]) for i in range(ua.shape[0])]))
 
 
-def ref_orthogonal(a: np.ndarray, b: np.ndarray) -> float:
+def _cosine_terms(a: np.ndarray, b: np.ndarray, term: Callable[[float], float]) -> float:
     ra = a.reshape(a.shape[0], -1)
     rb = b.reshape(b.shape[0], -1)
     terms = []
@@ -104,9 +121,16 @@ def ref_orthogonal(a: np.ndarray, b: np.ndarray) -> float:
         if nx == 0.0 or ny == 0.0:
             terms.append(0.0)  # documented convention: a pair with a zero sample contributes 0
         else:
-            cos = float(np.dot(x, y)) / (nx * ny)
-            terms.append(1.0 - cos * cos)
+            terms.append(term(float(np.dot(x, y)) / (nx * ny)))
     return float(np.mean(terms))
+
+
+def ref_orthogonal(a: np.ndarray, b: np.ndarray) -> float:
+    return _cosine_terms(a, b, lambda cos: 1.0 - abs(cos))
+
+
+def ref_orthogonal_sq(a: np.ndarray, b: np.ndarray) -> float:
+    return _cosine_terms(a, b, lambda cos: 1.0 - cos * cos)
 
 
 def ref_cka(a: np.ndarray, b: np.ndarray) -> float:
@@ -131,7 +155,69 @@ def ref_cka(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 - num / den
 
 
-REFERENCES = {"l1": ref_l1, "l2": ref_l2, "cka": ref_cka, "orthogonal": ref_orthogonal}
+def _song_hsic(k: np.ndarray, l: np.ndarray) -> float:
+    """n (n - 3) times the unbiased HSIC of Song et al. 2012, from its formula, with loops."""
+    n = k.shape[0]
+    kt, lt = k.copy(), l.copy()
+    np.fill_diagonal(kt, 0.0)
+    np.fill_diagonal(lt, 0.0)
+    trace = sum(kt[i, j] * lt[j, i] for i in range(n) for j in range(n))
+    ones_k, ones_l = kt.sum(), lt.sum()
+    klone = sum(kt[i, :].sum() * lt[i, :].sum() for i in range(n))  # 1^T K~ L~ 1 (symmetric K~)
+    return trace + ones_k * ones_l / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * klone
+
+
+def ref_cka_debiased(a: np.ndarray, b: np.ndarray) -> float:
+    """1 - HSIC_1(K, L) / sqrt(HSIC_1(K, K) HSIC_1(L, L)); biased CKA for B < 4."""
+    n = a.shape[0]
+    if n < 4:
+        return ref_cka(a, b)
+
+    def unit(m: np.ndarray) -> tuple[np.ndarray, bool]:
+        m = m.reshape(n, -1).astype(np.float64)
+        m = m / max(np.abs(m).max(), 1e-300)
+        c = m - m.mean(axis=0, keepdims=True)
+        tol = 100 * np.finfo(np.float64).eps
+        constant = bool(np.sum(c * c) <= tol * tol * np.sum(m * m))
+        return c / (1.0 if constant else math.sqrt(np.sum(c * c))), constant
+
+    def u_centred_sq_norm(k: np.ndarray) -> float:
+        """sum of squares of the U-centred matrix (Szekely & Rizzo 2014), entry by entry.
+
+        It equals _song_hsic(k, k) in exact arithmetic; it decides degeneracy because Song's
+        formula cancels large terms and is only accurate to about eps * ||K||^2."""
+        total = 0.0
+        s_all = k.sum() - np.trace(k)
+        for i in range(n):
+            for j in range(n):
+                if i != j:
+                    ri = (k[i].sum() - k[i, i]) / (n - 2)
+                    rj = (k[:, j].sum() - k[j, j]) / (n - 2)
+                    total += (k[i, j] - ri - rj + s_all / ((n - 1) * (n - 2))) ** 2
+        return total
+
+    xu, cx = unit(a)
+    yu, cy = unit(b)
+    k, l = xu @ xu.T, yu @ yu.T
+    kk, ll = _song_hsic(k, k), _song_hsic(l, l)
+    tol = 100 * np.finfo(np.float64).eps * math.sqrt(n)
+    dx, dy = cx or u_centred_sq_norm(k) <= tol * tol, cy or u_centred_sq_norm(l) <= tol * tol
+    if dx and dy:
+        return 0.0
+    if dx or dy:
+        return 1.0
+    return 1.0 - float(np.clip(_song_hsic(k, l) / math.sqrt(kk * ll), -1.0, 1.0))
+
+
+REFERENCES = {
+    "l1": ref_l1,
+    "l2": ref_l2,
+    "l2_per_sample": ref_l2_per_sample,
+    "cka": ref_cka,
+    "cka_debiased": ref_cka_debiased,
+    "orthogonal": ref_orthogonal,
+    "orthogonal_sq": ref_orthogonal_sq,
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,10 +305,11 @@ def test_cka_invariant_to_orthogonal_transform_and_isotropic_scaling(
     assert cka_distance(a, c * b).item() == pytest.approx(base, abs=1e-9)
 
 
+@pytest.mark.parametrize("name", ["orthogonal", "orthogonal_sq"])
 @SETTINGS
 @given(pair=pairs())
-def test_orthogonal_in_unit_interval(pair: tuple[np.ndarray, np.ndarray]) -> None:
-    d = orthogonal_distance(t64(pair[0]).float(), t64(pair[1]).float()).item()
+def test_orthogonal_in_unit_interval(name: str, pair: tuple[np.ndarray, np.ndarray]) -> None:
+    d = METRICS[name](t64(pair[0]).float(), t64(pair[1]).float()).item()
     assert 0.0 <= d <= 1.0
 
 
@@ -231,6 +318,53 @@ def test_orthogonal_in_unit_interval(pair: tuple[np.ndarray, np.ndarray]) -> Non
 def test_cka_in_unit_interval(pair: tuple[np.ndarray, np.ndarray]) -> None:
     d = cka_distance(t64(pair[0]).float(), t64(pair[1]).float()).item()
     assert 0.0 <= d <= 1.0
+
+
+@SETTINGS
+@given(pair=pairs())
+def test_cka_debiased_in_its_interval(pair: tuple[np.ndarray, np.ndarray]) -> None:
+    d = cka_debiased_distance(t64(pair[0]).float(), t64(pair[1]).float()).item()
+    assert 0.0 <= d <= 2.0
+
+
+@SETTINGS
+@given(pair=seeded_pairs(), seed=st.integers(0, 2**31 - 1), c=st.floats(1e-2, 1e2))
+def test_cka_debiased_invariant_to_orthogonal_transform_and_isotropic_scaling(
+    pair: tuple[torch.Tensor, torch.Tensor], seed: int, c: float
+) -> None:
+    a, b = (t.double() for t in pair)
+    bsz, p = a.shape[0], a[0].numel()
+    q, _ = torch.linalg.qr(torch.randn(p, p, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    base = cka_debiased_distance(a, b).item()
+    assert cka_debiased_distance((a.reshape(bsz, p) @ q).reshape(a.shape), b).item() == pytest.approx(base, abs=1e-9)
+    assert cka_debiased_distance(c * a, b).item() == pytest.approx(base, abs=1e-9)
+
+
+@pytest.mark.parametrize("name", list(METRICS))
+def test_conformance_kit(name: str) -> None:
+    check_metric(METRICS[name], name=name)
+
+
+def test_l2_is_the_per_sample_form_over_sqrt_n() -> None:
+    # Both are functions of the per-sample distances e_i = ||a^_i - b^_i||: the authors' l2 is
+    # sqrt(mean e_i^2 / N), l2_per_sample is mean e_i; for equal e_i the ratio is sqrt(N).
+    a = torch.randn(6, 32, 8, 8, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    ratio = l2_per_sample_distance(a, -a).item() / l2_distance(a, -a).item()
+    assert ratio == pytest.approx(math.sqrt(32 * 8 * 8), rel=1e-12)  # x45.25 for a 32x8x8 factor
+
+
+def test_null_cka_at_small_batches() -> None:
+    # Independent Gaussian factors, B = 16, p = 2048: biased CKA is near 1 (about p / (p + B)),
+    # the debiased estimate near 0.
+    gen = torch.Generator().manual_seed(12)
+    biased, debiased = [], []
+    for _ in range(4):
+        x = torch.randn(16, 32, 8, 8, generator=gen, dtype=torch.float64)
+        y = torch.randn(16, 32, 8, 8, generator=gen, dtype=torch.float64)
+        biased.append(1 - cka_distance(x, y).item())
+        debiased.append(1 - cka_debiased_distance(x, y).item())
+    assert np.mean(biased) == pytest.approx(2048 / (2048 + 16), abs=0.002)
+    assert abs(np.mean(debiased)) < 0.05
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,20 +390,39 @@ def test_l2_and_orthogonal_known_values() -> None:
     a = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]])
     b = torch.tensor([[0.0, 5.0], [0.0, -1.0], [-3.0, -4.0]])
     # rows: orthogonal, anti-parallel, anti-parallel
-    assert l2_distance(a, b).item() == pytest.approx((math.sqrt(2) + 2 + 2) / 3, rel=1e-6)
-    assert orthogonal_distance(a, b).item() == pytest.approx(1 / 3, rel=1e-6)
-    assert orthogonal_distance(a[:1], b[:1]).item() == pytest.approx(1.0, rel=1e-6)
-    assert orthogonal_distance(a[1:], b[1:]).item() == pytest.approx(0.0, abs=1e-7)
+    assert l2_per_sample_distance(a, b).item() == pytest.approx((math.sqrt(2) + 2 + 2) / 3, rel=1e-6)
+    # squared per-sample distances 2, 4, 4 over 3 * 2 elements
+    assert l2_distance(a, b).item() == pytest.approx(math.sqrt((2 + 4 + 4) / 6), rel=1e-6)
+    for name in ("orthogonal", "orthogonal_sq"):
+        metric = METRICS[name]
+        assert metric(a, b).item() == pytest.approx(1 / 3, rel=1e-6)
+        assert metric(a[:1], b[:1]).item() == pytest.approx(1.0, rel=1e-6)
+        assert metric(a[1:], b[1:]).item() == pytest.approx(0.0, abs=1e-7)
+    # 45 degrees: |cos| = cos^2 * sqrt(2), so the two forms differ
+    c, d = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 1.0]])
+    assert orthogonal_distance(c, d).item() == pytest.approx(1 - 1 / math.sqrt(2), rel=1e-6)
+    assert orthogonal_sq_distance(c, d).item() == pytest.approx(0.5, rel=1e-6)
 
 
-def test_cka_degenerate_convention() -> None:
+@pytest.mark.parametrize("name", ["cka", "cka_debiased"])
+def test_cka_degenerate_convention(name: str) -> None:
+    metric = METRICS[name]
     const = torch.full((4, 3, 2, 2), 2.5)
     zeros = torch.zeros(4, 3, 2, 2)
     x = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(1))
-    assert cka_distance(const, zeros).item() == 0.0
-    assert cka_distance(zeros, zeros).item() == 0.0
-    assert cka_distance(const, x).item() == 1.0
-    assert cka_distance(x, zeros).item() == 1.0
+    assert metric(const, zeros).item() == 0.0
+    assert metric(zeros, zeros).item() == 0.0
+    assert metric(const, x).item() == 1.0
+    assert metric(x, zeros).item() == 1.0
+
+
+def test_cka_debiased_small_batches_use_the_biased_estimator() -> None:
+    gen = torch.Generator().manual_seed(2)
+    for bsz in (2, 3):
+        x, y = torch.randn(bsz, 5, generator=gen), torch.randn(bsz, 5, generator=gen)
+        assert cka_debiased_distance(x, y).item() == cka_distance(x, y).item()
+    x, y = torch.randn(4, 5, generator=gen), torch.randn(4, 5, generator=gen)
+    assert cka_debiased_distance(x, y).item() != pytest.approx(cka_distance(x, y).item(), abs=1e-3)
 
 
 @pytest.mark.parametrize("bsz,p", [(8, 3), (3, 8), (5, 5)])
@@ -345,9 +498,10 @@ def test_gradcheck(name: str) -> None:
 # validation, dtypes, devices
 
 
-def test_cka_rejects_batch_of_one() -> None:
+@pytest.mark.parametrize("name", ["cka", "cka_debiased"])
+def test_cka_rejects_batch_of_one(name: str) -> None:
     with pytest.raises(ValueError, match="B >= 2"):
-        cka_distance(torch.randn(1, 3, 2, 2), torch.randn(1, 3, 2, 2))
+        METRICS[name](torch.randn(1, 3, 2, 2), torch.randn(1, 3, 2, 2))
 
 
 @pytest.mark.parametrize("name", list(METRICS))

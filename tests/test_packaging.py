@@ -21,7 +21,7 @@ from packaging.requirements import Requirement
 from _helpers import REPO, subprocess_env
 
 STRATEGIES = {"independent", "kl_dml", "ie_kd", "ie_dml"}
-METRICS = {"l1", "l2", "cka", "orthogonal"}
+METRICS = {"l1", "l2", "l2_per_sample", "cka", "cka_debiased", "orthogonal", "orthogonal_sq"}
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ from mutualkd.testing import check_metric, check_strategy, make_teacher, registe
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "broken-plugin"
-BUILTIN_METRICS = ["l1", "l2", "cka", "orthogonal"]
+BUILTIN_METRICS = ["l1", "l2", "l2_per_sample", "cka", "cka_debiased", "orthogonal", "orthogonal_sq"]
 EXAMPLES = {("metric", "cosine"): "mutualkd-cosine", ("strategy", "hinton_kd"): "mutualkd-hinton-kd"}
 
 

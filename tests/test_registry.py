@@ -21,7 +21,7 @@ from mutualkd.registry import GROUPS, RECIPE_BLOCK, get_metric, get_strategy
 from mutualkd.strategy import Strategy
 
 BUILTIN_STRATEGIES = {"independent", "kl_dml", "ie_kd", "ie_dml"}
-BUILTIN_METRICS = {"l1", "l2", "cka", "orthogonal"}
+BUILTIN_METRICS = {"l1", "l2", "l2_per_sample", "cka", "cka_debiased", "orthogonal", "orthogonal_sq"}
 
 _real_entry_points = metadata.entry_points
 

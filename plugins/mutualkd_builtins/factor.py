@@ -8,19 +8,23 @@ back, trained with a reconstruction loss. The student side (:class:`InheritExplo
 splits the student's feature-map channels into an inheritance part and an exploration part
 and encodes each, with the same encoder structure, to a factor of the teacher factor's shape.
 
-Layout (all convolutions 3x3, stride 1, padding 1, so the spatial size is kept):
+Layout (all convolutions 3x3, stride 1, padding 1, no bias, so the spatial size is kept), as
+in the IE-KD authors' code (their ``Coder``, used for the encoder and the decoder alike):
 
-* encoder: ``[LeakyReLU(0.1)] -> conv C->C -> BN -> LReLU -> conv C->C' -> BN -> LReLU
-  -> conv C'->C' -> BN -> LReLU`` (convs without bias; the leading activation is the authors'
-  code and can be switched off with ``input_act=False``);
-* decoder (mirror): ``conv C'->C' -> BN -> LReLU -> conv C'->C -> BN -> LReLU -> conv C->C``.
-  **Decision**: the last decoder conv is a plain convolution *with* bias and without BN or
-  activation, so the decoder can reconstruct any real-valued feature map (post-ReLU CNN
-  features are non-negative, but not every timm model ends in a ReLU). Plain and transposed
-  stride-1 3x3 convolutions are shape-equivalent; plain ones are used.
+* encoder: ``LeakyReLU(0.1) -> conv C->C -> BN -> LReLU -> conv C->C' -> BN -> LReLU
+  -> conv C'->C' -> BN -> LReLU`` (the leading activation can be switched off with
+  ``input_act=False``);
+* decoder, ``decoder="mirror"`` (default, the authors' code): the same layout ``C' -> C' -> C
+  -> C``, leading LeakyReLU and a final BatchNorm + LeakyReLU included;
+* decoder, ``decoder="linear_out"`` (an option): no leading activation, and the last
+  convolution is a plain one *with* bias and without BN or activation.
 
-Weights: Kaiming-normal convolutions (LeakyReLU slope 0.1, fan-out), BatchNorm weight 1 and
-bias 0, conv biases 0.
+Channel counts follow the authors' code as well: ``C' = round(k * C)`` with Python's
+round-half-even (the Factor Transfer code's ``int(round(C * rate))``), and the inheritance
+part of the student's channels is ``floor(ratio * C)`` (the IE-KD code's ``int(C / 2)``).
+
+Weights: convolutions ``N(0, 2 / (3 * 3 * out_channels))`` (the authors' init, Kaiming-normal,
+fan-out, ReLU gain), BatchNorm weight 1 and bias 0, conv biases 0.
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ __all__ = [
     "NEGATIVE_SLOPE",
     "RecLossKind",
     "SplitMode",
+    "DecoderKind",
     "factor_channels",
+    "inheritance_channels",
     "reconstruction_loss",
     "init_factor_weights",
     "FactorEncoder",
@@ -50,10 +56,10 @@ NEGATIVE_SLOPE = 0.1
 
 RecLossKind = Literal["l1", "l2"]
 SplitMode = Literal["natural", "random"]
+DecoderKind = Literal["mirror", "linear_out"]
 
-
-def _round_half_up(x: float) -> int:
-    return int(math.floor(x + 0.5))
+#: Guard of ``floor(ratio * C)`` against binary rounding (``0.29 * 100 = 28.999999999999996``).
+_FLOOR_TOLERANCE = 1e-9
 
 
 def _check_channels(name: str, value: int) -> None:
@@ -64,9 +70,10 @@ def _check_channels(name: str, value: int) -> None:
 def factor_channels(in_channels: int, rate: float = 0.5, fixed: int | None = None) -> int:
     """Number of factor channels ``C'`` for a feature map with ``in_channels`` channels.
 
-    ``C' = round(rate * C)`` (halves rounded up), at least 1, or ``fixed`` when given (Kim et al.
-    2018 use a compression rate ``k = 0.5``; for very wide maps the IE-KD authors used a fixed
-    32 channels).
+    ``C' = round(rate * C)`` with Python's round-half-even, as the Factor Transfer code's
+    ``int(round(C * rate))`` (so ``C = 5, k = 0.5`` gives 2, ``C = 7`` gives 4), at least 1; or
+    ``fixed`` when given (Kim et al. 2018 use a compression rate ``k = 0.5``; for very wide maps
+    the IE-KD authors used a fixed 32 channels).
 
     Raises:
         ValueError: ``in_channels < 1``, ``rate <= 0`` or ``fixed < 1``.
@@ -77,7 +84,18 @@ def factor_channels(in_channels: int, rate: float = 0.5, fixed: int | None = Non
         return fixed
     if not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0):
         raise ValueError(f"the factor compression rate must be a positive number, got {rate!r}")
-    return max(1, _round_half_up(rate * in_channels))
+    return max(1, int(round(rate * in_channels)))
+
+
+def inheritance_channels(in_channels: int, ratio: float = 0.5) -> int:
+    """Channels of the inheritance part when ``in_channels`` student channels are split.
+
+    ``floor(ratio * C)``, the IE-KD authors' ``int(C / 2)`` at ``ratio = 0.5`` (odd counts give
+    the extra channel to the exploration part). The exploration part gets the rest. The floor
+    tolerates binary rounding of the product (``0.29 * 100`` counts as 29).
+    """
+    _check_channels("in_channels", in_channels)
+    return int(math.floor(ratio * in_channels + _FLOOR_TOLERANCE))
 
 
 def reconstruction_loss(f: Tensor, recon: Tensor, kind: RecLossKind = "l1") -> Tensor:
@@ -109,12 +127,11 @@ def reconstruction_loss(f: Tensor, recon: Tensor, kind: RecLossKind = "l1") -> T
 
 
 def init_factor_weights(module: nn.Module) -> None:
-    """Kaiming-normal conv weights (zero biases), BatchNorm weight 1 / bias 0, in place."""
+    """The authors' initialisation, in place: conv weights ``N(0, 2 / (k * k * out_channels))``
+    (Kaiming-normal, fan-out, ReLU gain), zero conv biases, BatchNorm weight 1 / bias 0."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-            nn.init.kaiming_normal_(
-                m.weight, a=NEGATIVE_SLOPE, mode="fan_out", nonlinearity="leaky_relu"
-            )
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -175,23 +192,39 @@ class FactorEncoder(nn.Module):
 class FactorDecoder(nn.Module):
     """Factor decoder, the mirror of :class:`FactorEncoder`: ``C' -> C' -> C -> C``.
 
-    Three 3x3 / stride-1 / padding-1 convolutions; the first two have no bias and are followed by
-    BatchNorm2d and LeakyReLU(0.1). **Decision**: the last one is a plain convolution with bias
-    and no BN / activation, so any real-valued feature map can be reconstructed.
+    Three 3x3 / stride-1 / padding-1 convolutions.
+
+    * ``kind="mirror"`` (default; the IE-KD authors' decoder, their ``Coder(C', C)``): exactly
+      the encoder's layout, ``LeakyReLU(0.1)`` on the factor first, then three convolutions
+      without bias, each followed by BatchNorm2d and LeakyReLU(0.1).
+    * ``kind="linear_out"``: no leading activation; the first two convolutions have no bias and
+      are followed by BatchNorm2d and LeakyReLU(0.1); the last is a plain convolution with bias
+      and no BN / activation (a linear output layer, not the authors' form).
 
     ``forward(factor: [B, C', H, W]) -> [B, C, H, W]``.
     """
 
-    def __init__(self, factor_channels: int, out_channels: int) -> None:
+    def __init__(self, factor_channels: int, out_channels: int, kind: DecoderKind = "mirror") -> None:
         super().__init__()
         _check_channels("factor_channels", factor_channels)
         _check_channels("out_channels", out_channels)
+        if kind not in get_args(DecoderKind):
+            raise ValueError(f"unknown decoder {kind!r}; expected 'mirror' or 'linear_out'")
         self.factor_channels = factor_channels
         self.out_channels = out_channels
+        self.kind: DecoderKind = kind
+        self.input_act: nn.Module = (
+            nn.LeakyReLU(NEGATIVE_SLOPE, inplace=False) if kind == "mirror" else nn.Identity()
+        )
+        last: list[nn.Module] = (
+            _conv_bn_act(out_channels, out_channels)
+            if kind == "mirror"
+            else [_conv3x3(out_channels, out_channels, bias=True)]
+        )
         self.body = nn.Sequential(
             *_conv_bn_act(factor_channels, factor_channels),
             *_conv_bn_act(factor_channels, out_channels),
-            _conv3x3(out_channels, out_channels, bias=True),
+            *last,
         )
         init_factor_weights(self)
 
@@ -201,7 +234,10 @@ class FactorDecoder(nn.Module):
                 f"FactorDecoder expects a factor [B, {self.factor_channels}, H, W], "
                 f"got shape {tuple(factor.shape)}"
             )
-        return self.body(factor)
+        return self.body(self.input_act(factor))
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}"
 
 
 class Paraphraser(nn.Module):
@@ -214,6 +250,8 @@ class Paraphraser(nn.Module):
         rec_loss: ``"l1"`` (mean absolute error, authors' code, default) or ``"l2"`` (mean
             squared error, the paper's squared L2).
         input_act: apply LeakyReLU(0.1) to the encoder input (authors' code).
+        decoder: ``"mirror"`` (the authors' decoder, default) or ``"linear_out"``
+            (see :class:`FactorDecoder`).
 
     Attributes:
         in_channels, factor_channels, rec_loss, encoder (:class:`FactorEncoder`),
@@ -229,6 +267,7 @@ class Paraphraser(nn.Module):
         fixed_channels: int | None = None,
         rec_loss: RecLossKind = "l1",
         input_act: bool = True,
+        decoder: DecoderKind = "mirror",
     ) -> None:
         super().__init__()
         if rec_loss not in get_args(RecLossKind):
@@ -237,7 +276,7 @@ class Paraphraser(nn.Module):
         self.factor_channels = factor_channels(in_channels, rate, fixed_channels)
         self.rec_loss: RecLossKind = rec_loss
         self.encoder = FactorEncoder(in_channels, self.factor_channels, input_act=input_act)
-        self.decoder = FactorDecoder(self.factor_channels, in_channels)
+        self.decoder = FactorDecoder(self.factor_channels, in_channels, kind=decoder)
 
     def encode(self, f: Tensor) -> Tensor:
         """The factor ``F = Encoder(f)``, ``[B, C', H, W]``."""
@@ -254,7 +293,7 @@ class Paraphraser(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_channels={self.in_channels}, factor_channels={self.factor_channels}, "
-            f"rec_loss={self.rec_loss!r}"
+            f"rec_loss={self.rec_loss!r}, decoder={self.decoder.kind!r}"
         )
 
 
@@ -264,7 +303,8 @@ class InheritExploreEncoders(nn.Module):
     The student's feature map channels are split once, at construction, into an inheritance
     index set and an exploration index set:
 
-    * ``split="natural"``: the first ``round(ratio * C)`` channels / the rest;
+    * ``split="natural"``: the first ``floor(ratio * C)`` channels (:func:`inheritance_channels`,
+      the authors' ``int(C / 2)``) / the rest;
     * ``split="random"``: one fixed permutation of ``range(C)`` drawn from
       ``torch.Generator().manual_seed(generator_seed)``, cut at the same position.
 
@@ -301,7 +341,7 @@ class InheritExploreEncoders(nn.Module):
             raise ValueError(f"unknown channel split {split!r}; expected 'natural' or 'random'")
         if not (isinstance(ratio, (int, float)) and 0.0 < ratio < 1.0):
             raise ValueError(f"the inheritance ratio must lie strictly between 0 and 1, got {ratio!r}")
-        n_inh = _round_half_up(ratio * in_channels)
+        n_inh = inheritance_channels(in_channels, ratio)
         n_exp = in_channels - n_inh
         if n_inh < 1 or n_exp < 1:
             raise ValueError(

@@ -11,7 +11,7 @@ exploration part, each encoded into the teacher's factor space; the student mini
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 from pydantic import Field
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from mutualkd.config import OptimizerConfig, SchedulerConfig
+from mutualkd.runlog import console
 from mutualkd.strategy import SetupContext, StrategyParams
 from mutualkd_builtins.factor import InheritExploreEncoders, Paraphraser
 
@@ -32,6 +33,9 @@ __all__ = [
     "resolve_metrics",
     "make_paraphraser",
     "make_encoders",
+    "null_cka",
+    "cka_range_note",
+    "warn_cka_range",
 ]
 
 Metric = Callable[[Tensor, Tensor], Tensor]
@@ -97,6 +101,9 @@ class IEParams(StrategyParams):
     rate: float = Field(0.5, gt=0.0, le=4.0, description="factor compression rate k: C' = round(k C)")
     factor_channels: int | None = Field(None, gt=0, description="fixed C' instead of k C (the authors used 32 for wide maps)")
     rec_loss: Literal["l1", "l2"] = Field("l1", description="reconstruction loss of the autoencoder")
+    decoder: Literal["mirror", "linear_out"] = Field(
+        "mirror", description="autoencoder decoder: mirror (the authors': the encoder's layout) or linear_out (biased linear last conv)"
+    )
     split: Literal["natural", "random"] = Field("natural", description="how student channels are split")
     ratio: float = Field(0.5, gt=0.0, lt=1.0, description="share of student channels used for inheritance")
     split_seed: int = Field(0, description="seed of the random split (saved with the checkpoint)")
@@ -108,7 +115,8 @@ def resolve_metrics(params: IEParams, ctx: SetupContext) -> tuple[Metric, Metric
 
 
 def make_paraphraser(params: IEParams, channels: int) -> Paraphraser:
-    return Paraphraser(channels, rate=params.rate, fixed_channels=params.factor_channels, rec_loss=params.rec_loss)
+    return Paraphraser(channels, rate=params.rate, fixed_channels=params.factor_channels, rec_loss=params.rec_loss,
+                       decoder=params.decoder)
 
 
 def make_encoders(params: IEParams, student_channels: int, teacher_factor_channels: int) -> InheritExploreEncoders:
@@ -123,3 +131,61 @@ def ae_optimizer(lr: float | None, base: OptimizerConfig) -> OptimizerConfig:
 
 
 CONSTANT = SchedulerConfig(name="constant")
+
+
+# --------------------------------------------------------------------------- CKA's range
+#: Above this expected CKA of unrelated factors, ``1 - CKA`` keeps less than half its range.
+CKA_RANGE_LIMIT = 0.5
+
+
+def null_cka(batch_size: int, features: int) -> float:
+    """Expected biased linear CKA of two *independent* isotropic Gaussian batches ``[B, p]``.
+
+    ``p / (p + B)``: the ratio of expectations ``E<K, L> / E(||K|| ||L||)`` for centred Gram
+    matrices of Wishart-distributed ``X X^T`` (``E tr(A^2) = m p (p + m + 1)`` with ``m = B - 1``).
+    It approaches 1 when ``B << p``: there even unrelated factors look similar to biased CKA.
+    """
+    return features / (features + batch_size)
+
+
+def cka_range_note(params: IEParams, batch_size: int, factor_features: Iterable[int]) -> str | None:
+    """A warning when a CKA metric of ``params`` has little range at this batch size, else None.
+
+    ``factor_features``: the factor sizes ``C' * H * W`` the metrics will compare (one per
+    teacher). ``cka``: warned when the expected CKA of unrelated factors, :func:`null_cka`,
+    exceeds :data:`CKA_RANGE_LIMIT` for the largest factor. ``cka_debiased``: warned when the
+    batch is below 4 samples, where it falls back to the biased estimator.
+    """
+    fields = [(f, getattr(params, f)) for f in ("inh_metric", "exp_metric")]
+    biased = [f"strategy.{f}" for f, name in fields if name == "cka"]
+    debiased = [f"strategy.{f}" for f, name in fields if name == "cka_debiased"]
+    notes = []
+    sizes = list(factor_features)
+    if biased and sizes:
+        p = max(sizes)
+        null = null_cka(batch_size, p)
+        if null > CKA_RANGE_LIMIT:
+            notes.append(
+                f"{' and '.join(biased)} = \"cka\" at batch size {batch_size} (data.batch_size, per process) with"
+                f" factors of {p} values: linear CKA of two unrelated factors is already about {null:.2f}"
+                f" (p / (p + B)), so 1 - CKA has little range and the term barely separates related from"
+                f" unrelated factors. Use \"cka_debiased\", or a batch of well over {p} samples."
+            )
+    if debiased and batch_size < 4:
+        notes.append(
+            f"{' and '.join(debiased)} = \"cka_debiased\" at batch size {batch_size}: the unbiased HSIC needs"
+            " at least 4 samples, so the biased CKA is used. Use data.batch_size >= 4."
+        )
+    return " ".join(notes) or None
+
+
+def _is_main_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+
+
+def warn_cka_range(params: IEParams, ctx: SetupContext, factor_features: Iterable[int]) -> None:
+    """Print :func:`cka_range_note` once, at set-up, on the main process (nothing when it is None)."""
+    note = cka_range_note(params, ctx.recipe.data.batch_size, factor_features)
+    if note and _is_main_process():
+        console.print("[yellow]warning:[/] ", end="")
+        console.print(f"{ctx.recipe_file}: {note}", markup=False, highlight=False, soft_wrap=True)

@@ -26,6 +26,7 @@ from mutualkd_builtins.strategies._ie import (
     reconstruction_term,
     resolve_metrics,
     teacher_factor,
+    warn_cka_range,
 )
 
 
@@ -87,6 +88,7 @@ class IEDML(Strategy[IEDMLParams]):
                 if s.name != t.name:
                     ctx.add_module(self.encoders(s.name, t.name),
                                    make_encoders(p, s.feature_shape[0], factor_c[t.name]), unit=s.name)
+        warn_cka_range(p, ctx, [factor_c[t.name] * t.feature_shape[1] * t.feature_shape[2] for t in ctx.peers])
 
     def student_order(self) -> list[str]:
         """Peers in the order they are updated as students: 2, 3, ..., N, then 1."""

@@ -28,6 +28,7 @@ from mutualkd_builtins.strategies._ie import (
     reconstruction_term,
     resolve_metrics,
     teacher_factor,
+    warn_cka_range,
 )
 
 
@@ -37,8 +38,8 @@ class IEKDParams(IEParams):
     teacher_model: str | None = Field(None, description="expected architecture of the teacher, checked when set")
     ae_epochs: int = Field(30, ge=1, description="stage 1: epochs of autoencoder training (authors: 30)")
     ae_optimizer: OptimizerConfig = Field(
-        default_factory=lambda: OptimizerConfig(name="sgd", lr=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4),
-        description="stage 1 optimizer (authors: SGD, constant lr 0.1)",
+        default_factory=lambda: OptimizerConfig(name="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4),
+        description="stage 1 optimizer (authors: SGD with Nesterov momentum 0.9, constant lr 0.1, weight decay 5e-4)",
     )
 
 
@@ -70,6 +71,7 @@ class IEKD(Strategy[IEKDParams]):
         ctx.add_module(self.TEACHER_AE, ae, unit=self.TEACHER_AE, optimizer=p.ae_optimizer, scheduler=CONSTANT)
         student = ctx.peers[0]
         ctx.add_module(self.ENCODERS, make_encoders(p, student.feature_shape[0], ae.factor_channels), unit=student.name)
+        warn_cka_range(p, ctx, [ae.factor_channels * t_shape[1] * t_shape[2]])
 
     def steps(self) -> Sequence[Step]:
         return [Step(self.peers[0], (self.peers[0],))]
