@@ -29,6 +29,7 @@ __all__ = [
     "PeerConfig",
     "OptimizerConfig",
     "SchedulerConfig",
+    "EmaConfig",
     "StrategyConfig",
     "ScheduleConfig",
     "load_recipe",
@@ -45,15 +46,37 @@ class _Strict(BaseModel):
 PositiveInt = Annotated[int, Field(gt=0)]
 
 
+#: The trackers ``run.log_with`` may name: those Accelerate ships (``accelerate.utils.LoggerType``).
+TrackerName = Literal["tensorboard", "wandb", "mlflow", "aim", "trackio", "comet_ml", "clearml", "dvclive", "swanlab"]
+
+
+#: Limits on what a recipe may ask for: its file's size, the nesting of its tables and
+#: arrays, a run folder's name (bytes: the file-system limit), the side of resized images.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_NESTING = 32
+MAX_NAME_BYTES = 255
+MAX_IMAGE_SIZE = 4096
+
+
+def _path_problem(value: str) -> str | None:
+    if "\x00" in value:
+        return "holds a NUL character"
+    if any(ord(c) < 32 for c in value):
+        return "holds a control character"
+    return None
+
+
 class RunConfig(_Strict):
     """``[run]``: what the run is called, where it writes, and how it is logged."""
 
-    name: str = Field("run", description="name of the run's folder, out_dir/name")
+    name: str = Field(
+        "run", description="name of the run's folder, out_dir/name: one folder name (no / or \\, not . or ..)"
+    )
     seed: int = Field(0, description="seed of weight initialisation, data order, augmentation and train_subset")
     epochs: PositiveInt = Field(
         1, description="epochs of training (a strategy stage may set its own, e.g. ie_kd's ae_epochs)"
     )
-    out_dir: str = Field("runs", description="folder that holds the run folders")
+    out_dir: Annotated[str, Field(min_length=1)] = Field("runs", description="folder that holds the run folders")
     deterministic: bool = Field(
         False, description="deterministic torch kernels only (slower); off: cuDNN may pick the fastest kernels"
     )
@@ -87,9 +110,51 @@ class RunConfig(_Strict):
     )
     compile: bool = Field(False, description="torch.compile each peer")
     progress: bool = Field(True, description="show a progress bar and one line per epoch on the console")
+    sync_bn: bool = Field(
+        False, description="with several processes, synchronise the peers' BatchNorm statistics across them"
+    )
+    collective_timeout: Annotated[float, Field(gt=0, le=86400)] = Field(
+        300.0,
+        description="seconds a process waits for the others in one collective operation before the run stops"
+        " with an error (several processes only); a lost process ends the job after this long",
+    )
     block_plugins: list[Annotated[str, Field(min_length=1)]] | None = Field(
         None, description="plugins (name or kind:name) this recipe refuses to load, as --block-plugin does"
     )
+    log_with: list[TrackerName] | None = Field(
+        None,
+        description="experiment trackers that also get every scalar of metrics.jsonl and the recipe, through"
+        " Accelerate, written under the run folder's tracking/ (see docs/tracking.md); unset: none",
+    )
+    tracker_project: str | None = Field(
+        None,
+        description="the trackers' project (W&B), experiment (MLflow) and tracking/ sub-folder (TensorBoard);"
+        " unset: mutualkd",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder_name(cls, v: str) -> str:
+        problem = _path_problem(v)
+        if not v:
+            problem = "is empty"
+        elif "/" in v or "\\" in v:
+            problem = "holds a path separator (it names one folder under run.out_dir)"
+        elif v in (".", ".."):
+            problem = f"is {v!r}, which is not a folder of its own"
+        elif (n := len(v.encode("utf-8", "surrogatepass"))) > MAX_NAME_BYTES:
+            problem = f"is {n} bytes long, more than a folder name may be ({MAX_NAME_BYTES})"
+        if problem:
+            raise ValueError(f"run.name {problem}; use a plain folder name such as \"dml-resnet20-s0\"")
+        return v
+
+    @field_validator("out_dir")
+    @classmethod
+    def _usable_path(cls, v: str) -> str:
+        problem = _path_problem(v)
+        if problem:
+            raise ValueError(f"run.out_dir {problem}")
+        return v
 
 
 #: ``[run]`` fields that only say where and how a run logs and saves, never what it trains:
@@ -102,20 +167,30 @@ LOGGING_ONLY_FIELDS: tuple[str, ...] = (
     "checkpoint_every",  # how often a checkpoint is written (saving does not change training)
     "keep_checkpoints",  # how many checkpoints stay on disk
     "resume",  # whether an existing run folder is continued; a resumed run trains as if never stopped
+    "collective_timeout",  # how long a process waits for a lost one
+    "log_with",  # the experiment trackers that also receive the metrics
+    "tracker_project",  # the trackers' project name
 )
 
 
 class DataConfig(_Strict):
     """``[data]``: which data set, where it lies, and how batches are drawn."""
 
-    dataset: Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "image_folder"] = Field(
-        "digits", description="the data set; digits is bundled with scikit-learn, the others are read from root"
+    dataset: Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "image_folder", "image_tar"] = Field(
+        "digits",
+        description="the data set; digits is bundled with scikit-learn, the others are read from root; image_tar"
+        " (tar shards, stream pipeline only) reads root/train and root/val, each a .tar file or a folder of .tar"
+        " shards",
     )
     root: str | None = Field(
         None, description="folder of the data set's files; unset: ./data (Fashion-MNIST also /usr/share/datasets)"
     )
     download: bool = Field(False, description="download a missing data set into root through torchvision")
-    batch_size: PositiveInt = Field(64, description="training images per batch, per process")
+    batch_size: PositiveInt = Field(
+        64,
+        description="training images per batch, per process: the global batch is batch_size x the number of"
+        " processes (printed at start)",
+    )
     eval_batch_size: PositiveInt = Field(512, description="test images per batch at evaluation, per process")
     augment: bool = Field(
         True, description="the data set's training augmentation (random crop with padding, and flip where it fits)"
@@ -126,26 +201,144 @@ class DataConfig(_Strict):
     test_subset: PositiveInt | None = Field(
         None, description="evaluate on a class-stratified subset of this many images (fixed seed 0); unset: all"
     )
-    image_size: PositiveInt | None = Field(
+    image_size: Annotated[int, Field(gt=0, le=MAX_IMAGE_SIZE)] | None = Field(
         None,
         description="resize both splits to image_size x image_size (required for image_folder); unset: the"
         " native size",
     )
     drop_last: bool = Field(True, description="drop the last, incomplete training batch of each epoch")
+    # --- the pipeline (see docs/data.md)
+    pipeline: Literal["auto", "device", "stream"] = Field(
+        "auto",
+        description="device: decode the whole data set once and batch it on the training device (small sets);"
+        " stream: a torch DataLoader with worker processes and timm's transforms; auto: device for the bundled"
+        " sets and image folders that fit memory_budget_gb, stream otherwise (the choice is printed)",
+    )
+    memory_budget_gb: Annotated[float, Field(gt=0)] = Field(
+        4.0, description="auto: an image folder whose decoded uint8 images exceed this many GiB streams"
+    )
+    num_workers: Annotated[int, Field(ge=0, le=256)] = Field(
+        2, description="stream: data-loading worker processes per training process (0: load in the main process)"
+    )
+    prefetch_factor: Annotated[int, Field(ge=1)] = Field(
+        2, description="stream: batches each worker loads ahead"
+    )
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] | None = Field(
+        None,
+        description="hold out this share of the train split (class-stratified, fixed seed 0) as a validation"
+        " split that chooses the best epoch; unset: the test split chooses it",
+    )
+    skip_corrupt: bool = Field(
+        False,
+        description="stream: skip an unreadable image and count it in metrics.jsonl (skipped_images); off: stop"
+        " with exit 2 naming the file",
+    )
+    # --- stream transforms: timm's create_transform (RandomResizedCrop, flips, colour jitter, RandAugment, ...)
+    config_from: str | None = Field(
+        None,
+        description="stream: a peer's name or a timm model name (e.g. resnet34.a1_in1k) whose pretrained config"
+        " gives the input size, mean/std, crop_pct and interpolation the recipe leaves unset",
+    )
+    mean: tuple[float, ...] | None = Field(
+        None, description="stream: per-channel mean for normalisation; unset: the data set's (ImageNet's for folders)"
+    )
+    std: tuple[float, ...] | None = Field(
+        None, description="stream: per-channel std for normalisation; unset: the data set's (ImageNet's for folders)"
+    )
+    scale: tuple[float, float] = Field(
+        (0.08, 1.0), description="stream: RandomResizedCrop's range of the crop's area, as a share of the image"
+    )
+    ratio: tuple[float, float] = Field(
+        (0.75, 4.0 / 3.0), description="stream: RandomResizedCrop's range of the crop's aspect ratio"
+    )
+    hflip: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        None, description="stream: probability of a horizontal flip; unset: 0.5, or 0 for digits and (Fashion-)MNIST"
+    )
+    vflip: Annotated[float, Field(ge=0, le=1)] = Field(0.0, description="stream: probability of a vertical flip")
+    color_jitter: Annotated[float, Field(ge=0)] | None = Field(
+        None, description="stream: colour jitter strength (brightness, contrast, saturation); unset: off"
+    )
+    auto_augment: str | None = Field(
+        None,
+        description="stream: a timm RandAugment / AutoAugment / AugMix string, e.g. rand-m9-mstd0.5-inc1,"
+        " original, augmix-m5-w4-d2; unset: off",
+    )
+    interpolation: Literal["bilinear", "bicubic", "nearest", "random"] | None = Field(
+        None, description="stream: resize interpolation; unset: from config_from, else bilinear"
+    )
+    crop_pct: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        None,
+        description="stream evaluation: resize to image_size / crop_pct, then centre-crop image_size; unset: from"
+        " config_from, else 0.875 for folders and 1.0 for the bundled sets",
+    )
+    reprob: Annotated[float, Field(ge=0, le=1)] = Field(0.0, description="stream: random erasing probability")
+    remode: Literal["const", "rand", "pixel"] = Field("pixel", description="stream: random erasing fill mode")
+    recount: PositiveInt = Field(1, description="stream: random erasing count")
+    # --- batch mixing and soft targets: timm's Mixup, on the training device (both pipelines)
+    mixup: Annotated[float, Field(ge=0)] = Field(0.0, description="mixup alpha; 0: off")
+    cutmix: Annotated[float, Field(ge=0)] = Field(0.0, description="cutmix alpha; 0: off")
+    cutmix_minmax: tuple[float, float] | None = Field(
+        None, description="cutmix's min/max box ratio (used instead of the alpha when set)"
+    )
+    mixup_prob: Annotated[float, Field(ge=0, le=1)] = Field(
+        1.0, description="probability of mixing a batch (or pair, or element)"
+    )
+    mixup_switch_prob: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.5, description="probability of cutmix instead of mixup when both are on"
+    )
+    mixup_mode: Literal["batch", "pair", "elem"] = Field("batch", description="mix per batch, per pair or per element")
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.0,
+        description="smooth the training targets by this much; with it or with mixup/cutmix every strategy's"
+        " cross-entropy gets soft targets",
+    )
 
 
 class OptimizerConfig(_Strict):
-    """An optimizer: SGD (momentum, Nesterov) or AdamW."""
+    """An optimizer: mutualkd's SGD (momentum, Nesterov) or AdamW, or any optimizer of ``timm.optim``."""
 
-    name: Literal["sgd", "adamw"] = Field("sgd", description="SGD with momentum, or AdamW")
+    name: Annotated[str, Field(min_length=1)] = Field(
+        "sgd",
+        description="sgd: torch SGD with momentum and nesterov as set here; adamw: torch AdamW; any other name"
+        " is timm.optim's (lamb, lars, lion, adopt, ..., see timm.optim.list_optimizers(); timm's own sgd is"
+        " called nesterov or momentum there)",
+    )
     lr: Annotated[float, Field(gt=0)] = Field(0.1, description="base learning rate, before the schedule's factor")
-    momentum: Annotated[float, Field(ge=0, lt=1)] = Field(0.9, description="SGD momentum (sgd only)")
+    momentum: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.9, description="momentum (sgd, and timm optimizers that take one)"
+    )
     nesterov: bool = Field(True, description="Nesterov momentum (sgd only; needs momentum > 0)")
     weight_decay: Annotated[float, Field(ge=0)] = Field(5e-4, description="L2 weight decay (decoupled for adamw)")
     no_decay_1d: bool = Field(
-        False, description="exempt biases and normalisation parameters (1-D tensors) from weight decay"
+        False,
+        description="exempt biases, normalisation parameters (1-D tensors) and the model's no_weight_decay()"
+        " parameters (e.g. a ViT's position embeddings) from weight decay",
     )
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's moment decay rates (adamw only)")
+    betas: tuple[float, float] = Field(
+        (0.9, 0.999), description="moment decay rates (adamw, and timm optimizers that take them, e.g. lamb, lion)"
+    )
+    eps: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="the optimizer's epsilon (timm optimizers and adamw); unset: the optimizer's default"
+    )
+    layer_decay: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        None,
+        description="layer-wise lr decay (timm optimizers): each layer group's lr times layer_decay^(depth from"
+        " the head), from the model's group_matcher; unset: off",
+    )
+    args: dict[str, Any] | None = Field(
+        None, description="further keyword arguments of a timm optimizer, e.g. { trust_coeff = 0.001 } for lars"
+    )
+    clip_grad: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="clip the gradients of this optimizer's parameters at this value (see clip_mode); unset: off"
+    )
+    clip_mode: Literal["norm", "value", "agc"] = Field(
+        "norm", description="norm: total L2 norm; value: each element; agc: adaptive (timm's dispatch_clip_grad)"
+    )
+    lr_base_batch: PositiveInt | None = Field(
+        None,
+        description="linear scaling rule: lr is meant for this global batch, the run uses lr x global batch /"
+        " lr_base_batch (printed at start); unset: lr as given",
+    )
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> OptimizerConfig:
@@ -170,6 +363,11 @@ class SchedulerConfig(_Strict):
     warmup_epochs: Annotated[int, Field(ge=0)] = Field(
         0, description="epochs of linear warmup from 0 to lr, before the schedule"
     )
+    interval: Literal["step", "epoch"] = Field(
+        "step",
+        description="step: the lr moves after every optimizer step (smooth warmup and cosine, as ImageNet"
+        " recipes need); epoch: it moves once per epoch, at the epoch's start",
+    )
 
     @field_validator("milestones")
     @classmethod
@@ -177,6 +375,19 @@ class SchedulerConfig(_Strict):
         if any(b <= a for a, b in zip(v, v[1:])):
             raise ValueError("milestones must be strictly increasing epochs, e.g. [60, 120, 160]")
         return v
+
+
+class EmaConfig(_Strict):
+    """An exponential moving average of a peer's weights (timm's ``ModelEmaV3``), evaluated as ``<peer>_ema``."""
+
+    decay: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.9998, description="weight of the average at each update: ema = decay * ema + (1 - decay) * peer"
+    )
+    warmup: bool = Field(
+        False,
+        description="timm's decay warmup: decay = min(decay, 1 - (1 + n)^(-2/3)) at the peer's n-th update, so"
+        " the average follows the peer closely at first",
+    )
 
 
 class PeerConfig(_Strict):
@@ -190,11 +401,19 @@ class PeerConfig(_Strict):
         default_factory=dict,
         description="keyword arguments of timm.create_model (num_classes and in_chans come from the data set)",
     )
+    feature_stage: int | None = Field(
+        None,
+        description="the stage (an index of the model's feature_info, negative from the end) whose feature map"
+        " the strategy gets, through timm's forward_intermediates; unset: the last stage (forward_features)",
+    )
     optimizer: OptimizerConfig | None = Field(
         None, description="this peer's own optimizer; unset: the shared [optimizer]"
     )
     scheduler: SchedulerConfig | None = Field(
         None, description="this peer's own schedule; unset: the shared [scheduler]"
+    )
+    ema: EmaConfig | None = Field(
+        None, description="an EMA copy of this peer, evaluated and saved next to it; unset: the shared [ema]"
     )
 
     @field_validator("kwargs")
@@ -255,6 +474,9 @@ class Recipe(_Strict):
     schedule: ScheduleConfig = Field(
         default_factory=ScheduleConfig, description="the order of the peers' updates in a batch"
     )
+    ema: EmaConfig | None = Field(
+        None, description="an EMA copy of every peer without its own [peers.ema]; unset: no EMA copies"
+    )
 
     def peer_optimizer(self, i: int) -> OptimizerConfig:
         return self.peers[i].optimizer or self.optimizer
@@ -264,6 +486,9 @@ class Recipe(_Strict):
 
     def peer_names(self) -> list[str]:
         return peer_names_of(p.name for p in self.peers)
+
+    def peer_ema(self, i: int) -> EmaConfig | None:
+        return self.peers[i].ema or self.ema
 
     @field_validator("peers")
     @classmethod
@@ -344,6 +569,7 @@ _SECTION_KEYS: dict[str, type[BaseModel]] = {
     "optimizer": OptimizerConfig,
     "scheduler": SchedulerConfig,
     "schedule": ScheduleConfig,
+    "ema": EmaConfig,
 }
 
 
@@ -361,8 +587,8 @@ def _with_key_suggestions(rerr: RecipeError, err: ValidationError, data: dict[st
             known = list(Recipe.model_fields)
         elif loc[0] == "peers":
             known = list(PeerConfig.model_fields)
-            if len(loc) >= 4 and loc[2] in ("optimizer", "scheduler"):
-                known = list((OptimizerConfig if loc[2] == "optimizer" else SchedulerConfig).model_fields)
+            if len(loc) >= 4 and loc[2] in ("optimizer", "scheduler", "ema"):
+                known = list({"optimizer": OptimizerConfig, "scheduler": SchedulerConfig, "ema": EmaConfig}[str(loc[2])].model_fields)
         elif loc[0] in _SECTION_KEYS:
             known = list(_SECTION_KEYS[str(loc[0])].model_fields)
         else:
@@ -411,7 +637,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], file: str = "<re
                         field=".".join(keys[: depth + 1]),
                     )
         last = keys[-1]
-        value = _coerce_value(raw.strip())
+        if len(keys) > MAX_NESTING:
+            raise RecipeError(f"--set {path!r}: more than {MAX_NESTING} keys deep", file=file, field=path[:200],
+                              hint="write e.g. --set run.epochs=5")
+        try:
+            value = _coerce_value(raw.strip())
+        except RecursionError:
+            raise RecipeError(f"--set {path}: the value nests arrays or tables more than {MAX_NESTING} deep",
+                              file=file, field=path[:200], hint="a recipe's values are flat; remove the nesting") from None
         if isinstance(node, list):
             idx = _index(last, path, file, len(node))
             node[idx] = value
@@ -442,7 +675,16 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise RecipeError("recipe file not found", file=str(p), hint="check the path; recipes/ holds the shipped recipes")
     if p.is_dir():
         raise RecipeError("this is a folder, not a recipe file", file=str(p), hint="name a .toml file")
-    raw = p.read_bytes()
+    try:
+        with open(p, "rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)  # bounded: /dev/zero or a huge file must not fill the memory
+    except OSError as e:
+        raise RecipeError(f"cannot read the recipe: {e.strerror or e}", file=str(p), hint="check the path") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(
+            f"larger than {MAX_RECIPE_BYTES // 1024} KiB; a recipe is a short TOML file",
+            file=str(p), hint="name the recipe's .toml file (recipes/ holds the shipped ones)",
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -452,13 +694,35 @@ def read_toml(path: str | Path) -> dict[str, Any]:
             hint="save the recipe as UTF-8 text",
         ) from None
     try:
-        return tomllib.loads(text)
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"TOML syntax error: {e}", file=str(p), hint="fix the TOML syntax at the line and column named") from None
+    except RecursionError:
+        raise RecipeError(f"arrays or tables nested more than {MAX_NESTING} deep", file=str(p),
+                          hint="a recipe's values are flat; remove the nesting") from None
+    check_nesting(data, str(p))
+    return data
+
+
+def check_nesting(data: Any, file: str, what: str = "") -> None:
+    """A RecipeError naming the deepest field when tables or arrays nest more than :data:`MAX_NESTING` deep."""
+    todo: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while todo:
+        node, where, depth = todo.pop()
+        if depth > MAX_NESTING:
+            raise RecipeError(
+                f"{what}tables or arrays nested more than {MAX_NESTING} deep", file=file, field=where[:200] or None,
+                hint="a recipe's values are flat; remove the nesting",
+            )
+        if isinstance(node, dict):
+            todo.extend((v, f"{where}.{k}" if where else str(k), depth + 1) for k, v in node.items())
+        elif isinstance(node, list):
+            todo.extend((v, f"{where}[{i}]", depth + 1) for i, v in enumerate(node))
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe file."""
     data = read_toml(path)
     data = apply_overrides(data, overrides or [], file=str(path))
+    check_nesting(data, str(path), "with the --set overrides, ")
     return parse_recipe(data, file=str(path))

@@ -5,6 +5,12 @@ logits come from ``forward_head`` on those same features, so a forward pass comp
 backbone once. The wrapper's ``forward`` does both, which is also what lets
 DistributedDataParallel see the call (it only hooks ``forward``).
 
+With a peer's ``feature_stage`` set, the features are instead the map of that stage (an
+index of the model's ``feature_info``, negative from the end), from timm's
+``forward_intermediates``, which returns it together with the final features the head
+needs: still one backbone pass. A timm ResNet fed 32 px images ends at a 1x1 map; its
+stage -2 or -3 gives the IE autoencoder a 2x2 or 4x4 map.
+
 Feature maps are handed to strategies as ``[B, C, H, W]``:
 
 * NCHW maps (CNNs) as they are; NHWC maps (timm models with ``output_fmt == "NHWC"``,
@@ -58,16 +64,47 @@ def to_feature_map(raw: Tensor, model: nn.Module, model_name: str) -> Tensor:
     )
 
 
-class PeerModule(nn.Module):
-    """A timm model whose forward returns ``(features, logits)`` with one backbone pass."""
+def _stage_index(model: nn.Module, model_name: str, stage: int, *, file: str, field: str) -> int:
+    """``stage`` as a non-negative index of ``model.feature_info``, or a RecipeError naming the stages."""
+    info = getattr(model, "feature_info", None)
+    if not callable(getattr(model, "forward_intermediates", None)) or not info:
+        raise RecipeError(
+            f"model '{model_name}' has no forward_intermediates, so feature_stage cannot choose its stage",
+            file=file, field=field, hint="leave feature_stage unset (the last stage), or choose a timm model that has it",
+        )
+    entries = list(info.info if hasattr(info, "info") else info)
+    n = len(entries)
+    if not -n <= stage < n:
+        stages = ", ".join(f"{i} ({e.get('module')}, /{e.get('reduction')})" for i, e in enumerate(entries))
+        raise RecipeError(f"feature_stage = {stage} is not a stage of '{model_name}', which has {n}: {stages}",
+                          file=file, field=field, hint=f"use an index from {-n} to {n - 1}; -1 is the last stage")
+    return stage % n
 
-    def __init__(self, model: nn.Module, model_name: str, feature_map: bool = True) -> None:
+
+class PeerModule(nn.Module):
+    """A timm model whose forward returns ``(features, logits)`` with one backbone pass.
+
+    ``feature_stage`` (see the module docstring) chooses the stage whose map is returned;
+    None, or the last stage, uses ``forward_features``.
+    """
+
+    def __init__(self, model: nn.Module, model_name: str, feature_map: bool = True, feature_stage: int | None = None,
+                 *, file: str = "<recipe>", field: str = "peers.feature_stage") -> None:
         super().__init__()
         self.model = model
         self.model_name = model_name
         self.feature_map = feature_map
+        self.stage: int | None = None
+        if feature_stage is not None:
+            index = _stage_index(model, model_name, feature_stage, file=file, field=field)
+            info = getattr(model, "feature_info")
+            last = len(list(info.info if hasattr(info, "info") else info)) - 1
+            self.stage = None if index == last else index
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.stage is not None:
+            raw, maps = self.model.forward_intermediates(x, indices=[self.stage], output_fmt="NCHW")
+            return maps[0], self.model.forward_head(raw)
         raw = self.model.forward_features(x)
         logits = self.model.forward_head(raw)
         feats = to_feature_map(raw, self.model, self.model_name) if self.feature_map else raw
@@ -106,7 +143,17 @@ def create_peer(
             f"model '{model_name}' does not accept these kwargs: {e}",
             file=file,
             field=f"{field}.kwargs",
-            hint="remove or rename the keyword; see the model's constructor in timm",
+            hint="remove or rename the keyword, or give it a value of the kind the model's constructor in timm takes",
+        ) from None
+    except (ValueError, AssertionError, AttributeError, KeyError, IndexError, RuntimeError, OverflowError,
+            ZeroDivisionError) as e:
+        # a keyword of the right name with a value of the wrong kind or range fails deep in timm
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise RecipeError(
+            f"model '{model_name}' cannot be built with kwargs {kwargs}: {type(e).__name__}: {first}",
+            file=file,
+            field=f"{field}.kwargs",
+            hint="give each keyword a value of the kind the model's constructor in timm takes",
         ) from None
     for attr in ("forward_features", "forward_head"):
         if not hasattr(model, attr):

@@ -1,6 +1,9 @@
 """What a run writes: ``metrics.jsonl``, ``summary.json``, the resolved recipe, the console.
 
 Only the main process writes files or prints; the other processes get no-op writers.
+``metrics.jsonl`` is flushed after every record and fsynced with every checkpoint; each
+checkpoint holds a copy of the file up to that point, so that a resume can put back a
+file that was deleted, cut short or changed.
 """
 
 from __future__ import annotations
@@ -11,11 +14,15 @@ import math
 import os
 from pathlib import Path
 from typing import Any
+import zlib
 
 from rich.console import Console
 from rich.table import Table
+import tomli_w
 
-__all__ = ["MetricsWriter", "console", "dump_toml", "summary_table"]
+from mutualkd.errors import UserError
+
+__all__ = ["MetricsWriter", "console", "dump_toml", "summary_table", "atomic_write_text", "write_failed"]
 
 console = Console(stderr=False, highlight=False)
 
@@ -30,20 +37,42 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+def write_failed(path: Path, e: OSError) -> UserError:
+    """A file of the run could not be written (a full disk, a read-only file system)."""
+    from mutualkd.checkpoint import os_reason
+
+    return UserError(
+        f"cannot write {path.name}: {os_reason(e)}; the checkpoints written so far are kept",
+        where=str(path),
+        hint="free space on that disk (or move the run folder to a disk with room), then continue with"
+        " `mutualkd run --resume RUN_DIR`",
+    )
+
+
 class MetricsWriter:
-    """Appends JSON records to ``metrics.jsonl``; resumable by truncating to a byte offset."""
+    """Appends JSON records to ``metrics.jsonl``; a resume cuts it back to a checkpoint's byte offset."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        self._fh = None
+        self._fh: Any = None
         if path is not None:
-            self._fh = open(path, "a", encoding="utf-8")
+            self._fh = self._open()
+
+    def _open(self) -> Any:
+        assert self.path is not None
+        try:
+            return open(self.path, "a", encoding="utf-8")
+        except OSError as e:
+            raise write_failed(self.path, e) from None
 
     def write(self, record: Mapping[str, Any]) -> None:
         if self._fh is None:
             return
-        self._fh.write(json.dumps(_clean(record), sort_keys=False) + "\n")
-        self._fh.flush()
+        try:
+            self._fh.write(json.dumps(_clean(record), sort_keys=False) + "\n")
+            self._fh.flush()
+        except OSError as e:
+            raise write_failed(self.path, e) from None  # type: ignore[arg-type]
 
     def offset(self) -> int:
         """Bytes written so far (saved with each checkpoint)."""
@@ -52,14 +81,70 @@ class MetricsWriter:
         self._fh.flush()
         return self._fh.tell()
 
+    def sync(self) -> None:
+        """Flush and fsync, so that what a checkpoint points at is on disk before the checkpoint."""
+        if self._fh is None:
+            return
+        try:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+        except OSError as e:
+            raise write_failed(self.path, e) from None  # type: ignore[arg-type]
+
+    def snapshot(self) -> bytes:
+        """The file so far, compressed (a checkpoint's own copy of it); empty off the main process."""
+        if self._fh is None or self.path is None:
+            return b""
+        n = self.offset()
+        try:
+            with open(self.path, "rb") as f:
+                return zlib.compress(f.read(n), 6)
+        except OSError:
+            return b""  # no copy: a resume can then only cut the file back
+
     def truncate(self, offset: int) -> None:
-        """Drop what was logged after a checkpoint, so a resumed run repeats no line."""
+        """Drop what was logged after a checkpoint, so a resumed run repeats no line (never extends the file)."""
         if self._fh is None or self.path is None:
             return
         self._fh.close()
         with open(self.path, "r+b") as f:
-            f.truncate(offset)
-        self._fh = open(self.path, "a", encoding="utf-8")
+            if f.seek(0, os.SEEK_END) > offset:
+                f.truncate(offset)
+        self._fh = self._open()
+
+    def resume(self, offset: int, snapshot: bytes | None, checkpoint: str) -> str | None:
+        """Bring the file back to what it was at the checkpoint; a note for the console if it had to be repaired.
+
+        The normal case cuts off what was logged after the checkpoint. A file that is
+        missing, shorter than the checkpoint's offset, or different before it is rewritten
+        from the checkpoint's copy (a different file is kept as ``metrics.jsonl.replaced``).
+        A checkpoint without a copy (an earlier mutualkd) can only cut the file.
+        """
+        if self._fh is None or self.path is None:
+            return None
+        self._fh.flush()
+        current = self.path.read_bytes() if self.path.exists() else b""
+        saved = zlib.decompress(snapshot) if snapshot else None
+        if saved is None or len(saved) != offset:
+            if len(current) < offset:
+                self.truncate(len(current))
+                return (f"metrics.jsonl holds {len(current)} bytes, the checkpoint {checkpoint} points at {offset};"
+                        " it has no copy to restore it from, so the records before it are incomplete")
+            self.truncate(offset)
+            return None
+        if current[:offset] == saved:
+            self.truncate(offset)
+            return None
+        self._fh.close()
+        if len(current) >= offset:
+            os.replace(self.path, self.path.with_name(self.path.name + ".replaced"))
+            what = "differed from the one the checkpoint recorded (kept as metrics.jsonl.replaced)"
+        else:
+            what = "was missing" if not current else f"was cut short ({len(current)} of {offset} bytes)"
+        atomic_write_bytes(self.path, saved)
+        self._fh = self._open()
+        lines = saved.count(b"\n")
+        return f"metrics.jsonl {what}; its first {lines} records were restored from checkpoint {checkpoint}"
 
     def close(self) -> None:
         if self._fh is not None:
@@ -67,50 +152,9 @@ class MetricsWriter:
             self._fh = None
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, Mapping):
-        return "{ " + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-
 def dump_toml(data: Mapping[str, Any]) -> str:
-    """Write a recipe dict (tables, arrays of tables, scalars) as TOML."""
-    lines: list[str] = []
-
-    def table(prefix: str, d: Mapping[str, Any], array: bool = False) -> None:
-        scalars = {k: v for k, v in d.items() if not isinstance(v, Mapping) and not _is_table_list(v)}
-        lines.append(f"[[{prefix}]]" if array else f"[{prefix}]")
-        for k, v in scalars.items():
-            lines.append(f"{k} = {_toml_value(v)}")
-        lines.append("")
-        for k, v in d.items():
-            if isinstance(v, Mapping):
-                table(f"{prefix}.{k}", v)
-            elif _is_table_list(v):
-                for item in v:
-                    table(f"{prefix}.{k}", item, array=True)
-
-    for k, v in data.items():
-        if isinstance(v, Mapping):
-            table(k, v)
-        elif _is_table_list(v):
-            for item in v:
-                table(k, item, array=True)
-        else:
-            lines.insert(0, f"{k} = {_toml_value(v)}")
-    return "\n".join(lines)
-
-
-def _is_table_list(v: Any) -> bool:
-    return isinstance(v, list) and bool(v) and all(isinstance(x, Mapping) for x in v)
+    """A recipe dict (tables, arrays of tables, scalars) as TOML, written by tomli-w."""
+    return tomli_w.dumps(dict(data))
 
 
 def summary_table(summary: Mapping[str, Any]) -> Table:
@@ -124,7 +168,22 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
     return t
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``path`` through a temporary file, fsynced, renamed into place (a UserError if that fails)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise write_failed(path, e) from None
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))

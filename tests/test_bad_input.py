@@ -25,7 +25,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mutualkd.checkpoint import MARKER, latest_checkpoint
+from mutualkd.checkpoint import MARKER, latest_checkpoint, list_checkpoints
 from mutualkd.cli import app
 from mutualkd.data import write_idx
 from mutualkd.runlog import dump_toml
@@ -292,13 +292,16 @@ def _resume_with_changed_recipe(w: World, t: Path) -> Case:
 
 
 def _corrupted_checkpoint(w: World, t: Path) -> Case:
+    # Every step checkpoint corrupted: with one intact, resume would fall back to it
+    # (tests/test_faults.py::test_corrupt_newest_checkpoint_falls_back_to_an_older_one).
     run = w.copy_run(w.existing, t)
     latest = latest_checkpoint(run / "checkpoints")
     assert latest is not None
-    state = latest / "state.pt"
-    data = bytearray(state.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    state.write_bytes(bytes(data))
+    for _, folder in list_checkpoints(run / "checkpoints"):
+        state = folder / "state.pt"
+        data = bytearray(state.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        state.write_bytes(bytes(data))
     return Case(["run", "--resume", str(run)], names=[str(latest)], says=["corrupted"])
 
 

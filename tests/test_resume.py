@@ -483,17 +483,20 @@ def test_pruning_keeps_the_newest_k_complete_checkpoints(tmp_path_factory: pytes
 
 
 def test_corrupted_state_is_refused_with_exit_code_2(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """A state.pt whose bytes changed after it was written: resume stops with a message naming
-    the checkpoint, not a traceback, and leaves the run folder as it was. (The CLI runs in
-    this process; test_bad_input checks the same contract through a real process.)"""
+    """State.pt files whose bytes changed after they were written: resume stops with a message
+    naming the checkpoint, not a traceback, and leaves the run folder as it was. (The CLI runs
+    in this process; test_bad_input checks the same contract through a real process.) Every
+    step checkpoint is corrupted: with one intact, resume falls back to it
+    (test_faults.py::test_corrupt_newest_checkpoint_falls_back_to_an_older_one)."""
     run_dir = copy_run(killed_run(tmp_path_factory, "kl_dml"), tmp_path)
     latest = latest_checkpoint(run_dir / "checkpoints")
     assert latest is not None
-    state = latest / "state.pt"
-    data = bytearray(state.read_bytes())
-    for i in range(len(data) // 2, len(data) // 2 + 16):
-        data[i] ^= 0xFF
-    state.write_bytes(bytes(data))
+    for _, folder in list_checkpoints(run_dir / "checkpoints"):
+        state = folder / "state.pt"
+        data = bytearray(state.read_bytes())
+        for i in range(len(data) // 2, len(data) // 2 + 16):
+            data[i] ^= 0xFF
+        state.write_bytes(bytes(data))
     before = snapshot(run_dir)
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:

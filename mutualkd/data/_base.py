@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,7 @@ __all__ = [
     "dataset_entrypoint",
     "list_datasets",
     "mean_std",
+    "check_image_memory",
     "register_dataset",
     "resize_images",
     "resolve_root",
@@ -195,6 +197,29 @@ def take(split: Split, idx: torch.Tensor | None) -> Split:
     if idx is None:
         return split
     return Split(split.images[idx].contiguous(), split.labels[idx].contiguous())
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_image_memory(n: int, channels: int, size: int, *, what: str) -> None:
+    """A DataError on ``data.image_size`` when ``n`` uint8 images of ``size x size`` cannot fit in memory.
+
+    The limit is half of this machine's memory: the images are held once more on the training device.
+    """
+    need = n * channels * size * size
+    total = _memory_bytes()
+    if total is not None and need > total // 2:
+        raise DataError(
+            f"{what} at {size}x{size} take {need / 2**30:.1f} GiB, more than half of this machine's memory"
+            f" ({total / 2**30:.1f} GiB)",
+            field="data.image_size",
+            hint="set data.image_size to the size the models need (e.g. 32 or 224), or a train_subset",
+        )
 
 
 def resize_images(images: torch.Tensor, size: int, *, chunk: int = 2048) -> torch.Tensor:

@@ -59,7 +59,15 @@ def _read_batches(folder: Path, names: Sequence[str], spec: _CifarSpec, fix: str
                 hint=fix,
             )
         data = np.asarray(entry["data"])
-        labs = np.asarray(entry[spec.label_key], dtype=np.int64).reshape(-1)
+        try:
+            raw_labels = np.asarray(entry[spec.label_key])
+        except (ValueError, TypeError) as e:
+            raise DataError(f"{path}: {spec.label_key!r} is not a list of class indices ({e})", hint=fix) from None
+        if raw_labels.dtype.kind not in "iu":  # floats, strings, objects: not class indices
+            raise DataError(
+                f"{path}: {spec.label_key!r} holds {raw_labels.dtype} values, expected integer class indices", hint=fix
+            )
+        labs = raw_labels.astype(np.int64).reshape(-1)
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
             raise DataError(f"{path}: 'data' is {data.dtype} {list(data.shape)}, expected uint8 [N, 3072]", hint=fix)
         if labs.shape[0] != data.shape[0]:

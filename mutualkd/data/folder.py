@@ -11,11 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+import warnings
 
 import numpy as np
 import torch
 
-from mutualkd.data._base import DatasetInfo, Split, mean_std, register_dataset
+from mutualkd.data._base import DatasetInfo, Split, check_image_memory, mean_std, register_dataset
 from mutualkd.errors import DataError
 
 if TYPE_CHECKING:
@@ -44,15 +45,23 @@ def _read_image_split(split_dir: Path, classes: Sequence[str], size: int) -> Spl
             f"image_folder: no images under {split_dir}",
             hint=f"put images ({', '.join(sorted(_IMAGE_EXTENSIONS))}) into {split_dir}/<class>/",
         )
+    check_image_memory(len(paths), 3, size, what=f"the {len(paths)} images of {split_dir}")
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     for i, path in enumerate(paths):
         try:
-            with Image.open(path) as img:
-                rgb = img.convert("RGB")
-                if rgb.size != (size, size):
-                    rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-                out[i] = np.asarray(rgb, dtype=np.uint8)
-        except (UnidentifiedImageError, OSError, ValueError) as e:
+            # PIL warns above MAX_IMAGE_PIXELS and refuses above twice that: both are
+            # refused here, before a small file decompresses into gigabytes.
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as img:
+                    rgb = img.convert("RGB")
+                    if rgb.size != (size, size):
+                        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+                    out[i] = np.asarray(rgb, dtype=np.uint8)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise DataError(f"{path}: refused as a decompression bomb ({e})",
+                            hint="replace the file with an image of ordinary size, or remove it") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             raise DataError(f"{path}: cannot be read as an image ({e})", hint="replace or remove the file") from None
     images = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
     return Split(images, torch.tensor(labels, dtype=torch.int64))

@@ -2,7 +2,14 @@
 
 A run folder holds ``recipe.toml``, ``metrics.jsonl``, ``summary.json`` and
 ``checkpoints/`` (``step-<global step>/`` folders and ``best/``, each written atomically
-by :mod:`mutualkd.checkpoint`). An existing run is never touched unless it is resumed.
+by :mod:`mutualkd.checkpoint`). An existing run is never touched unless it is resumed,
+and only one process at a time writes a run folder: the main process holds its lock
+(:mod:`.lock`) from the moment it is chosen until the run ends.
+
+Resuming takes the newest checkpoint that loads (its hash checked); newer ones that do
+not are skipped with a warning naming each, and set aside (``.invalid-*``) once the run
+goes on. A checkpoint folder named on the command line is used as it is or refused. A
+run killed before its first checkpoint starts again from the beginning.
 """
 
 from __future__ import annotations
@@ -17,9 +24,10 @@ from accelerate.utils import broadcast_object_list
 
 from mutualkd import checkpoint as ckpt
 from mutualkd.config import Recipe
+from mutualkd.engine.lock import RunLock
 from mutualkd.errors import CheckpointError, UserError
 
-__all__ = ["Position", "History", "RunFolder", "resume_folder"]
+__all__ = ["Position", "History", "RunFolder", "resume_folder", "resume_checkpoint"]
 
 
 @dataclass
@@ -49,20 +57,60 @@ class History:
             self.best_score, self.best_epoch = score, epoch
 
 
+def resume_checkpoint(path: str | Path) -> Path | None:
+    """``path`` if it is a checkpoint folder of a run (``RUN_DIR/checkpoints/<name>``), else None."""
+    p = Path(path)
+    if (p / ckpt.META).exists() or (p / ckpt.STATE).exists() or (p / ckpt.MARKER).exists():
+        if p.parent.name != "checkpoints":
+            raise UserError("this checkpoint folder is not inside a run folder's checkpoints/", where=str(p),
+                            hint="name the run folder, or one of the folders under its checkpoints/")
+        return p
+    return None
+
+
 def resume_folder(path: str | Path) -> Path:
-    """The folder of a run to resume, or a UserError when there is none."""
+    """The folder of a run to resume (given itself or one of its checkpoint folders), or a UserError."""
     rd = Path(path)
     if not rd.is_dir():
         raise UserError("run folder to resume does not exist", where=str(rd), hint="name the folder of an earlier run")
-    return rd
+    return rd.parent.parent if resume_checkpoint(rd) is not None else rd
+
+
+def _started_without_checkpoint(path: Path) -> bool:
+    """A run that wrote its recipe but was stopped before its first checkpoint (and did not finish)."""
+    if not (path / "recipe.toml").is_file() or (path / "summary.json").exists():
+        return False
+    cks = path / "checkpoints"
+    return not cks.exists() or all(p.name.startswith(".") for p in cks.iterdir())
+
+
+def _saved_recipe_hash(path: Path) -> str | None:
+    """The recipe hash of a run folder's own recipe.toml (None if it cannot be read)."""
+    from mutualkd.config import load_recipe
+
+    try:
+        return ckpt.recipe_hash(load_recipe(path / "recipe.toml").to_dict())
+    except UserError:
+        return None
+
+
+def _none_complete(folder: Path) -> CheckpointError:
+    bad = ckpt.scan_checkpoints(folder)[1]
+    listed = "".join(f"\n  {p}: {why}" for p, why in bad)
+    return CheckpointError(
+        f"no complete checkpoint to resume from{':' if bad else ''}{listed}", where=str(folder),
+        hint="restore the checkpoints from a backup, or start the run again under a new run.name",
+    )
 
 
 class RunFolder:
-    """The run's folder: chosen, checked against an existing run, and created (main process only).
+    """The run's folder: chosen, checked against an existing run, locked and created (main process only).
 
-    ``resume`` names a run folder to continue from its latest complete checkpoint; with
-    ``run.resume = "auto"`` an existing run of the same name is resumed. Otherwise a
-    folder that already holds a run is refused, untouched.
+    ``resume`` names a run folder to continue from its newest loadable checkpoint, or a
+    checkpoint folder of it to continue from that one; with ``run.resume = "auto"`` an
+    existing run of the same name is resumed. Otherwise a folder that already holds a run
+    is refused, untouched. Call :meth:`release` when the run ends (the lock also goes
+    with the process).
     """
 
     def __init__(self, recipe: Recipe, accelerator: Accelerator, resume: str | Path | None = None) -> None:
@@ -70,26 +118,35 @@ class RunFolder:
         self.recipe = recipe
         self.path = Path(recipe.run.out_dir) / recipe.run.name
         self.resume_from: Path | None = None
+        #: The checkpoint named on the command line (``--resume RUN_DIR/checkpoints/step-...``).
+        self.requested: Path | None = None
+        #: True when the folder holds a run stopped before its first checkpoint: it starts again.
+        self.restart = False
+        #: Checkpoints that could not be resumed from, with the reason (set aside by :meth:`set_aside_skipped`).
+        self.skipped: list[tuple[Path, str]] = []
+        #: Lines for the console: repairs and warnings.
+        self.notes: list[str] = []
         self.recipe_dict = recipe.to_dict()
         self.recipe_hash = ckpt.recipe_hash(self.recipe_dict)
+        #: True when an existing run is continued (or started again), False for a new run folder.
+        self.resuming = False
         if resume is not None:
+            self.requested = resume_checkpoint(resume)
             self.path = resume_folder(resume)
-            latest = ckpt.latest_checkpoint(self.checkpoints)
-            if latest is None:
-                raise CheckpointError(
-                    "no complete checkpoint to resume from (folders without the COMPLETE marker are ignored)",
-                    where=str(self.checkpoints), hint="start the run again under a new run.name",
-                )
-            self.resume_from = latest
+        self.lock = RunLock(self.path)
+        if resume is not None:
+            self._open_existing()
+        elif self.path.exists() and not self.path.is_dir():
+            raise UserError("run.out_dir/run.name is a file, not a folder", where=str(self.path),
+                            hint="choose another name with --set run.name=..., or move the file away")
         elif self.path.exists() and any(self.path.iterdir()):
-            latest = ckpt.latest_checkpoint(self.checkpoints)
-            if recipe.run.resume != "auto" or latest is None:
+            if recipe.run.resume != "auto" or not (self.checkpoints.is_dir() or _started_without_checkpoint(self.path)):
                 raise UserError(
                     "run folder already exists and holds a run; it is left untouched",
                     where=str(self.path),
                     hint=f"resume it with `mutualkd run --resume {self.path}`, or choose another name with --set run.name=...",
                 )
-            self.resume_from = latest
+            self._open_existing()
         else:
             self._create()
 
@@ -97,47 +154,158 @@ class RunFolder:
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 
-    def _create(self) -> None:
+    # ------------------------------------------------------------------ locking (main process), together
+    def _on_main(self, work: Any) -> None:
+        """Run ``work()`` on the main process; every process raises the UserError it raised, if any."""
         acc = self.accelerator
-        # Every process has looked at the folder above; only now may the main one create
-        # it (otherwise a slower process would find it "already there").
-        acc.wait_for_everyone()
-        problem = None
+        problem: tuple[str, str | None, str | None] | None = None
+        notes: list[str] = []
         if acc.is_main_process:
             try:
-                self.path.mkdir(parents=True, exist_ok=True)
-                probe = self.path / ".write-test"
-                probe.write_text("")
-                probe.unlink()
+                notes = work() or []
+            except UserError as e:
+                self.lock.release()
+                problem = (e.message, e.where, e.hint)
             except OSError as e:
-                problem = e.strerror or str(e)
+                self.lock.release()
+                problem = (f"cannot write the run folder: {e.strerror or e}", str(self.path),
+                           "set run.out_dir to a folder you can write to")
         if acc.num_processes > 1:
-            problem = broadcast_object_list([problem], from_process=0)[0]
+            problem, notes = broadcast_object_list([problem, notes], from_process=0)
         if problem is not None:
-            raise UserError(f"cannot write the run folder: {problem}", where=str(self.path),
-                            hint="set run.out_dir to a folder you can write to")
+            raise UserError(problem[0], where=problem[1], hint=problem[2])
+        self.notes.extend(notes)
+
+    def _lock(self) -> list[str]:
+        self.lock.acquire()
+        if self.lock.unsupported:
+            return [f"the run folder cannot be locked ({self.lock.unsupported}); make sure no other process writes it"]
+        return []
+
+    def _create(self) -> None:
+        # Every process has looked at the folder above; only now may the main one create
+        # it (otherwise a slower process would find it "already there").
+        self.accelerator.wait_for_everyone()
+
+        def create() -> list[str]:
+            self.path.mkdir(parents=True, exist_ok=True)
+            notes = self._lock()
+            if any(self.path.iterdir()):  # another process created and filled it meanwhile
+                raise UserError("run folder already exists and holds a run; it is left untouched", where=str(self.path),
+                                hint="choose another name with --set run.name=...")
+            probe = self.path / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+            return notes
+
+        self._on_main(create)
+
+    def _open_existing(self) -> None:
+        """Lock an existing run folder and put back checkpoints a kill left half-swapped (main process)."""
+        def open_() -> list[str]:
+            notes = self._lock()
+            return notes + ckpt.restore_leftovers(self.checkpoints)
+
+        self.resuming = True
+        self._on_main(open_)
+        if self.requested is None and ckpt.latest_checkpoint(self.checkpoints) is None:
+            if _started_without_checkpoint(self.path):
+                if _saved_recipe_hash(self.path) != self.recipe_hash:
+                    self.release()
+                    raise CheckpointError(
+                        "the run was stopped before its first checkpoint, and its recipe.toml differs from this recipe",
+                        where=str(self.path), hint="resume with the run's own recipe (mutualkd run --resume RUN_DIR),"
+                        " or start a new run under another run.name",
+                    )
+                self.restart = True
+                self.notes.append("the run was stopped before its first checkpoint; it starts again from the beginning")
+                return
+            self.release()
+            raise _none_complete(self.checkpoints)
+
+    def release(self) -> None:
+        """Drop the run folder's lock (the run ended, or was refused)."""
+        self.lock.release()
+
+    # ------------------------------------------------------------------ the checkpoint to resume from
+    def _candidates(self) -> list[Path]:
+        if self.requested is not None:
+            return [self.requested]
+        good, bad = ckpt.scan_checkpoints(self.checkpoints)
+        self.skipped.extend(bad)
+        return [p for _, p in reversed(good)]
 
     def load_resume_state(self) -> dict[str, Any] | None:
-        """The checkpoint to resume from, after checking it can continue this run exactly."""
-        if self.resume_from is None:
+        """The state of the newest checkpoint that loads, after checking it can continue this run exactly.
+
+        Checkpoints that do not load (a hash that does not match, a damaged meta.json) are
+        skipped, newest first, and listed in :attr:`skipped`; a checkpoint named on the
+        command line is not skipped but refused. A recipe or process count that does not fit
+        is refused: an older checkpoint would not fit either.
+        """
+        if not self.resuming or self.restart:
             return None
-        state = ckpt.load_checkpoint(self.resume_from)
-        meta = ckpt.read_meta(self.resume_from)
+        failed: list[tuple[Path, str]] = []
+        for path in self._candidates():
+            try:
+                state = ckpt.load_checkpoint(path)
+                meta = ckpt.read_meta(path)
+            except CheckpointError as e:
+                if self.requested is not None:
+                    raise
+                failed.append((path, e.message))
+                continue
+            self._check_fits(path, meta)
+            self.resume_from = path
+            self.skipped.extend(failed)
+            for p, why in self.skipped:
+                self.notes.append(f"skipped checkpoint {p.name}: {why}")
+            if self.skipped:
+                self.notes.append(f"resuming from {path.name}, the newest checkpoint that loads")
+            return state
+        if failed:
+            listed = "\n  ".join(f"{p}: {why}" for p, why in failed)
+            raise CheckpointError(
+                f"no checkpoint of the run can be resumed from:\n  {listed}", where=str(self.checkpoints),
+                hint="restore the checkpoints from a backup, or start the run again under a new run.name",
+            )
+        raise _none_complete(self.checkpoints)
+
+    def _check_fits(self, path: Path, meta: Mapping[str, Any]) -> None:
         saved_world, world = meta.get("num_processes", 1), self.accelerator.num_processes
         if saved_world != world:
             raise CheckpointError(
                 f"the checkpoint was written by {saved_world} process(es), this run has {world};"
                 " the position in the data order is per process, so it cannot continue exactly",
-                where=str(self.resume_from), hint=f"resume with the same number of processes ({saved_world})",
+                where=str(path), hint=f"resume with the same number of processes ({saved_world})",
             )
         if meta.get("recipe_hash") != self.recipe_hash:
             raise CheckpointError(
                 "the recipe differs from the one this run was started with (recipe hash"
                 f" {meta.get('recipe_hash')} in the checkpoint, {self.recipe_hash} now)",
-                where=str(self.resume_from),
+                where=str(path),
                 hint="resume with the run's own recipe (leave RECIPE out: mutualkd run --resume RUN_DIR), or start a new run",
             )
-        return state
+
+    def set_aside_skipped(self) -> None:
+        """Rename the skipped checkpoints out of the way (``.invalid-*``, kept): main process, once the run goes on."""
+        for path, _ in self.skipped:
+            if path.exists():
+                ckpt.set_aside(path)
+        self.skipped = []
+
+    def best_is_stale(self, best_epoch: int) -> str | None:
+        """Why ``best/`` does not hold epoch ``best_epoch`` (missing, damaged, another epoch), or None."""
+        best = self.best_checkpoint()
+        if best_epoch <= 0:
+            return None
+        if not best.exists():
+            return "best/ is missing"
+        problem = ckpt.verify_checkpoint(best)
+        if problem is not None:
+            return f"best/ cannot be loaded ({problem})"
+        epoch = ckpt.read_meta(best).get("epoch")
+        return None if epoch == best_epoch else f"best/ holds epoch {epoch}, the best epoch so far is {best_epoch}"
 
     def step_checkpoint(self, global_step: int) -> Path:
         return self.checkpoints / f"step-{global_step:08d}"

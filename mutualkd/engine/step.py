@@ -30,10 +30,12 @@ Terms = dict[str, dict[str, Tensor]]
 
 @dataclass(frozen=True)
 class StepResult:
-    """What one batch produced: every loss term (detached) and the number of forward passes."""
+    """What one batch produced: every loss term (detached), the number of forward passes, and
+    ``stop_signal``: the signal that asked the run to stop, on this process or any other (None: none)."""
 
     terms: Terms
     forward_passes: int
+    stop_signal: int | None = None
 
 
 @dataclass(frozen=True)
@@ -119,11 +121,11 @@ class BatchStep:
     """Runs the steps of a stage on one batch: strategy terms, one backward, the unit's optimizer steps."""
 
     def __init__(self, strategy: Strategy[Any], slots: Mapping[str, Slot], units: Mapping[str, Unit],
-                 peer_names: Sequence[str], precision: Precision, reduce_sum: Callable[[Tensor], Tensor] | None) -> None:
+                 peer_names: Sequence[str], precision: Precision, reduce_max: Callable[[Tensor], Tensor] | None) -> None:
         self.strategy = strategy
         self.units = units
         self.precision = precision
-        self.reduce_sum = reduce_sum  # across processes, for the finiteness check; None with one process
+        self.reduce_max = reduce_max  # across processes, for the finiteness check and stop requests; None with one process
         self.peer_calls = {name: slots[name].wrapped for name in peer_names}
         self.handles = {
             name: s.inner if s.wrapped is s.inner else _Handle(s.wrapped, s.inner)
@@ -132,7 +134,9 @@ class BatchStep:
         #: How many times each peer's unit was updated (the forward cache's key).
         self.versions = {name: 0 for name in peer_names}
 
-    def run(self, plan: StagePlan, inputs: Tensor, labels: Tensor, *, epoch: int, global_step: int) -> StepResult:
+    def run(self, plan: StagePlan, inputs: Tensor, labels: Tensor, *, epoch: int, global_step: int,
+            stop: int = 0) -> StepResult:
+        """The batch's steps; ``stop`` is this process's pending stop signal (0: none)."""
         ctx = _BatchContext(self, inputs, labels, plan.stage.name, epoch, global_step)
         logged: Terms = {}
         for step, grad_peers in zip(plan.steps, plan.grad_from):
@@ -144,26 +148,32 @@ class BatchStep:
                 raise UserError(f"strategy step '{step.name}' returned no loss term", hint="this is a bug in the strategy plugin")
             loss = torch.stack([v.float() for v in flat.values()]).sum()
             units = [self.units[u] for u in step.updates]
-            self.precision.update(loss, {u.name: u.optimizer for u in units})  # type: ignore[misc]
+            self.precision.update(loss, {u.name: u.optimizer for u in units},  # type: ignore[misc]
+                                  clip={u.name: u.clip for u in units if u.clip is not None})
             for u in units:
                 u.scheduler.step()
                 if u.peer is not None:
                     # This peer changed: its cached output is stale for later steps.
                     self.versions[u.peer] += 1
             logged[step.name] = {key: v.detach() for key, v in flat.items()}
-        # One host sync per batch: the finiteness check (summed over processes so that every
-        # process stops at the same batch), before anything of this batch is logged or saved.
-        self._check_finite(logged, plan.stage, epoch, global_step)
+        # One host sync per batch: the finiteness check and the stop request, reduced (max)
+        # over the processes so that every process stops at the same batch, before anything
+        # of this batch is logged or saved. A signal reaches one process, or reaches them
+        # at different batches; acting on it alone would leave the others waiting in the
+        # next collective.
+        agreed = self._check_finite(logged, plan.stage, epoch, global_step, stop)
         self.precision.end_iteration()
-        return StepResult(logged, ctx.forward_passes)
+        return StepResult(logged, ctx.forward_passes, agreed or None)
 
-    def _check_finite(self, logged: Terms, stage: Stage, epoch: int, global_step: int) -> None:
+    def _check_finite(self, logged: Terms, stage: Stage, epoch: int, global_step: int, stop: int = 0) -> int:
+        """Raise if a term of any process is non-finite; else the largest pending stop signal (0: none)."""
         values = torch.stack([v.float().reshape(()) for terms in logged.values() for v in terms.values()])
-        bad = (~torch.isfinite(values)).any().float()
-        if self.reduce_sum is not None:
-            bad = self.reduce_sum(bad)
-        if float(bad) == 0:
-            return
+        flags = torch.stack([(~torch.isfinite(values)).any().float(), values.new_tensor(float(stop))])
+        if self.reduce_max is not None:
+            flags = self.reduce_max(flags)
+        bad, agreed = flags.tolist()
+        if bad == 0:
+            return int(agreed)
         first = next(
             ((step, key) for step, terms in logged.items() for key, v in terms.items() if not torch.isfinite(v).all()),
             None,
