@@ -1,0 +1,186 @@
+"""Choosing and building a run's data pipeline: ``device`` or ``stream``, from one recipe vocabulary.
+
+* ``device`` (:class:`~mutualkd.data.BatchLoader`): the whole data set decoded once and
+  held on the training device; batches are cropped and flipped there. Right for data that
+  fits (digits, MNIST, CIFAR: loading never stalls a GPU).
+* ``stream`` (:class:`~mutualkd.data.stream.StreamLoader`): worker processes read,
+  decode and augment each image with timm's transforms. Right for image folders and tar
+  shards of any size (ImageNet), and for ImageNet-style augmentation.
+
+``data.pipeline = "auto"`` keeps every set that fitted before on the device pipeline: the
+bundled sets, and image folders whose decoded images fit ``data.memory_budget_gb``; a
+larger folder, one without ``image_size``, and tar shards stream. :func:`choose_pipeline`
+says which and why; the run prints it at start.
+
+Mixup, cutmix and label smoothing (:class:`~mutualkd.data.transforms.BatchMixup`) act on
+training batches on the device, in both pipelines. A validation split held out of train
+(``data.val_fraction``) is evaluated like the test split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from mutualkd.data._base import DatasetInfo, dataset_entrypoint, stratified_subset
+from mutualkd.data.datasets import load_splits, split_indices
+from mutualkd.data.loader import BatchLoader
+from mutualkd.data.sources import Source, SplitSource, count_folder_images, folder_sources, tar_sources
+from mutualkd.data.stream import StreamDataset, StreamLoader
+from mutualkd.data.transforms import BatchMixup, InputConfig, build_mixup, build_transform, resolve_input
+
+if TYPE_CHECKING:
+    from mutualkd.config import DataConfig
+
+__all__ = ["Loader", "Pipeline", "StreamPlan", "build_pipeline", "check_data", "choose_pipeline", "plan_stream"]
+
+#: What the engine iterates over: either pipeline's loader.
+Loader = BatchLoader | StreamLoader
+
+
+@dataclass
+class Pipeline:
+    """A run's data: the loaders, the data set's info, the batch mixing, and why this pipeline."""
+
+    kind: str  # "device" or "stream"
+    reason: str
+    info: DatasetInfo
+    train: Loader
+    test: Loader
+    val: Loader | None = None
+    mixup: BatchMixup | None = None
+    input: InputConfig | None = None  # stream: the input size and normalisation the transforms use
+
+
+@dataclass
+class StreamPlan:
+    """A stream pipeline's sources, the indices each split reads, and its input config (no loader yet)."""
+
+    info: DatasetInfo
+    input: InputConfig
+    train: Source
+    test: Source
+    train_idx: np.ndarray
+    val_idx: np.ndarray | None
+    test_idx: np.ndarray
+
+
+# --------------------------------------------------------------------------- choosing
+
+
+def choose_pipeline(cfg: DataConfig) -> tuple[str, str]:
+    """``(kind, reason)``: the pipeline ``cfg`` asks for, or the one ``auto`` picks, and why."""
+    if cfg.pipeline != "auto":
+        return cfg.pipeline, f'data.pipeline = "{cfg.pipeline}"'
+    if cfg.dataset == "image_tar":
+        return "stream", "tar shards are read as they are needed"
+    if cfg.dataset != "image_folder":
+        return "device", f"{cfg.dataset} fits in memory"
+    if cfg.image_size is None:
+        return "stream", "no data.image_size: each image is resized as it is read"
+    n = count_folder_images(cfg.root)
+    if n is None:  # no folder there: the device loader names what is missing
+        return "device", "image folder (size unknown)"
+    need = n * 3 * cfg.image_size**2 / 2**30
+    budget = cfg.memory_budget_gb
+    if need > budget:
+        return "stream", f"{n} images at {cfg.image_size} px are {need:.2f} GiB decoded, over data.memory_budget_gb = {budget:g}"
+    return "device", f"{n} images at {cfg.image_size} px are {need:.2f} GiB decoded, within data.memory_budget_gb = {budget:g}"
+
+
+# --------------------------------------------------------------------------- the stream plan
+
+
+def _arange_or(idx: torch.Tensor | None, n: int) -> np.ndarray:
+    return np.arange(n, dtype=np.int64) if idx is None else idx.numpy().astype(np.int64)
+
+
+def plan_stream(cfg: DataConfig, *, seed: int, peers: Mapping[str, str]) -> StreamPlan:
+    """Sources, split indices and the input config of a stream pipeline; reads no image.
+
+    ``peers`` maps each peer's recipe name to its timm model (for ``config_from``).
+    """
+    native: tuple[int, int] | None = None
+    mean = std = None
+    if cfg.dataset == "image_folder":
+        train_src, test_src = folder_sources(cfg.root)
+        name = "image_folder"
+    elif cfg.dataset == "image_tar":
+        train_src, test_src = tar_sources(cfg.root)
+        name = "image_tar"
+    else:
+        train, test, base = dataset_entrypoint(cfg.dataset)(cfg)
+        train_src = SplitSource(train, base.num_classes, f"{base.name} train")
+        test_src = SplitSource(test, base.num_classes, f"{base.name} test")
+        native, mean, std, name = base.image_size, base.mean, base.std, base.name
+    inp = resolve_input(cfg, dataset=name, in_chans=train_src.in_chans, native_size=native, mean=mean, std=std,
+                        peers=peers)
+    train_idx, val_idx = split_indices(torch.from_numpy(train_src.labels), cfg, seed=seed)
+    test_idx = None
+    if cfg.test_subset is not None:
+        test_idx = stratified_subset(torch.from_numpy(test_src.labels), cfg.test_subset, seed=0)
+    info = DatasetInfo(name, train_src.num_classes, train_src.in_chans, inp.input_size[1:], inp.mean, inp.std,
+                       "none", 0)
+    return StreamPlan(info, inp, train_src, test_src, _arange_or(train_idx, len(train_src)),
+                      None if val_idx is None else _arange_or(val_idx, len(train_src)),
+                      _arange_or(test_idx, len(test_src)))
+
+
+# --------------------------------------------------------------------------- building
+
+
+def build_pipeline(cfg: DataConfig, *, seed: int, device: torch.device | str, rank: int = 0, world_size: int = 1,
+                   channels_last: bool = False, peers: Mapping[str, str] | None = None) -> Pipeline:
+    """The loaders of the pipeline :func:`choose_pipeline` picks, for process ``rank`` of ``world_size``."""
+    kind, reason = choose_pipeline(cfg)
+    common: dict[str, Any] = dict(device=device, rank=rank, world_size=world_size, channels_last=channels_last)
+    if kind == "device":
+        train, val, test, info = load_splits(cfg, seed=seed)
+        pipe = Pipeline(
+            kind, reason, info,
+            BatchLoader(train, info, batch_size=cfg.batch_size, train=True, augment=cfg.augment, seed=seed,
+                        drop_last=cfg.drop_last, **common),
+            BatchLoader(test, info, batch_size=cfg.eval_batch_size, train=False, augment=False, seed=seed, **common),
+        )
+        if val is not None:
+            pipe.val = BatchLoader(val, info, batch_size=cfg.eval_batch_size, train=False, augment=False, seed=seed,
+                                   **common)
+        pipe.mixup = build_mixup(cfg, info.num_classes, seed=seed)
+        return pipe
+
+    plan = plan_stream(cfg, seed=seed, peers=peers or {})
+    stream: dict[str, Any] = dict(seed=seed, num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor,
+                                  skip_corrupt=cfg.skip_corrupt, **common)
+    train_tf = build_transform(cfg, plan.input, dataset=plan.info.name, train=True)
+    eval_tf = build_transform(cfg, plan.input, dataset=plan.info.name, train=False)
+
+    def eval_loader(source: Source, idx: np.ndarray) -> StreamLoader:
+        ds = StreamDataset(source, idx, eval_tf, seed=seed, train=False)
+        return StreamLoader(ds, batch_size=cfg.eval_batch_size, train=False, **stream)
+
+    train_ds = StreamDataset(plan.train, plan.train_idx, train_tf, seed=seed, train=True)
+    pipe = Pipeline(
+        kind, reason, plan.info,
+        StreamLoader(train_ds, batch_size=cfg.batch_size, train=True, drop_last=cfg.drop_last, **stream),
+        eval_loader(plan.test, plan.test_idx),
+        input=plan.input,
+    )
+    if plan.val_idx is not None:
+        pipe.val = eval_loader(plan.train, plan.val_idx)
+    pipe.mixup = build_mixup(cfg, plan.info.num_classes, seed=seed)
+    return pipe
+
+
+def check_data(cfg: DataConfig, *, seed: int, peers: Mapping[str, str]) -> tuple[DatasetInfo, str, str]:
+    """What ``mutualkd validate`` checks of the data: ``(info, kind, reason)``, building no loader."""
+    kind, reason = choose_pipeline(cfg)
+    if kind == "device":
+        _, _, _, info = load_splits(cfg, seed=seed)
+        return info, kind, reason
+    plan = plan_stream(cfg, seed=seed, peers=peers)
+    build_transform(cfg, plan.input, dataset=plan.info.name, train=True)
+    return plan.info, kind, reason

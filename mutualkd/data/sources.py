@@ -1,0 +1,248 @@
+"""Where the stream pipeline reads samples from: timm's readers, or a split held in memory.
+
+A source is a list of samples that can each be opened on their own, in any process:
+
+* :class:`ReaderSource` wraps one of timm's readers, made by
+  ``timm.data.create_dataset``: ``ReaderImageFolder`` for an image folder in ImageNet
+  layout (``<split>/<class>/<image>``), ``ReaderImageInTar`` for tar shards (one
+  ``.tar`` file, or a folder of ``.tar`` shards whose members are ``<class>/<image>``).
+  Only the list of file names and labels is held; each image is read and decoded when
+  it is asked for;
+* :class:`SplitSource` serves a :class:`~mutualkd.data.Split` (digits, MNIST, CIFAR, ...)
+  as PIL images, so that the same recipe runs through either pipeline.
+
+:func:`folder_sources` and :func:`tar_sources` find the splits under ``[data] root`` and
+check that train and the evaluation split share their classes, raising
+:class:`~mutualkd.errors.DataError` naming what is missing and where.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+import tarfile
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from mutualkd.data._base import DatasetInfo, Split, register_dataset
+from mutualkd.errors import DataError
+
+if TYPE_CHECKING:
+    from mutualkd.config import DataConfig
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ReaderSource",
+    "Source",
+    "SplitSource",
+    "count_folder_images",
+    "eval_split_dir",
+    "folder_sources",
+    "image_tar",
+    "tar_sources",
+]
+
+#: File suffixes read as images in an image folder (timm's ``get_img_extensions``).
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+_EVAL_NAMES = ("val", "test", "validation")  # the evaluation split's folder, in the order looked for
+
+
+class Source(Protocol):
+    """Samples that can be opened one by one: ``labels[i]`` and :meth:`open`; :meth:`name` for messages."""
+
+    labels: np.ndarray
+    num_classes: int
+    in_chans: int
+
+    def __len__(self) -> int: ...
+
+    def open(self, i: int) -> Any:
+        """Sample ``i`` as a decoded PIL image; raises when the file cannot be read or decoded."""
+        ...
+
+    def name(self, i: int) -> str:
+        """The file (or sample) that ``i`` is, for an error message."""
+        ...
+
+
+class ReaderSource:
+    """A timm reader's samples, decoded with PIL in the process that asks for them."""
+
+    in_chans = 3
+
+    def __init__(self, reader: Any, class_to_idx: dict[str, int]) -> None:
+        self.reader = reader
+        self.class_to_idx = dict(class_to_idx)
+        self.num_classes = len(self.class_to_idx)
+        targets = getattr(reader, "targets", None)
+        if targets is None:
+            targets = [t for _, t in reader.samples]
+        self.labels = np.asarray(targets, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def open(self, i: int) -> Any:
+        from PIL import Image
+
+        handle, _ = self.reader[i]
+        try:
+            img = Image.open(handle)
+            return img.convert("RGB")  # decodes the pixels, so a truncated file fails here
+        finally:
+            close = getattr(handle, "close", None)
+            if close is not None:
+                close()
+
+    def name(self, i: int) -> str:
+        return str(self.reader._filename(i, absolute=True))
+
+
+class SplitSource:
+    """A split held in memory (uint8 ``[N, C, H, W]``), served as PIL images (``L`` or ``RGB``)."""
+
+    def __init__(self, split: Split, num_classes: int, what: str) -> None:
+        self.images = split.images
+        self.labels = split.labels.numpy().astype(np.int64)
+        self.num_classes = int(num_classes)
+        self.in_chans = int(split.images.shape[1])
+        self.what = what
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def open(self, i: int) -> Any:
+        from PIL import Image
+
+        pixels = self.images[i].numpy()
+        if pixels.shape[0] == 1:
+            return Image.fromarray(pixels[0], mode="L")
+        return Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)), mode="RGB")
+
+    def name(self, i: int) -> str:
+        return f"{self.what} sample {i}"
+
+
+# --------------------------------------------------------------------------- finding the splits
+
+
+def _root(root: str | None, dataset: str, layout: str) -> Path:
+    if root is None:
+        raise DataError(
+            f"{dataset} needs the folder that holds its splits",
+            field="data.root",
+            hint=f"set root in [data] or --set data.root=PATH; it must hold {layout}",
+        )
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise DataError(
+            f"{dataset}: the folder {base} does not exist",
+            field="data.root",
+            hint=f"put the data set there ({layout}) or point --set data.root=PATH at it",
+        )
+    return base
+
+
+def eval_split_dir(base: Path, suffix: str = "") -> Path | None:
+    """``base/val`` (or ``test``, ``validation``), with ``suffix`` (e.g. ``.tar``); None if none exists."""
+    for n in _EVAL_NAMES:
+        p = base / f"{n}{suffix}"
+        if p.exists():
+            return p
+    return None
+
+
+def _check_classes(train: dict[str, int], other: dict[str, int], train_at: Path, other_at: Path) -> None:
+    if set(train) != set(other):
+        only_train = sorted(set(train) - set(other))[:5]
+        only_other = sorted(set(other) - set(train))[:5]
+        raise DataError(
+            f"the classes of {train_at} and {other_at} differ"
+            + (f"; only in train: {', '.join(only_train)}" if only_train else "")
+            + (f"; only in {other_at.name}: {', '.join(only_other)}" if only_other else ""),
+            hint="give both splits the same class folders",
+        )
+
+
+def folder_sources(root: str | None) -> tuple[ReaderSource, ReaderSource]:
+    """Train and evaluation sources of an image folder ``root/{train,val}/<class>/<image>``."""
+    from timm.data import create_dataset
+
+    layout = "train/<class>/<image> and val/<class>/<image> (val/ may be named test/)"
+    base = _root(root, "image_folder", layout)
+    train_dir, eval_dir = base / "train", eval_split_dir(base)
+    missing = [str(p) for p, ok in ((train_dir, train_dir.is_dir()), (base / "val", eval_dir is not None)) if not ok]
+    if missing:
+        raise DataError(
+            f"image_folder: missing folder(s) {', '.join(missing)}" + (" (or test/)" if eval_dir is None else ""),
+            field="data.root",
+            hint=f"lay out {base}/{layout}",
+        )
+    assert eval_dir is not None
+    train_ds = create_dataset("", root=str(train_dir), split="train", search_split=False)
+    classes = dict(train_ds.reader.class_to_idx)
+    if not classes or len(train_ds.reader) == 0:
+        raise DataError(f"image_folder: no images under {train_dir}",
+                        hint=f"put images ({', '.join(sorted(IMAGE_EXTENSIONS))}) into {train_dir}/<class>/")
+    eval_ds = create_dataset("", root=str(eval_dir), split="validation", search_split=False)
+    _check_classes(classes, dict(eval_ds.reader.class_to_idx), train_dir, eval_dir)
+    if len(eval_ds.reader) == 0:
+        raise DataError(f"image_folder: no images under {eval_dir}", hint=f"put images into {eval_dir}/<class>/")
+    return ReaderSource(train_ds.reader, classes), ReaderSource(eval_ds.reader, classes)
+
+
+def _tar_split(base: Path, name: str) -> Path | None:
+    """``base/<name>.tar`` or the folder ``base/<name>`` of ``.tar`` shards."""
+    if (base / f"{name}.tar").is_file():
+        return base / f"{name}.tar"
+    if (base / name).is_dir() and any((base / name).glob("*.tar")):
+        return base / name
+    return None
+
+
+def tar_sources(root: str | None) -> tuple[ReaderSource, ReaderSource]:
+    """Train and evaluation sources of tar shards under ``root`` (timm's ``ReaderImageInTar``)."""
+    from timm.data import create_dataset
+
+    layout = "train.tar and val.tar, or folders train/ and val/ of .tar shards whose members are <class>/<image>"
+    base = _root(root, "image_tar", layout)
+    train_at = _tar_split(base, "train")
+    eval_at = next((p for n in _EVAL_NAMES if (p := _tar_split(base, n)) is not None), None)
+    if train_at is None or eval_at is None:
+        what = ", ".join(n for n, p in (("train", train_at), ("val", eval_at)) if p is None)
+        raise DataError(f"image_tar: no {what} shards under {base}", field="data.root", hint=f"put {layout} there")
+    try:
+        train_ds = create_dataset("", root=str(train_at), split="train", search_split=False)
+        classes = dict(train_ds.reader.class_name_to_idx)
+        eval_ds = create_dataset("", root=str(eval_at), split="validation", search_split=False, class_map=classes)
+    except (OSError, ValueError, AssertionError, tarfile.TarError) as e:
+        raise DataError(f"image_tar: cannot read the shards under {base} ({type(e).__name__}: {e})",
+                        hint=f"rewrite or remove the shard; the layout is {layout}") from None
+    return ReaderSource(train_ds.reader, classes), ReaderSource(eval_ds.reader, classes)
+
+
+def count_folder_images(root: str | None) -> int | None:
+    """Images under ``root/{train,val|test}/<class>/`` (a quick directory scan); None without the layout."""
+    if root is None:
+        return None
+    base = Path(root).expanduser()
+    splits = [base / "train", eval_split_dir(base)]
+    if not all(p is not None and p.is_dir() for p in splits):
+        return None
+    n = 0
+    for split in splits:
+        assert split is not None
+        for cls in split.iterdir():
+            if cls.is_dir():
+                n += sum(1 for f in cls.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+    return n
+
+
+@register_dataset
+def image_tar(cfg: DataConfig) -> tuple[Split, Split, DatasetInfo]:
+    """Tar shards stream: the device pipeline (which decodes everything up front) does not read them."""
+    raise DataError(
+        "image_tar is read by the stream pipeline only",
+        field="data.pipeline",
+        hint='set data.pipeline = "stream" (or "auto"), or extract the shards into an image folder',
+    )
