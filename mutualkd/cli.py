@@ -1,4 +1,4 @@
-"""The ``mutualkd`` command: run, validate, plugins, report, analyze.
+"""The ``mutualkd`` command: run, validate, plugins, report, analyze, sweep, export.
 
 Every error the user can fix is printed as one message (where, what, how to fix) with
 exit code 2, never as a traceback.
@@ -80,7 +80,9 @@ def run(
     recipe: Annotated[Optional[Path], typer.Argument(help="The TOML recipe to run.")] = None,
     set_: SetOpt = None,
     resume: Annotated[
-        Optional[Path], typer.Option("--resume", help="Continue the run in this folder from its latest checkpoint.")
+        Optional[Path],
+        typer.Option("--resume", help="Continue the run in this folder from its newest checkpoint that loads, or from"
+                     " one checkpoint folder of it (RUN_DIR/checkpoints/step-...)."),
     ] = None,
     block_plugin: BlockOpt = None,
 ) -> None:
@@ -272,6 +274,82 @@ def analyze(
                       str(r.samples), f"{r.student_top1:.2f} / {r.teacher_top1:.2f}", f"{r.cka_maps:.4f}",
                       f"{r.cka_maps_debiased:.4f}", f"{r.cka_pooled:.4f}", f"{r.cka_pooled_debiased:.4f}")
     out_console.print(table)
+
+
+@app.command()
+def sweep(
+    recipe: Annotated[Path, typer.Argument(help="The TOML recipe to sweep (it may hold a [sweep] table).")],
+    grid: Annotated[
+        Optional[list[str]],
+        typer.Option("--grid", "-g", help="A recipe key and its values, e.g. strategy.weight=0.5,1 (repeatable)."),
+    ] = None,
+    seeds: Annotated[Optional[str], typer.Option("--seeds", help="Seeds of every grid point, e.g. 0,1,2.")] = None,
+    set_: SetOpt = None,
+    out_dir: Annotated[
+        Optional[Path], typer.Option("--out-dir", help="Folder of the sweep's runs; default: OUT_DIR/NAME-sweep.")
+    ] = None,
+    print_only: Annotated[
+        bool, typer.Option("--print", help="Print one `mutualkd run` command per run instead of running them.")
+    ] = False,
+    report_: Annotated[bool, typer.Option("--report/--no-report", help="Write the report of the sweep at the end.")] = True,
+) -> None:
+    """Run RECIPE for every combination of the --grid values and --seeds, one run folder each.
+
+    Runs go one after another; finished runs are skipped and interrupted ones resumed, so
+    the same command continues a sweep. At the end `mutualkd report` groups the runs by
+    their swept values (OUT_DIR/NAME-sweep/report).
+    """
+    from mutualkd.sweep import plan_sweep, print_commands, run_sweep
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()] if seeds else None
+    except ValueError:
+        _fail(UserError(f"--seeds {seeds!r} is not a list of integers", hint="write e.g. --seeds 0,1,2"))
+    try:
+        plan = plan_sweep(recipe, grid or [], seed_list, set_ or [], out_dir)
+    except UserError as e:
+        _fail(e)
+    if print_only:
+        sys.stdout.write(print_commands(plan) + "\n")
+        return
+    out_console.print(f"sweep of {len(plan.runs)} run(s) in {plan.folder}", markup=False)
+    try:
+        outcome = run_sweep(plan, console=out_console)
+    except KeyboardInterrupt:
+        err_console.print(f"sweep stopped; run the same command again to continue it", markup=False)
+        raise typer.Exit(130) from None
+    failed = outcome["failed"]
+    out_console.print(f"{len(outcome['done'])} run(s) done, {len(outcome['resumed'])} resumed,"
+                      f" {len(outcome['skipped'])} skipped, {len(failed)} failed", markup=False)
+    finished = [r.folder for r in plan.runs if (r.folder / "metrics.jsonl").is_file()]
+    if report_ and finished:
+        from mutualkd.report import make_report
+
+        try:
+            make_report(finished, plan.folder / "report", console=out_console)
+        except UserError as e:
+            _fail(e)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run folder, or one of its checkpoint folders.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write model.safetensors and config.json to.")],
+    peer: Annotated[Optional[str], typer.Option("--peer", help="The peer's name (default: the first peer).")] = None,
+    ema: Annotated[bool, typer.Option("--ema", help="Export the peer's EMA copy instead of its raw weights.")] = False,
+    best: Annotated[bool, typer.Option("--best", help="Export from checkpoints/best instead of the latest one.")] = False,
+) -> None:
+    """Write one peer of a run (or its EMA copy) as a timm checkpoint: model.safetensors and config.json."""
+    from mutualkd.export import export_peer
+
+    try:
+        done = export_peer(run_dir, out, peer=peer, ema=ema, best=best)
+    except UserError as e:
+        _fail(e)
+    out_console.print(f"exported {done.peer}{' (EMA)' if done.ema else ''} ({done.architecture}) from {done.checkpoint}"
+                      f" to {done.folder}", markup=False)
 
 
 def main() -> None:

@@ -90,6 +90,7 @@ def plan_sweep(recipe: str | Path, grid_items: Sequence[str] = (), seeds: Sequen
                overrides: Sequence[str] = (), out_dir: str | Path | None = None) -> Sweep:
     """Every run of the sweep, each recipe validated (a RecipeError before any run starts)."""
     from mutualkd.config import apply_overrides, parse_recipe, read_toml
+    from mutualkd.engine.build import check_recipe
     from mutualkd.runlog import dump_toml
 
     path = Path(recipe)
@@ -129,7 +130,8 @@ def plan_sweep(recipe: str | Path, grid_items: Sequence[str] = (), seeds: Sequen
             name = "-".join(parts)
             sets = [*overrides, *(f"{k}={v}" for k, v in zip(keys, combo)),
                     f"run.seed={seed}", f"run.name={name}", f"run.out_dir={folder}", "run.resume=auto"]
-            rec = parse_recipe(apply_overrides(raw, sets, file=str(path)), file=str(path))  # fails before any run
+            rec = parse_recipe(apply_overrides(raw, sets, file=str(path)), file=str(path))
+            check_recipe(rec, recipe_file=str(path), data=False)  # every run checked before any starts
             values = {k: _lookup(rec.to_dict(), k) for k in keys}
             sweep.runs.append(SweepRun(values, seed, name, folder / name, sets))
     return sweep

@@ -179,6 +179,8 @@ OTHER_VALUE: dict[str, Any] = {
     "compile": True,
     "progress": True,
     "block_plugins": ["strategy:ie_dml"],
+    "log_with": ["tensorboard"],
+    "tracker_project": "other",
 }
 
 
@@ -231,3 +233,73 @@ def test_importing_the_report_draws_in_no_matplotlib():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=subprocess_env())
     assert proc.returncode == 0, proc.stderr
+
+
+# --------------------------------------------------------------------------- labels, seeds, width, panel order
+
+
+def _fake_run(tmp_path: Path, name: str, seed: int, finals: dict[str, float], **recipe_changes: Any) -> RunData:
+    recipe = parse_recipe(recipe_dict(tmp_path, name=name, run={"seed": seed}), file="<test>").to_dict()
+    for k, v in recipe_changes.items():
+        section, _, key = k.partition("__")
+        recipe[section][key] = v
+    epochs = [{"kind": "epoch", "epoch": 1, "stage": "train", "global_step": 4, "loss": {}, "top1": finals}]
+    return RunData(path=tmp_path / name, name=name, recipe=recipe, epochs=epochs, steps=[], summary={"top1": {}})
+
+
+def test_group_labels_keep_digits_that_are_not_the_seed(tmp_path: Path):
+    groups = group_runs([_fake_run(tmp_path, "kl-resnet18", 0, {"peer0": 50.0, "peer1": 60.0}),
+                         _fake_run(tmp_path, "dml-s3", 3, {"peer0": 50.0, "peer1": 60.0}, strategy__name="independent")])
+    assert [g.label for g in groups] == ["kl-resnet18", "dml"]
+
+
+def test_runs_with_the_same_seed_are_one_experiment(tmp_path: Path):
+    from mutualkd.report.tables import group_rows
+
+    a = _fake_run(tmp_path, "dml", 0, {"peer0": 50.0, "peer1": 60.0})
+    b = _fake_run(tmp_path, "dml-again", 0, {"peer0": 52.0, "peer1": 62.0})
+    (g,) = group_runs([a, b])
+    assert g.seeds == [0]
+    assert g.peer_mean("final") == (56.0, None, 1)  # averaged, no spread over repeats of one seed
+    row = group_rows([g])[0]
+    assert row[3] == "0 (2 runs, averaged)" and "±" not in row[5]
+    c = _fake_run(tmp_path, "dml-s1", 1, {"peer0": 40.0, "peer1": 50.0})
+    (g,) = group_runs([a, b, c])
+    assert g.peer_mean("final") == (50.5, pytest.approx(statistics.stdev([56.0, 45.0])), 2)
+
+
+def test_ema_copies_are_not_in_the_peers_mean(tmp_path: Path):
+    r = _fake_run(tmp_path, "e", 0, {"peer0": 50.0, "peer1": 60.0, "ensemble": 61.0, "peer0_ema": 90.0})
+    assert r.peer_mean("final") == 55.0
+    (g,) = group_runs([r])
+    assert g.every_network("final") == (55.0, pytest.approx(statistics.stdev([50.0, 60.0])), 2)
+
+
+def test_terminal_tables_are_readable_at_80_columns(tmp_path: Path):
+    from rich.console import Console
+
+    from mutualkd.report.tables import group_table, rich_table, run_rows
+
+    runs = [_fake_run(tmp_path, f"dml-s{s}", s, {"peer0": 50.0 + s, "peer1": 60.25 + s, "ensemble": 61.5,
+                                                  "peer0_ema": 55.125, "peer1_ema": 58.0}) for s in range(3)]
+    runs.append(_fake_run(tmp_path, "kl-T4-s0", 0, {"peer0": 51.0, "peer1": 61.0}, strategy__temperature=4.0))
+    groups = group_runs(runs)
+    console = Console(width=80, record=True, color_system=None)
+    head, rows = group_table(groups)
+    console.print(rich_table("per group", head, rows, 80))
+    r_head, r_rows = run_rows(groups)
+    console.print(rich_table("per run", r_head, r_rows, 80))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    # every number whole on one line, never folded
+    for cell in [c for row in rows + r_rows for c in row if any(ch.isdigit() for ch in c) and len(c) < 30]:
+        assert cell in text, cell
+    assert "strategy.temperature=4.0" in text and "strategy.temperature=unset" in text
+
+
+def test_loss_panels_follow_the_peers_order():
+    from mutualkd.report.plots import _owners
+
+    keys = ["peer0/ce", "peer2/ce", "peer3/ce", "peer1/ce", "peer1/kl", "ae/rec"]
+    assert list(_owners(keys, ["peer0", "peer1", "peer2", "peer3"])) == ["peer0", "peer1", "peer2", "peer3", "ae"]
+

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from mutualkd.config import OptimizerConfig, Recipe, SchedulerConfig, format_validation_error
-from mutualkd.data import BatchLoader, DatasetInfo, load_dataset
+from mutualkd.data import DatasetInfo, Pipeline, build_pipeline, check_data
 from mutualkd.errors import DataError, RecipeError, UserError, close_matches, in_file
-from mutualkd.optim import build_optimizer, build_scheduler
+from mutualkd.optim import build_optimizer, build_scheduler, check_optimizer
 from mutualkd.peers import PeerModule, create_peer, probe_feature_shape
 from mutualkd.checkpoint import load_peer_model
 from mutualkd.registry import get_metric, get_strategy
@@ -38,6 +38,7 @@ class Unit:
     peer: str | None = None  # the peer whose backbone is in this unit
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
+    clip: tuple[float, str] | None = None  # (clip_grad, clip_mode) of the unit's optimizer config
 
 
 @dataclass
@@ -56,13 +57,21 @@ class Built:
 
     strategy: Strategy[Any]
     info: DatasetInfo
-    train_loader: BatchLoader
-    test_loader: BatchLoader
+    data: Pipeline  # the loaders (train, test, val), the batch mixing, and why this pipeline
     peer_names: list[str]
     slots: dict[str, Slot]  # peers first, in recipe order, then auxiliary modules
     units: dict[str, Unit]
     stages: list[Stage]
     stage_epochs: list[int] = field(default_factory=list)
+    lr_note: str | None = None  # the linear lr-scaling rule's effect, for the console
+
+    @property
+    def train_loader(self) -> Any:
+        return self.data.train
+
+    @property
+    def test_loader(self) -> Any:
+        return self.data.test
 
 
 def resolve_strategy(recipe: Recipe, recipe_file: str = "<recipe>") -> tuple[type[Strategy[Any]], Any]:
@@ -136,7 +145,8 @@ def _make_peers(recipe: Recipe, file: str, info: DatasetInfo, feature_map: bool,
     for i, pc in enumerate(recipe.peers):
         model = create_peer(pc.model, num_classes=info.num_classes, in_chans=info.in_chans, kwargs=pc.kwargs,
                             file=file, field=f"peers[{i}]")
-        module = PeerModule(model, pc.model, feature_map=feature_map).to(device)
+        module = PeerModule(model, pc.model, feature_map=feature_map, feature_stage=pc.feature_stage,
+                            file=file, field=f"peers[{i}].feature_stage").to(device)
         if channels_last:
             module = module.to(memory_format=torch.channels_last)
         shape = probe_peer(module, info, device, file=file, i=i, name=names[i])
@@ -198,6 +208,17 @@ def _stages(strategy: Strategy[Any], recipe: Recipe, units: dict[str, Unit]) -> 
     return stages, [s.epochs if s.epochs is not None else recipe.run.epochs for s in stages]
 
 
+def _check_optimizers(recipe: Recipe, file: str,
+                      unit_cfg: dict[str, tuple[OptimizerConfig, SchedulerConfig]] | None = None) -> None:
+    """Every optimizer name of the recipe (and of the strategy's units) known, or a RecipeError naming its field."""
+    check_optimizer(recipe.optimizer, file=file, field="optimizer")
+    for i, pc in enumerate(recipe.peers):
+        if pc.optimizer is not None:
+            check_optimizer(pc.optimizer, file=file, field=f"peers[{i}].optimizer")
+    for name, (cfg, _) in (unit_cfg or {}).items():
+        check_optimizer(cfg, file=file, field=f"strategy (the optimizer of unit '{name}')")
+
+
 def check_recipe(recipe: Recipe, *, recipe_file: str = "<recipe>", data: bool = True) -> None:
     """Everything a run checks before training, on the CPU, writing nothing.
 
@@ -209,18 +230,23 @@ def check_recipe(recipe: Recipe, *, recipe_file: str = "<recipe>", data: bool = 
     cls, params = resolve_strategy(recipe, recipe_file)
     for i, pc in enumerate(recipe.peers):
         check_model_name(pc.model, file=recipe_file, field=f"peers[{i}]")
+    _check_optimizers(recipe, recipe_file)
+    from mutualkd.engine.tracking import check_trackers
+
+    check_trackers(recipe.run.log_with, file=recipe_file)
     if not data:
         return
     try:
-        _, _, info = load_dataset(recipe.data, seed=recipe.run.seed)
+        info, _, _ = check_data(recipe.data, seed=recipe.run.seed, peers=_peer_models(recipe))
     except DataError as e:
         raise in_file(e, recipe_file) from None
     cpu = torch.device("cpu")
     strategy = cls(params, peers=recipe.peer_names(), mode=recipe.schedule.mode)
     peers, infos = _make_peers(recipe, recipe_file, info, cls.needs_feature_maps, cpu)
     setup = _setup_strategy(strategy, recipe, recipe_file, info, infos, cpu)
-    _, units, _ = _attach(setup, recipe, peers, cpu)
+    _, units, unit_cfg = _attach(setup, recipe, peers, cpu)
     _stages(strategy, recipe, units)
+    _check_optimizers(recipe, recipe_file, unit_cfg)
 
 
 # --------------------------------------------------------------------------- the whole run
@@ -234,16 +260,15 @@ def build_run(recipe: Recipe, accelerator: Accelerator, *, recipe_file: str = "<
     peer_names = recipe.peer_names()
     strategy = cls(params, peers=peer_names, mode=recipe.schedule.mode)
 
-    # --- data (held on the training device, batches augmented there)
+    # --- data: held on the training device (device pipeline) or read by worker processes
+    # (stream pipeline), see mutualkd.data.pipeline
     try:
-        train, test, info = load_dataset(recipe.data, seed=run.seed)
-        common = dict(device=device, rank=acc.process_index, world_size=acc.num_processes, channels_last=run.channels_last)
-        train_loader = BatchLoader(train, info, batch_size=recipe.data.batch_size, train=True,
-                                   augment=recipe.data.augment, seed=run.seed, drop_last=recipe.data.drop_last, **common)
-        test_loader = BatchLoader(test, info, batch_size=recipe.data.eval_batch_size, train=False, augment=False,
-                                  seed=run.seed, **common)
+        data = build_pipeline(recipe.data, seed=run.seed, device=device, rank=acc.process_index,
+                              world_size=acc.num_processes, channels_last=run.channels_last,
+                              peers=_peer_models(recipe))
     except DataError as e:
         raise in_file(e, recipe_file) from None
+    info, train_loader = data.info, data.train
 
     # --- peers: timm models, identical initialisation on every process
     set_seed(run.seed)
@@ -254,12 +279,19 @@ def build_run(recipe: Recipe, accelerator: Accelerator, *, recipe_file: str = "<
     slots, units, unit_cfg = _attach(setup, recipe, peers, device)
     stages, stage_epochs = _stages(strategy, recipe, units)
 
-    # --- one optimizer and one per-step schedule per unit
+    # --- one optimizer (mutualkd's sgd / adamw, or timm.optim's) and one per-step schedule per unit
+    _check_optimizers(recipe, recipe_file, unit_cfg)
     steps_per_epoch = len(train_loader)
+    global_batch = recipe.data.batch_size * acc.num_processes
+    lr_notes: list[str] = []
     for unit in units.values():
-        params_ = [p for m in unit.modules for p in slots[m].inner.parameters()]
         opt_cfg, sched_cfg = unit_cfg[unit.name]
-        unit.optimizer = build_optimizer(params_, opt_cfg)
+        if opt_cfg.lr_base_batch is not None:  # the linear scaling rule (Goyal et al., 2017)
+            lr = opt_cfg.lr * global_batch / opt_cfg.lr_base_batch
+            lr_notes.append(f"{unit.name} lr {opt_cfg.lr:g} x {global_batch}/{opt_cfg.lr_base_batch} = {lr:g}")
+            opt_cfg = opt_cfg.model_copy(update={"lr": lr})
+        unit.clip = (opt_cfg.clip_grad, opt_cfg.clip_mode) if opt_cfg.clip_grad is not None else None
+        unit.optimizer = build_optimizer([slots[m].inner for m in unit.modules], opt_cfg)
         epochs = sum(e for s, e in zip(stages, stage_epochs) if any(unit.name in st.updates for st in s.steps))
         unit.scheduler = build_scheduler(unit.optimizer, sched_cfg, total_epochs=max(epochs, 1),
                                          steps_per_epoch=steps_per_epoch)
@@ -268,6 +300,14 @@ def build_run(recipe: Recipe, accelerator: Accelerator, *, recipe_file: str = "<
     # modules only. Optimizers and schedules stay plain torch objects: the engine steps
     # them itself (see precision.py), each schedule once per update of its unit.
     trainable = [s for s in slots.values() if s.unit is not None]
+    if run.sync_bn and acc.num_processes > 1:
+        if device.type == "cpu":
+            raise RecipeError("run.sync_bn needs GPUs: torch's SyncBatchNorm does not run on the CPU",
+                              file=recipe_file, field="run.sync_bn", hint="set sync_bn = false for CPU runs")
+        # BatchNorm statistics over the global batch. convert_sync_batchnorm keeps the
+        # same Parameter and buffer objects, so the optimizers built above still hold them.
+        for s in trainable:
+            s.inner = nn.SyncBatchNorm.convert_sync_batchnorm(s.inner)
     if trainable:
         prepared = acc.prepare(*[s.inner for s in trainable])
         prepared = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
@@ -276,4 +316,11 @@ def build_run(recipe: Recipe, accelerator: Accelerator, *, recipe_file: str = "<
     if run.compile:
         for name in peer_names:
             slots[name].wrapped = torch.compile(slots[name].wrapped)
-    return Built(strategy, info, train_loader, test_loader, peer_names, slots, units, stages, stage_epochs)
+    return Built(strategy, info, data, peer_names, slots, units, stages, stage_epochs,
+                 "; ".join(lr_notes) or None)
+
+
+def _peer_models(recipe: Recipe) -> dict[str, str]:
+    """Each peer's recipe name and its timm model (for ``data.config_from``)."""
+    return dict(zip(recipe.peer_names(), (pc.model for pc in recipe.peers)))
+

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from mutualkd.engine.step import StepResult
     from mutualkd.engine.trainer import Trainer
 
-__all__ = ["Callback", "CallbackList", "MetricsLog", "ConsoleLog", "ProgressBar", "Checkpointing"]
+__all__ = ["Callback", "CallbackList", "step_record", "MetricsLog", "ConsoleLog", "ProgressBar", "Checkpointing"]
 
 
 class Callback:
@@ -95,24 +95,29 @@ def _is_log_step(trainer: Trainer) -> bool:
     return pos.global_step % trainer.recipe.run.log_every == 0 or pos.batch == len(trainer.train_loader)
 
 
+def step_record(trainer: Trainer, result: StepResult) -> dict[str, Any]:
+    """The metrics.jsonl step record of the batch just trained (what trackers get too)."""
+    pos = trainer.position
+    return {
+        "kind": "step",
+        "stage": trainer.current_stage.name,
+        "epoch": pos.epoch + 1,
+        "global_step": pos.global_step,
+        "batch": pos.batch,
+        "steps": {name: {k: float(v) for k, v in terms.items()} for name, terms in result.terms.items()},
+        "lr": trainer.learning_rates(),
+        "images_per_s": trainer.clock.images_per_s(),
+        "forward_passes": result.forward_passes,
+    }
+
+
 class MetricsLog(Callback):
     """Step records every ``run.log_every`` steps and at the end of each epoch, and the epoch records."""
 
     def on_batch_end(self, trainer: Trainer, result: StepResult) -> None:
-        if not _is_log_step(trainer):
-            return
-        pos = trainer.position
-        trainer.writer.write({
-            "kind": "step",
-            "stage": trainer.current_stage.name,
-            "epoch": pos.epoch + 1,
-            "global_step": pos.global_step,
-            "batch": pos.batch,
-            "steps": {name: {k: float(v) for k, v in terms.items()} for name, terms in result.terms.items()},
-            "lr": trainer.learning_rates(),
-            "images_per_s": trainer.clock.images_per_s(),
-            "forward_passes": result.forward_passes,
-        })
+        if _is_log_step(trainer):
+            trainer.last_step_record = step_record(trainer, result)
+            trainer.writer.write(trainer.last_step_record)
 
     def on_epoch_end(self, trainer: Trainer, record: Mapping[str, Any]) -> None:
         trainer.writer.write(record)

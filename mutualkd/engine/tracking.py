@@ -28,6 +28,7 @@ import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+import uuid
 
 from mutualkd.engine.hooks import Callback, _is_log_step, step_record
 from mutualkd.errors import RecipeError
@@ -172,10 +173,8 @@ class TrackerLog(Callback):
             self._mlflow_store(logdir)
             kwargs["mlflow"] = {"run_name": run.name, "run_id": self.ids.get("mlflow")}
         if "wandb" in self.names:
-            import wandb.util
-
             kwargs["wandb"] = {"name": run.name, "dir": str(logdir), "resume": "allow",
-                               "id": self.ids.get("wandb") or wandb.util.generate_id()}
+                               "id": self.ids.get("wandb") or uuid.uuid4().hex[:8]}
         if "aim" in self.names and self.ids.get("aim"):
             kwargs["aim"] = {"run_hash": self.ids["aim"]}
         if "trackio" in self.names:

@@ -11,7 +11,7 @@ from rich.console import Console
 from mutualkd.errors import UserError
 from mutualkd.report.plots import plot_comparison, plot_run, pyplot
 from mutualkd.report.runs import Group, RunData, assign_labels, group_runs, load_run
-from mutualkd.report.tables import GROUP_COLUMNS, group_rows, markdown_table, rich_table, run_rows
+from mutualkd.report.tables import group_table, markdown_table, rich_table, run_rows, swept_rows
 
 __all__ = ["Report", "make_report"]
 
@@ -71,15 +71,19 @@ def make_report(paths: Sequence[str | Path], out: str | Path = "report", console
     if comp is not None:
         files.append(comp)
 
-    g_rows = group_rows(groups)
+    g_head, g_rows = group_table(groups)
+    s_head, s_rows = swept_rows(groups)
     r_head, r_rows = run_rows(groups)
-    md = _markdown(runs, groups, g_rows, r_head, r_rows, comp is not None)
+    md = _markdown(runs, groups, (g_head, g_rows), (s_head, s_rows), (r_head, r_rows), comp is not None)
     (out_dir / "report.md").write_text(md, encoding="utf-8")
     files.append(out_dir / "report.md")
 
     if console is not None:
-        console.print(rich_table("test top-1 (%) per group of runs (mean ± std over seeds)", GROUP_COLUMNS, g_rows))
-        console.print(rich_table("test top-1 (%) per run", r_head, r_rows))
+        width = console.width
+        console.print(rich_table("test top-1 (%) per group of runs (mean ± std over seeds)", g_head, g_rows, width))
+        if s_rows:
+            console.print(rich_table("test top-1 (%) per swept value", s_head, s_rows, width))
+        console.print(rich_table("test top-1 (%) per run", r_head, r_rows, width))
         for r in runs:
             if r.bad_lines:
                 console.print(f"note: {r.path / 'metrics.jsonl'}: {r.bad_lines} unreadable line(s) skipped", markup=False)
@@ -87,17 +91,30 @@ def make_report(paths: Sequence[str | Path], out: str | Path = "report", console
     return Report(out_dir, runs, groups, files, md)
 
 
-def _markdown(runs: Sequence[RunData], groups: Sequence[Group], g_rows: list[list[str]], r_head: list[str],
-              r_rows: list[list[str]], comparison: bool) -> str:
+Table = tuple[list[str], list[list[str]]]
+
+
+def _markdown(runs: Sequence[RunData], groups: Sequence[Group], group_tab: Table, swept_tab: Table, run_tab: Table,
+              comparison: bool) -> str:
+    (g_head, g_rows), (s_head, s_rows), (r_head, r_rows) = group_tab, swept_tab, run_tab
     parts = ["# mutualkd report", ""]
     parts.append(
         f"{len(runs)} run(s) in {len(groups)} group(s). A group holds the runs whose recipes differ only in"
         " `run.seed` (and `run.name` and the logging fields). Test top-1 in %; \"final\" is the last evaluated"
         " epoch, \"best\" the highest over all evaluated epochs (chosen on the test set, so optimistic)."
         " Mean ± sample standard deviation over the runs of a group; \"peers' mean\" averages a run's peers"
-        " first (one value per run), \"every network\" pools every peer of every run (n networks)."
+        " first (one value per run), \"every network\" pools every peer of every run (n networks). Runs of a group"
+        " with the same seed repeat one experiment: they are averaged into one value before the spread is taken."
     )
-    parts += ["", "## Per group", "", markdown_table(GROUP_COLUMNS, g_rows), ""]
+    parts += ["", "## Per group", "", markdown_table(g_head, g_rows), ""]
+    if s_rows:
+        parts += [
+            "## Per swept value", "",
+            "Each recipe key whose value differs between the groups (a sweep's grid), and for each of its values"
+            " the runs that have it, whatever the other keys: mean ± std of the peers' mean top-1 over those runs"
+            " (runs of one seed at one grid point averaged first).", "",
+            markdown_table(s_head, s_rows), "",
+        ]
     parts += ["## Per run", "", markdown_table(r_head, r_rows), ""]
     parts += ["## Plots", ""]
     if comparison:

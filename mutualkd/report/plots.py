@@ -55,13 +55,14 @@ def _save(fig: Any, path: Path, plt: Any) -> Path:
 # --------------------------------------------------------------------------- loss terms
 
 
-def _owners(keys: Iterable[str]) -> dict[str, list[str]]:
-    """``peer/term`` keys grouped by their owner (the part before the first '/')."""
-    out: dict[str, list[str]] = {}
+def _owners(keys: Iterable[str], order: Sequence[str] = ()) -> dict[str, list[str]]:
+    """``peer/term`` keys grouped by their owner (the part before the first '/'): the owners named in
+    ``order`` (the peers, in recipe order) first, then the others as they appear."""
+    out: dict[str, list[str]] = {o: [] for o in order}
     for k in keys:
         owner, _, term = k.partition("/")
         out.setdefault(owner if term else "loss", []).append(k)
-    return out
+    return {o: ks for o, ks in out.items() if ks}
 
 
 def _stage_bounds(records: Sequence[Mapping[str, Any]], x: str) -> list[tuple[float, str]]:
@@ -77,11 +78,12 @@ def _stage_bounds(records: Sequence[Mapping[str, Any]], x: str) -> list[tuple[fl
 
 
 def _loss_figure(plt: Any, flat: Sequence[Mapping[str, float]], xs: Sequence[float],
-                 xlabel: str, title: str, bounds: Sequence[tuple[float, str]], thin: bool) -> Any:
+                 xlabel: str, title: str, bounds: Sequence[tuple[float, str]], thin: bool,
+                 order: Sequence[str] = ()) -> Any:
     keys: list[str] = []
     for f in flat:
         keys += [k for k in f if k not in keys]
-    owners = _owners(keys)
+    owners = _owners(keys, order)
     # one colour per term name (ce, kl, rec, ...) in every panel
     terms = list(dict.fromkeys(k.partition("/")[2] or k for k in keys))
     palette = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
@@ -168,12 +170,12 @@ def plot_run(run: RunData, out_dir: Path) -> list[Path]:
     flat = [{k: num(v) for k, v in (r.get("loss") or {}).items()} for r in run.epochs]
     xs = [float(r.get("epoch", i + 1)) for i, r in enumerate(run.epochs)]
     fig = _loss_figure(plt, flat, xs, "epoch", f"{run.name}: loss terms, mean per epoch{stage_note}",
-                       _stage_bounds(run.epochs, "epoch"), thin=False)
+                       _stage_bounds(run.epochs, "epoch"), thin=False, order=run.peers)
     written.append(_save(fig, out_dir / "losses.png", plt))
 
     sxs = [float(r.get("global_step", i + 1)) for i, r in enumerate(run.steps)]
     fig = _loss_figure(plt, _step_terms(run), sxs, "global step", f"{run.name}: loss terms at each logged step{stage_note}",
-                       _stage_bounds(run.steps, "global_step"), thin=True)
+                       _stage_bounds(run.steps, "global_step"), thin=True, order=run.peers)
     written.append(_save(fig, out_dir / "losses_steps.png", plt))
 
     written.append(_save(_top1_figure(plt, run), out_dir / "top1.png", plt))

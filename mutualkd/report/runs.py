@@ -12,7 +12,7 @@ summarised as mean and sample standard deviation over its runs.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 import copy
 from dataclasses import dataclass, field
 import json
@@ -25,7 +25,8 @@ from typing import Any
 from mutualkd.config import LOGGING_ONLY_FIELDS, peer_names_of
 from mutualkd.errors import UserError
 
-__all__ = ["ENSEMBLE", "IGNORED_RUN_FIELDS", "RunData", "Group", "Stat", "load_run", "group_key", "group_runs", "assign_labels"]
+__all__ = ["ENSEMBLE", "IGNORED_RUN_FIELDS", "RunData", "Group", "Stat", "load_run", "group_key", "group_runs", "assign_labels",
+           "group_values", "varying_keys", "describe"]
 
 #: ``[run]`` fields left out when grouping: the seed and the name are what tells the runs of
 #: a group apart, the logging-only fields do not change what a run computes.
@@ -118,9 +119,11 @@ class RunData:
         return out
 
     def peer_mean(self, which: str) -> float | None:
-        """Mean over the peers (not the ensemble) of their final or best top-1."""
+        """Mean over the peers (not the ensemble, nor other evaluated models such as EMA copies)
+        of their final or best top-1."""
         t = self.top1()
-        vals = [row[which] for n, row in t.items() if n != ENSEMBLE]
+        peers = set(self.peers)
+        vals = [row[which] for n, row in t.items() if n in peers]
         return sum(vals) / len(vals) if vals else None
 
 
@@ -231,7 +234,14 @@ class Group:
 
     @property
     def seeds(self) -> list[Any]:
-        return [r.seed if r.seed is not None else "?" for r in self.runs]
+        """The group's distinct seeds, in order; one seed run twice counts once."""
+        return list(dict.fromkeys(r.seed if r.seed is not None else "?" for r in self.runs))
+
+    def runs_of_seed(self) -> dict[Any, list[RunData]]:
+        out: dict[Any, list[RunData]] = {}
+        for r in self.runs:
+            out.setdefault(r.seed if r.seed is not None else "?", []).append(r)
+        return out
 
     def stat(self, values: Sequence[float | None]) -> Stat | None:
         vals = [v for v in values if v is not None and math.isfinite(v)]
@@ -241,14 +251,32 @@ class Group:
         std = statistics.stdev(vals) if len(vals) >= 2 else None
         return mean, std, len(vals)
 
+    def _per_seed(self, value: Callable[[RunData], float | None]) -> list[float | None]:
+        # Runs of one recipe with the same seed repeat one experiment: they are averaged
+        # into one value, so that the spread is over seeds, never over repeats.
+        out: list[float | None] = []
+        for runs in self.runs_of_seed().values():
+            vals = [v for v in (value(r) for r in runs) if v is not None and math.isfinite(v)]
+            out.append(statistics.fmean(vals) if vals else None)
+        return out
+
     def peer_mean(self, which: str) -> Stat | None:
-        return self.stat([r.peer_mean(which) for r in self.runs])
+        return self.stat(self._per_seed(lambda r: r.peer_mean(which)))
 
     def every_network(self, which: str) -> Stat | None:
-        return self.stat([row[which] for r in self.runs for n, row in r.top1().items() if n != ENSEMBLE])
+        vals: list[float | None] = []
+        for runs in self.runs_of_seed().values():
+            for n in runs[0].peers:
+                vals.append(self._mean([r.top1()[n][which] for r in runs if n in r.top1()]))
+        return self.stat(vals)
 
     def ensemble(self, which: str) -> Stat | None:
-        return self.stat([r.top1()[ENSEMBLE][which] for r in self.runs if ENSEMBLE in r.top1()])
+        return self.stat(self._per_seed(lambda r: r.top1()[ENSEMBLE][which] if ENSEMBLE in r.top1() else None))
+
+    @staticmethod
+    def _mean(vals: Sequence[float]) -> float | None:
+        finite = [v for v in vals if math.isfinite(v)]
+        return statistics.fmean(finite) if finite else None
 
 
 def group_key(run: RunData) -> str:
@@ -261,19 +289,31 @@ def group_key(run: RunData) -> str:
     return json.dumps(rec, sort_keys=True, default=str)
 
 
-_SEED_SUFFIX = re.compile(r"[-_.]?(?:seed|s)?[-_]?\d+$", re.IGNORECASE)
+def _without_seed(name: str, seed: Any) -> str:
+    """``name`` without a suffix that names its seed (``-s0``, ``_seed1``, ``.2``); other trailing
+    digits (``kl-resnet18``) are part of the name."""
+    if not isinstance(seed, int):
+        return name
+    m = re.search(rf"[-_.](?:seed|s)?[-_]?0*{abs(seed)}$", name, re.IGNORECASE)
+    if m is None or (seed < 0 and not name[: m.start()].endswith("-")):
+        return name
+    return name[: m.start()] or name
 
 
-def _group_label(names: Sequence[str]) -> str:
-    stripped = {_SEED_SUFFIX.sub("", n) or n for n in names}
+def _group_label(names: Sequence[str], seeds: Sequence[Any] | None = None) -> str:
+    seeds = list(seeds) if seeds is not None else [None] * len(names)
+    stripped = {_without_seed(n, s) for n, s in zip(names, seeds)}
     if len(stripped) == 1:
         return stripped.pop()
     prefix = names[0]
     for n in names[1:]:
         while not n.startswith(prefix):
             prefix = prefix[:-1]
+    # cut at a separator, never inside a word or a number ("x18", "x19" share "x1", not a name)
+    if any(len(n) > len(prefix) and n[len(prefix)] not in "-_. " for n in names):
+        prefix = prefix[: max(prefix.rfind(c) for c in "-_. ") + 1]
     prefix = prefix.rstrip("-_. ")
-    return prefix or names[0]
+    return prefix or f"{names[0]} (+{len(names) - 1})"
 
 
 def group_runs(runs: Iterable[RunData]) -> list[Group]:
@@ -284,7 +324,56 @@ def group_runs(runs: Iterable[RunData]) -> list[Group]:
     out = list(groups.values())
     seen: dict[str, int] = {}
     for g in out:
-        label = _group_label([r.name for r in g.runs])
+        label = _group_label([r.name for r in g.runs], [r.seed for r in g.runs])
         seen[label] = seen.get(label, 0) + 1
         g.label = label if seen[label] == 1 else f"{label} #{seen[label]}"
     return out
+
+
+# --------------------------------------------------------------------------- what tells groups apart
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(d, Mapping):
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(d, list) and d and all(isinstance(x, Mapping) for x in d):
+        for i, v in enumerate(d):
+            out.update(_flat(v, f"{prefix}.{i}"))
+    else:
+        out[prefix] = d
+    return out
+
+
+def group_values(group: Group) -> dict[str, Any]:
+    """The group's recipe (without the seed, the name and the logging fields) as ``key.path: value``."""
+    if group.runs[0].recipe is None:
+        return {}
+    return _flat(json.loads(group.key))
+
+
+def varying_keys(groups: Sequence[Group]) -> list[str]:
+    """Recipe keys whose value differs between the groups (the swept ones in a sweep), in recipe order."""
+    flats = [group_values(g) for g in groups if g.runs[0].recipe is not None]
+    if len(flats) < 2:
+        return []
+    keys = list(dict.fromkeys(k for f in flats for k in f))
+    return [k for k in keys if len({json.dumps(f.get(k, "<unset>"), sort_keys=True, default=str) for f in flats}) > 1]
+
+
+def value_text(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return v
+    if v is None:
+        return "unset"
+    return json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+
+
+def describe(group: Group, keys: Sequence[str]) -> str:
+    """``key=value, ...`` of ``keys`` for this group (``unset`` where its recipe has no such key)."""
+    f = group_values(group)
+    return ", ".join(f"{k}={value_text(f.get(k))}" for k in keys)
+

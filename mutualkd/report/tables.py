@@ -13,11 +13,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 import math
 
+from rich import box
 from rich.table import Table
 
-from mutualkd.report.runs import ENSEMBLE, Group, RunData, Stat
+from mutualkd.report.runs import ENSEMBLE, Group, RunData, Stat, describe, varying_keys
 
-__all__ = ["DASH", "GROUP_COLUMNS", "fmt_stat", "group_rows", "run_rows", "markdown_table", "rich_table"]
+__all__ = ["DASH", "GROUP_COLUMNS", "SWEPT", "fmt_stat", "group_rows", "group_table", "swept_rows", "run_rows",
+           "markdown_table", "rich_table"]
 
 #: The cell of a number that does not exist (no evaluated epoch, no ensemble).
 DASH = "—"
@@ -41,8 +43,20 @@ def _fmt(v: float | None) -> str:
     return DASH if v is None or not math.isfinite(v) else f"{v:.2f}"
 
 
+#: The last column of the group table when groups differ in recipe values (a sweep's grid).
+SWEPT = "swept values"
+
+
+def _seeds_text(g: Group) -> str:
+    parts = []
+    for seed, runs in g.runs_of_seed().items():
+        parts.append(f"{seed} ({len(runs)} runs, averaged)" if len(runs) > 1 else str(seed))
+    return ", ".join(parts)
+
+
 def group_rows(groups: Sequence[Group]) -> list[list[str]]:
-    """One row per group, in the order of :data:`GROUP_COLUMNS`."""
+    """One row per group, in the order of :data:`GROUP_COLUMNS`; the statistics are over distinct
+    seeds (runs of one seed are averaged first)."""
     rows = []
     for g in groups:
         every = g.every_network("final")
@@ -51,7 +65,7 @@ def group_rows(groups: Sequence[Group]) -> list[list[str]]:
             g.label,
             g.strategy,
             g.models,
-            ", ".join(str(s) for s in g.seeds),
+            _seeds_text(g),
             "/".join(str(e) for e in epochs),
             fmt_stat(g.peer_mean("final")),
             fmt_stat(g.peer_mean("best")),
@@ -60,6 +74,37 @@ def group_rows(groups: Sequence[Group]) -> list[list[str]]:
             fmt_stat(g.ensemble("best")),
         ])
     return rows
+
+
+def group_table(groups: Sequence[Group]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the group table: :data:`GROUP_COLUMNS`, and :data:`SWEPT` (``key=value`` of
+    every recipe key whose value differs between the groups) when there is such a key."""
+    head, rows = list(GROUP_COLUMNS), group_rows(groups)
+    keys = varying_keys(groups)
+    if keys:
+        head.append(SWEPT)
+        rows = [row + [describe(g, keys)] for row, g in zip(rows, groups)]
+    return head, rows
+
+
+def swept_rows(groups: Sequence[Group]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): for each swept key and each of its values, the final top-1 (peers' mean)
+    over every run with that value, mean ± std over the distinct (grid point, seed) runs."""
+    keys = varying_keys(groups)
+    head = ["swept key", "value", "groups", "runs", "final top-1, peers' mean", "best top-1, peers' mean"]
+    rows: list[list[str]] = []
+    for k in keys:
+        by_value: dict[str, list[Group]] = {}
+        for g in groups:
+            by_value.setdefault(describe(g, [k]).partition("=")[2], []).append(g)
+        for value, gs in by_value.items():
+            pooled = Group(key=f"{k}={value}", runs=[r for g in gs for r in g.runs])
+            # each (group, seed) is one experiment: averaged within, spread across
+            finals = [v for g in gs for v in g._per_seed(lambda r: r.peer_mean("final"))]
+            bests = [v for g in gs for v in g._per_seed(lambda r: r.peer_mean("best"))]
+            rows.append([k, value, ", ".join(g.label for g in gs), str(len(pooled.runs)),
+                         fmt_stat(pooled.stat(finals)), fmt_stat(pooled.stat(bests))])
+    return head, rows
 
 
 def _model_columns(runs: Sequence[RunData]) -> list[str]:
@@ -107,10 +152,34 @@ def markdown_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def rich_table(title: str, head: Sequence[str], rows: Sequence[Sequence[str]]) -> Table:
-    t = Table(title=title)
-    for h in head:
-        t.add_column(h, justify="right" if _numeric(h) else "left", overflow="fold")
+#: Shorter headers for the terminal, where every column costs width.
+_SHORT = {
+    "final top-1, peers' mean": "final", "best top-1, peers' mean": "best",
+    "final top-1, every network (n)": "every net (n)", "ensemble final": "ens. final", "ensemble best": "ens. best",
+}
+
+
+def _width(head: Sequence[str], rows: Sequence[Sequence[str]]) -> int:
+    cols = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
+    return sum(cols) + 3 * len(cols) + 1
+
+
+def rich_table(title: str, head: Sequence[str], rows: Sequence[Sequence[str]], width: int | None = None) -> Table:
+    """The table for a terminal ``width`` columns wide: as it is when it fits; otherwise one line per
+    (row, column) under the row's first cell, so that no number is folded into pieces."""
+    head = [_SHORT.get(h, h) for h in head]
+    if width is None or _width(head, rows) <= width:
+        t = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+        for h in head:
+            t.add_column(h, justify="right" if _numeric(h) else "left", overflow="fold")
+        for row in rows:
+            t.add_row(*row)
+        return t
+    t = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+    t.add_column(head[0], overflow="fold", max_width=max(12, width // 3))
+    t.add_column("", style="dim", no_wrap=True)
+    t.add_column("value", overflow="fold")
     for row in rows:
-        t.add_row(*row)
+        for i, (h, cell) in enumerate(zip(head[1:], row[1:])):
+            t.add_row(row[0] if i == 0 else "", h, cell, end_section=i == len(head) - 2)
     return t
