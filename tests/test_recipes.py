@@ -143,7 +143,7 @@ def test_recipe_paths_named_in_the_docs_exist():
     """Every recipes/... path the README, CONTRIBUTING, docs/, scripts/ and benchmarks/ name is a file."""
     repo = RECIPES.parent
     files = [repo / "README.md", repo / "CONTRIBUTING.md", repo / "Makefile", *RECIPES.glob("**/*.toml")]
-    for folder in ("docs", "scripts", "benchmarks"):
+    for folder in ("docs", "scripts", "benchmarks", "plugins"):
         files += [p for p in (repo / folder).glob("**/*") if p.is_file() and p.suffix in (".md", ".sh", ".py", ".toml")]
     missing = []
     for f in files:

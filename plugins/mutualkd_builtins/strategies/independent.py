@@ -11,7 +11,7 @@ from mutualkd.strategy import LossTerms, Step, StepContext, Strategy, StrategyPa
 
 
 class IndependentParams(StrategyParams):
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="label smoothing of the cross-entropy (0: none)")
 
 
 class Independent(Strategy[IndependentParams]):
