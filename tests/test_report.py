@@ -181,6 +181,8 @@ OTHER_VALUE: dict[str, Any] = {
     "block_plugins": ["strategy:ie_dml"],
     "log_with": ["tensorboard"],
     "tracker_project": "other",
+    "collective_timeout": 60.0,
+    "sync_bn": True,
 }
 
 

@@ -66,12 +66,12 @@ def test_sweep_runs_skips_resumes_and_reports_by_swept_value(tmp_path: Path):
     assert "4 run(s) done, 0 resumed, 0 skipped, 0 failed" in proc.stdout
 
     md = (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
-    groups = md.split("## Per group", 1)[1].split("## Per swept value", 1)[0]
+    groups = md.split("## Per group", 1)[1].split("## Per run", 1)[0]
     rows = [r for r in groups.splitlines() if r.startswith("| quickstart")]
     assert len(rows) == 2
     assert rows[0].startswith("| quickstart-weight0.5 |") and rows[0].rstrip().endswith("| strategy.weight=0.5 |")
     assert "| 0, 1 |" in rows[0] and "±" in rows[0]
-    swept = md.split("## Per swept value", 1)[1].split("## Per run", 1)[0]
+    swept = md.split("## Per swept value", 1)[1].split("## Plots", 1)[0]
     assert "| strategy.weight | 0.5 | quickstart-weight0.5 | 2 |" in swept
     assert "| strategy.weight | 1 | quickstart-weight1 | 2 |" in swept
 

@@ -110,7 +110,7 @@ def test_an_unknown_tracker_name_is_refused(tmp_path: Path):
 
     with pytest.raises(RecipeError) as e:
         parse_recipe(recipe_dict(tmp_path, run={"log_with": ["tensorbord"]}), file="<test>")
-    assert "run.log_with.0" in str(e.value) and "'tensorboard'" in str(e.value)
+    assert "run.log_with[0]" in str(e.value) and "'tensorboard'" in str(e.value)
 
 
 # --------------------------------------------------------------------------- a quickstart run, read back

@@ -107,6 +107,7 @@ def _markdown(runs: Sequence[RunData], groups: Sequence[Group], group_tab: Table
         " with the same seed repeat one experiment: they are averaged into one value before the spread is taken."
     )
     parts += ["", "## Per group", "", markdown_table(g_head, g_rows), ""]
+    parts += ["## Per run", "", markdown_table(r_head, r_rows), ""]
     if s_rows:
         parts += [
             "## Per swept value", "",
@@ -115,7 +116,6 @@ def _markdown(runs: Sequence[RunData], groups: Sequence[Group], group_tab: Table
             " (runs of one seed at one grid point averaged first).", "",
             markdown_table(s_head, s_rows), "",
         ]
-    parts += ["## Per run", "", markdown_table(r_head, r_rows), ""]
     parts += ["## Plots", ""]
     if comparison:
         parts += ["![top-1 per group](top1_comparison.png)", ""]
