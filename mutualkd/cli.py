@@ -1,4 +1,4 @@
-"""The ``mutualkd`` command: run, validate, plugins, report, analyze, sweep, export.
+"""The ``mutualkd`` command: run, validate, plugins, report, analyze, sweep, export, convert-checkpoint.
 
 Every error the user can fix is printed as one message (where, what, how to fix) with
 exit code 2, never as a traceback.
@@ -336,20 +336,64 @@ def sweep(
 @app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run folder, or one of its checkpoint folders.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write model.safetensors and config.json to.")],
-    peer: Annotated[Optional[str], typer.Option("--peer", help="The peer's name (default: the first peer).")] = None,
-    ema: Annotated[bool, typer.Option("--ema", help="Export the peer's EMA copy instead of its raw weights.")] = False,
-    best: Annotated[bool, typer.Option("--best", help="Export from checkpoints/best instead of the latest one.")] = False,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write to: the peer's model.safetensors and"
+                                      " config.json (--peer), else one sub-folder per peer.")],
+    peer: Annotated[Optional[str], typer.Option("--peer", help="Export this peer only (default: every peer).")] = None,
+    checkpoint: Annotated[
+        str, typer.Option("--checkpoint", help="best: checkpoints/best; last: the latest complete checkpoint.")
+    ] = "last",
+    ema: Annotated[bool, typer.Option("--ema", help="Export the peers' EMA copies instead of their raw weights.")] = False,
+    best: Annotated[bool, typer.Option("--best", hidden=True, help="The same as --checkpoint best.")] = False,
 ) -> None:
-    """Write one peer of a run (or its EMA copy) as a timm checkpoint: model.safetensors and config.json."""
-    from mutualkd.export import export_peer
+    """Write a run's peers as timm models in Hugging Face layout (timm's save_for_hf).
 
+    Each folder loads with plain timm: import mutualkd, timm;
+    timm.create_model("local-dir:OUT", pretrained=True); its config.json holds the input
+    size, mean, std, number of classes and class names (docs/weights.md).
+    """
+    from mutualkd.export import export_run
+
+    if checkpoint not in ("best", "last"):
+        _fail(UserError(f"--checkpoint {checkpoint!r} is neither best nor last", hint="write --checkpoint best or last"))
     try:
-        done = export_peer(run_dir, out, peer=peer, ema=ema, best=best)
+        done = export_run(run_dir, out, peer=peer, ema=ema, checkpoint="best" if best else checkpoint)  # type: ignore[arg-type]
     except UserError as e:
         _fail(e)
-    out_console.print(f"exported {done.peer}{' (EMA)' if done.ema else ''} ({done.architecture}) from {done.checkpoint}"
-                      f" to {done.folder}", markup=False)
+    for d in done:
+        out_console.print(f"exported {d.peer}{' (EMA)' if d.ema else ''} ({d.architecture}) from {d.checkpoint}"
+                          f" to {d.folder}", markup=False)
+    if done:
+        out_console.print(f"load it: import mutualkd, timm; timm.create_model(\"local-dir:{done[0].folder}\","
+                          " pretrained=True)", markup=False)
+
+
+@app.command("convert-checkpoint")
+def convert_checkpoint(
+    path: Annotated[Path, typer.Argument(metavar="PATH", help="A run folder (all its checkpoints) or one checkpoint folder.")],
+    trust: Annotated[
+        bool, typer.Option("--trust", help="Confirm that you trust the files (no question asked).")
+    ] = False,
+) -> None:
+    """Rewrite checkpoints that hold pickled objects mutualkd no longer reads, so that they load safely.
+
+    Converting unpickles each such checkpoint in full once, which runs whatever code it
+    holds: do it only for checkpoints you wrote yourself (an earlier mutualkd version).
+    """
+    if not trust:
+        err_console.print(f"Converting unpickles the checkpoints under {path} in full, which runs any code they hold."
+                          " Convert only checkpoints you wrote yourself.", markup=False)
+        answer = typer.prompt("Do you trust these files? [yes/no]", default="no", err=True)
+        if answer.strip().lower() not in ("y", "yes"):
+            err_console.print("nothing converted", markup=False)
+            raise typer.Exit(EXIT_BAD_INPUT)
+    from mutualkd.trust import convert_checkpoint as convert
+
+    try:
+        done = convert(path)
+    except UserError as e:
+        _fail(e)
+    for folder, what in done:
+        out_console.print(f"{folder}: {what}", markup=False)
 
 
 def main() -> None:

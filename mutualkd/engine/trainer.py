@@ -449,6 +449,7 @@ class Trainer:
             "rng": rngs,
             "metrics_offset": self.writer.offset() if self.is_main else 0,
             "metrics_log": self.writer.snapshot(),  # metrics.jsonl up to here, compressed (main process)
+            "last_eval": self.last_eval,  # summary.json's top-5 after a resume with no evaluation left
             "callbacks": {key: cb.state_dict() for key, cb in self._stateful_callbacks().items()},
         }
 
@@ -479,6 +480,7 @@ class Trainer:
             self.train_loader.load_state_dict(state.get("data") or {})
         self._epoch_sums = dict(state.get("epoch_acc", {}))
         self._epoch_count = int(state.get("epoch_count", 0))
+        self.last_eval = dict(state.get("last_eval", {}))
         for name, v in zip(self.peer_names, state.get("versions", [])):
             self._batch.versions[name] = int(v)
         rngs = state["rng"]
@@ -533,8 +535,13 @@ class Trainer:
             "stage": self.current_stage.name,
             "recipe_hash": self.folder.recipe_hash,
             "versions": ckpt.versions(),
-            "peers": {name: {"model": pc.model, "kwargs": pc.kwargs} for name, pc in zip(self.peer_names, self.recipe.peers)},
-            "dataset": {"name": self.info.name, "num_classes": self.info.num_classes, "in_chans": self.info.in_chans},
+            # a peer's own input normalisation (mean, std) when its weights expect another than the data set's
+            "peers": {name: {"model": pc.model, "kwargs": pc.kwargs, **self._slots[name].inner.norm_meta()}  # type: ignore[operator]
+                      for name, pc in zip(self.peer_names, self.recipe.peers)},
+            # what `mutualkd export` writes into a timm config.json: the input size and normalisation
+            "dataset": {"name": self.info.name, "num_classes": self.info.num_classes, "in_chans": self.info.in_chans,
+                        "image_size": list(self.info.image_size), "mean": list(self.info.mean),
+                        "std": list(self.info.std)},
             "strategy": self.recipe.strategy.name,
             "num_processes": self.accelerator.num_processes,
         }
