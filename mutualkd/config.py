@@ -401,6 +401,30 @@ class PeerConfig(_Strict):
         default_factory=dict,
         description="keyword arguments of timm.create_model (num_classes and in_chans come from the data set)",
     )
+    weights: str | None = Field(
+        None,
+        description="where the initial weights come from (docs/weights.md): a mutualkd run or checkpoint folder, a"
+        " weights file (.safetensors, .pth, .pt, .bin), a timm model folder (e.g. from mutualkd export), a timm"
+        " pretrained tag (resnet34.a1_in1k) or hf-hub:ORG/NAME; unset: random initialisation",
+    )
+    weights_peer: str | int | None = Field(
+        None, description="the peer (name or index) of a run named by weights; unset: its first peer"
+    )
+    pretrained: bool = Field(
+        False,
+        description="timm's default pretrained weights of model (from the Hugging Face cache; nothing is downloaded"
+        " unless MUTUALKD_ALLOW_DOWNLOAD=1); the same as weights = its default tag",
+    )
+    frozen: bool = Field(
+        False,
+        description="never trained: eval mode, no optimizer, one forward pass per batch (a teacher; needs weights or"
+        " pretrained, and a strategy that takes frozen peers, e.g. kl_dml)",
+    )
+    reset_head: bool = Field(
+        False,
+        description="a new, untrained classifier instead of the weights' one (needed when their classes differ"
+        " from the data set's; for a features-only teacher, or fine-tuning)",
+    )
     feature_stage: int | None = Field(
         None,
         description="the stage (an index of the model's feature_info, negative from the end) whose feature map"
@@ -422,12 +446,33 @@ class PeerConfig(_Strict):
         for key in ("num_classes", "in_chans"):
             if key in v:
                 raise ValueError(f"'{key}' is taken from the data set; remove it from kwargs")
-        if v.get("pretrained"):
+        if "pretrained" in v:
             raise ValueError(
-                "pretrained weights are downloaded from a hub at run time, which mutualkd does not do;"
-                " load weights through a checkpoint instead"
+                "'pretrained' is a key of the [[peers]] table itself: write pretrained = true next to model"
+                " (or weights = \"<tag>\"), not in kwargs; see docs/weights.md"
             )
+        for key in ("pretrained_cfg_overlay", "pretrained_cfg", "checkpoint_path"):
+            if key in v:
+                raise ValueError(
+                    f"'{key}' is not passed to timm: name the weights with weights = \"<file, folder or tag>\""
+                    " in the [[peers]] table; see docs/weights.md"
+                )
         return v
+
+    @model_validator(mode="after")
+    def _weights_fit(self) -> PeerConfig:
+        if self.pretrained and self.weights is not None:
+            raise ValueError("pretrained = true and weights both name the weights; keep one of them")
+        has_weights = self.pretrained or self.weights is not None
+        if self.frozen and not has_weights:
+            raise ValueError("a frozen peer needs weights (weights = ... or pretrained = true): with random weights"
+                             " it would never learn anything")
+        if self.reset_head and not has_weights:
+            raise ValueError("reset_head = true needs weights (weights = ... or pretrained = true): a randomly"
+                             " initialised peer has no head to reset")
+        if self.weights_peer is not None and self.weights is None:
+            raise ValueError("weights_peer names a peer of the run in weights, which is not set")
+        return self
 
 
 class StrategyConfig(BaseModel):

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from mutualkd.errors import RecipeError, UserError, unknown_name_hint
 
-__all__ = ["PeerModule", "check_model_name", "create_peer", "to_feature_map"]
+__all__ = ["InputNorm", "PeerModule", "check_model_name", "create_peer", "input_norm", "to_feature_map"]
 
 
 def to_feature_map(raw: Tensor, model: nn.Module, model_name: str) -> Tensor:
@@ -81,19 +81,56 @@ def _stage_index(model: nn.Module, model_name: str, stage: int, *, file: str, fi
     return stage % n
 
 
+class InputNorm(nn.Module):
+    """Re-normalise batches from the data set's normalisation to the one a network's weights expect.
+
+    The batches arrive as ``(p - mean_data) / std_data`` for pixels ``p`` in [0, 1]; a network
+    pretrained with another normalisation (ImageNet's, say) gets ``(p - mean_w) / std_w``,
+    computed as ``x * std_data / std_w + (mean_data - mean_w) / std_w``. As in timm, weights
+    normalised for another number of channels use the mean of their mean and std.
+    """
+
+    def __init__(self, data_mean: tuple[float, ...], data_std: tuple[float, ...], mean: tuple[float, ...],
+                 std: tuple[float, ...]) -> None:
+        super().__init__()
+        c = len(data_mean)
+        if len(mean) != c:
+            mean, std = (sum(mean) / len(mean),) * c, (sum(std) / len(std),) * c
+        self.mean, self.std = tuple(mean), tuple(std)
+        dm, ds, m, sd = (torch.tensor(v, dtype=torch.float32).view(1, c, 1, 1) for v in (data_mean, data_std, mean, std))
+        self.register_buffer("scale", ds / sd, persistent=False)
+        self.register_buffer("shift", (dm - m) / sd, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+
+
+def input_norm(data_mean: tuple[float, ...], data_std: tuple[float, ...], mean: tuple[float, ...] | None,
+               std: tuple[float, ...] | None) -> InputNorm | None:
+    """An :class:`InputNorm` when the weights expect another normalisation than the data set's, else None."""
+    if mean is None or std is None:
+        return None
+    norm = InputNorm(data_mean, data_std, mean, std)
+    same = all(abs(a - b) < 1e-6 for a, b in zip((*norm.mean, *norm.std), (*data_mean, *data_std)))
+    return None if same else norm
+
+
 class PeerModule(nn.Module):
     """A timm model whose forward returns ``(features, logits)`` with one backbone pass.
 
     ``feature_stage`` (see the module docstring) chooses the stage whose map is returned;
-    None, or the last stage, uses ``forward_features``.
+    None, or the last stage, uses ``forward_features``. ``input_norm`` (an :class:`InputNorm`)
+    runs first when the model's weights expect inputs normalised otherwise than the batches.
     """
 
     def __init__(self, model: nn.Module, model_name: str, feature_map: bool = True, feature_stage: int | None = None,
-                 *, file: str = "<recipe>", field: str = "peers.feature_stage") -> None:
+                 *, file: str = "<recipe>", field: str = "peers.feature_stage",
+                 input_norm: nn.Module | None = None) -> None:
         super().__init__()
         self.model = model
         self.model_name = model_name
         self.feature_map = feature_map
+        self.input_norm = input_norm
         self.stage: int | None = None
         if feature_stage is not None:
             index = _stage_index(model, model_name, feature_stage, file=file, field=field)
@@ -101,7 +138,16 @@ class PeerModule(nn.Module):
             last = len(list(info.info if hasattr(info, "info") else info)) - 1
             self.stage = None if index == last else index
 
+    def norm_meta(self) -> dict[str, list[float]]:
+        """The normalisation this peer's weights expect, for a checkpoint's meta.json (empty: the data set's)."""
+        norm = self.input_norm
+        if not isinstance(norm, InputNorm):
+            return {}
+        return {"mean": list(norm.mean), "std": list(norm.std)}
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.input_norm is not None:
+            x = self.input_norm(x)
         if self.stage is not None:
             raw, maps = self.model.forward_intermediates(x, indices=[self.stage], output_fmt="NCHW")
             return maps[0], self.model.forward_head(raw)

@@ -104,3 +104,33 @@ def write_fake_cifar() -> Callable[..., Path]:
 def write_fake_mnist() -> Callable[..., Path]:
     """``write_fake_mnist(folder, n_train=30, n_test=12, *, gz=False, size=28, seed=0)``: four tiny IDX files."""
     return _fake_mnist
+
+
+# --------------------------------------------------------------------------- image folders of real images
+
+
+def _image_folder(root: Path, *, source: str = "digits", n_train: int = 120, n_test: int = 40, size: int = 24,
+                  fmt: str = "JPEG") -> Path:
+    """Write real images as an image folder in ImageNet layout (``root/{train,val}/<class>/*.jpg``).
+
+    ``source`` is ``"digits"`` (scikit-learn's, always there) or ``"fashion_mnist"``
+    (Debian's ``dataset-fashion-mnist``; the test is skipped when it is not installed).
+    The first ``n_train`` / ``n_test`` images of each split, resized to ``size``.
+    """
+    from mutualkd.config import DataConfig
+    from mutualkd.data import FASHION_MNIST_SYSTEM_DIR, load_dataset
+    from mutualkd.data._base import Split
+    from mutualkd.data.export import write_image_folder
+
+    if source == "fashion_mnist" and not FASHION_MNIST_SYSTEM_DIR.is_dir():
+        pytest.skip(f"Fashion-MNIST is not installed at {FASHION_MNIST_SYSTEM_DIR}"
+                    " (apt-get install dataset-fashion-mnist)")
+    train, test, _ = load_dataset(DataConfig(dataset=source))
+    head = lambda s, n: Split(s.images[:n], s.labels[:n])  # noqa: E731
+    return write_image_folder(head(train, n_train), head(test, n_test), root, size=size, fmt=fmt)
+
+
+@pytest.fixture(scope="session")
+def write_image_folder() -> Callable[..., Path]:
+    """``write_image_folder(root, *, source="digits", n_train=120, n_test=40, size=24, fmt="JPEG")``: real images as files."""
+    return _image_folder

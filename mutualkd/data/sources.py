@@ -153,14 +153,13 @@ def eval_split_dir(base: Path, suffix: str = "") -> Path | None:
 
 
 def _check_classes(train: dict[str, int], other: dict[str, int], train_at: Path, other_at: Path) -> None:
-    if set(train) != set(other):
-        only_train = sorted(set(train) - set(other))[:5]
-        only_other = sorted(set(other) - set(train))[:5]
+    """Every class of the evaluation split is one of train's (which numbers them)."""
+    unknown = sorted(set(other) - set(train))
+    if unknown:
         raise DataError(
-            f"the classes of {train_at} and {other_at} differ"
-            + (f"; only in train: {', '.join(only_train)}" if only_train else "")
-            + (f"; only in {other_at.name}: {', '.join(only_other)}" if only_other else ""),
-            hint="give both splits the same class folders",
+            f"{other_at} has classes that {train_at} lacks: {', '.join(unknown[:5])}"
+            + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""),
+            hint="give both splits the same class folders (train numbers the classes)",
         )
 
 
@@ -179,15 +178,17 @@ def folder_sources(root: str | None) -> tuple[ReaderSource, ReaderSource]:
             hint=f"lay out {base}/{layout}",
         )
     assert eval_dir is not None
-    train_ds = create_dataset("", root=str(train_dir), split="train", search_split=False)
+    def dataset(at: Path, class_map: dict[str, int] | None = None) -> Any:
+        try:
+            return create_dataset("", root=str(at), search_split=False, class_map=class_map)
+        except RuntimeError as e:  # timm: "Found 0 images in subfolders of ..."
+            raise DataError(f"image_folder: no images under {at} ({e})",
+                            hint=f"put images ({', '.join(sorted(IMAGE_EXTENSIONS))}) into {at}/<class>/") from None
+
+    train_ds = dataset(train_dir)
     classes = dict(train_ds.reader.class_to_idx)
-    if not classes or len(train_ds.reader) == 0:
-        raise DataError(f"image_folder: no images under {train_dir}",
-                        hint=f"put images ({', '.join(sorted(IMAGE_EXTENSIONS))}) into {train_dir}/<class>/")
-    eval_ds = create_dataset("", root=str(eval_dir), split="validation", search_split=False)
-    _check_classes(classes, dict(eval_ds.reader.class_to_idx), train_dir, eval_dir)
-    if len(eval_ds.reader) == 0:
-        raise DataError(f"image_folder: no images under {eval_dir}", hint=f"put images into {eval_dir}/<class>/")
+    _check_classes(classes, dict(dataset(eval_dir).reader.class_to_idx), train_dir, eval_dir)
+    eval_ds = dataset(eval_dir, classes)
     return ReaderSource(train_ds.reader, classes), ReaderSource(eval_ds.reader, classes)
 
 
@@ -202,7 +203,8 @@ def _tar_split(base: Path, name: str) -> Path | None:
 
 def tar_sources(root: str | None) -> tuple[ReaderSource, ReaderSource]:
     """Train and evaluation sources of tar shards under ``root`` (timm's ``ReaderImageInTar``)."""
-    from timm.data import create_dataset
+    from timm.data import ImageDataset
+    from timm.data.readers.reader_image_in_tar import ReaderImageInTar
 
     layout = "train.tar and val.tar, or folders train/ and val/ of .tar shards whose members are <class>/<image>"
     base = _root(root, "image_tar", layout)
@@ -212,9 +214,15 @@ def tar_sources(root: str | None) -> tuple[ReaderSource, ReaderSource]:
         what = ", ".join(n for n, p in (("train", train_at), ("val", eval_at)) if p is None)
         raise DataError(f"image_tar: no {what} shards under {base}", field="data.root", hint=f"put {layout} there")
     try:
-        train_ds = create_dataset("", root=str(train_at), split="train", search_split=False)
+        # create_dataset takes a single .tar file to timm's ReaderImageInTar but a folder to
+        # the folder reader, so a folder of shards gets ReaderImageInTar as its reader.
+        def dataset(at: Path, class_map: dict[str, int] | None = None) -> Any:
+            return ImageDataset(str(at), reader=ReaderImageInTar(str(at), class_map=class_map or ""))
+
+        train_ds = dataset(train_at)
         classes = dict(train_ds.reader.class_name_to_idx)
-        eval_ds = create_dataset("", root=str(eval_at), split="validation", search_split=False, class_map=classes)
+        _check_classes(classes, dict(dataset(eval_at).reader.class_name_to_idx), train_at, eval_at)
+        eval_ds = dataset(eval_at, classes)
     except (OSError, ValueError, AssertionError, tarfile.TarError) as e:
         raise DataError(f"image_tar: cannot read the shards under {base} ({type(e).__name__}: {e})",
                         hint=f"rewrite or remove the shard; the layout is {layout}") from None

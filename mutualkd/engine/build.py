@@ -21,10 +21,10 @@ from mutualkd.config import OptimizerConfig, Recipe, SchedulerConfig, format_val
 from mutualkd.data import DatasetInfo, Pipeline, build_pipeline, check_data
 from mutualkd.errors import DataError, RecipeError, UserError, close_matches, in_file
 from mutualkd.optim import build_optimizer, build_scheduler, check_optimizer
-from mutualkd.peers import PeerModule, create_peer, probe_feature_shape
-from mutualkd.checkpoint import load_peer_model
+from mutualkd.peers import PeerModule, input_norm, probe_feature_shape
 from mutualkd.registry import get_metric, get_strategy
 from mutualkd.strategy import LoadedModel, PeerInfo, SetupContext, Stage, Strategy
+from mutualkd.weights import announce, load_network, parse_source, peer_network
 
 __all__ = ["Unit", "Slot", "Built", "resolve_strategy", "build_run", "check_recipe"]
 
@@ -107,7 +107,34 @@ def resolve_strategy(recipe: Recipe, recipe_file: str = "<recipe>") -> tuple[typ
             f"strategy '{recipe.strategy.name}' does not support mode '{recipe.schedule.mode}'",
             file=recipe_file, field="schedule.mode", hint=f"use one of: {', '.join(cls.modes)}",
         )
+    _check_frozen(recipe, recipe_file, cls)
     return cls, params
+
+
+def _check_frozen(recipe: Recipe, file: str, cls: type[Strategy[Any]]) -> None:
+    """Frozen peers only for strategies that take them, and at least one peer that trains."""
+    frozen = [i for i, pc in enumerate(recipe.peers) if pc.frozen]
+    if not frozen:
+        return
+    names = recipe.peer_names()
+    i = frozen[0]
+    if not cls.accepts_frozen:
+        raise RecipeError(
+            f"strategy '{recipe.strategy.name}' trains every peer and takes no frozen peer (peer '{names[i]}' has"
+            " frozen = true)", file=file, field=f"peers[{i}].frozen",
+            hint="remove frozen, or use a strategy made for a frozen teacher: kl_dml (classic KD: the other peers"
+            " learn from the frozen one) or ie_kd (strategy.teacher = the same weights source)",
+        )
+    if len(frozen) == len(recipe.peers):
+        raise RecipeError("every peer is frozen: nothing would train", file=file, field=f"peers[{i}].frozen",
+                          hint="leave at least one peer unfrozen (the student)")
+
+
+def _strategy(cls: type[Strategy[Any]], params: Any, recipe: Recipe) -> Strategy[Any]:
+    """The strategy object; frozen peer names are handed over only when there are some (older plugins)."""
+    frozen = [n for n, pc in zip(recipe.peer_names(), recipe.peers) if pc.frozen]
+    extra: dict[str, Any] = {"frozen": frozen} if frozen else {}
+    return cls(params, peers=recipe.peer_names(), mode=recipe.schedule.mode, **extra)
 
 
 # --------------------------------------------------------------------------- peers
@@ -143,14 +170,19 @@ def _make_peers(recipe: Recipe, file: str, info: DatasetInfo, feature_map: bool,
     modules: list[PeerModule] = []
     infos: list[PeerInfo] = []
     for i, pc in enumerate(recipe.peers):
-        model = create_peer(pc.model, num_classes=info.num_classes, in_chans=info.in_chans, kwargs=pc.kwargs,
-                            file=file, field=f"peers[{i}]")
+        # Random weights, or weights from a run, a file, a folder or timm's pretrained ones (mutualkd.weights).
+        net = peer_network(pc, i, num_classes=info.num_classes, in_chans=info.in_chans, file=file)
+        announce(net, f"peer '{names[i]}'" + (" (frozen)" if pc.frozen else ""))
+        model = net.model
         module = PeerModule(model, pc.model, feature_map=feature_map, feature_stage=pc.feature_stage,
-                            file=file, field=f"peers[{i}].feature_stage").to(device)
+                            file=file, field=f"peers[{i}].feature_stage",
+                            input_norm=input_norm(info.mean, info.std, net.mean, net.std)).to(device)
+        if pc.frozen:  # never trained: no gradient, and eval mode keeps its BatchNorm statistics
+            module.eval().requires_grad_(False)
         if channels_last:
             module = module.to(memory_format=torch.channels_last)
         shape = probe_peer(module, info, device, file=file, i=i, name=names[i])
-        infos.append(PeerInfo(i, names[i], pc.model, shape, model))
+        infos.append(PeerInfo(i, names[i], pc.model, shape, model, frozen=pc.frozen, head_reset=net.head_reset))
         modules.append(module)
     return modules, infos
 
@@ -159,10 +191,16 @@ def _setup_strategy(strategy: Strategy[Any], recipe: Recipe, file: str, info: Da
                     device: torch.device) -> SetupContext:
     blocked = tuple(recipe.run.block_plugins or ())
 
-    def load_model(path: str, peer: str | int, field: str) -> LoadedModel:
-        model, name = load_peer_model(path, peer, num_classes=info.num_classes, in_chans=info.in_chans,
-                                      where=f"{file} [{field}]")
-        return LoadedModel(model, name)
+    def load_model(source: str, peer: str | int, field: str, model: str | None = None,
+                   reset_head: bool = False) -> LoadedModel:
+        # The architecture is the key next to the source's: strategy.teacher -> strategy.teacher_model.
+        net = load_network(source, model=model, num_classes=info.num_classes, in_chans=info.in_chans, file=file,
+                           field=field, arch_field=f"{field}_model", peer=peer, reset_head=reset_head)
+        net.model.eval().requires_grad_(False)
+        announce(net, f"{field} (frozen)")
+        where = net.source.describe() if net.source else ""
+        return LoadedModel(net.model, net.model_name, source=where, head_reset=net.head_reset,
+                           input_norm=input_norm(info.mean, info.std, net.mean, net.std))
 
     def find_metric(name: str, field: str) -> Any:
         return get_metric(name, where=f"{file} [{field}]", blocked=blocked)
@@ -177,13 +215,19 @@ def _attach(setup: SetupContext, recipe: Recipe, peers: Sequence[PeerModule], de
             ) -> tuple[dict[str, Slot], dict[str, Unit], dict[str, tuple[OptimizerConfig, SchedulerConfig]]]:
     """Slots for the peers and the strategy's modules; the units they train in, with their configs."""
     names = recipe.peer_names()
-    slots = {name: Slot(name, m, m, name) for name, m in zip(names, peers)}
-    units = {name: Unit(name, [name], peer=name) for name in names}
-    unit_cfg = {name: (recipe.peer_optimizer(i), recipe.peer_scheduler(i)) for i, name in enumerate(names)}
+    # A frozen peer has no unit (no optimizer); its slot's unit None keeps it in eval mode.
+    frozen = {n for n, pc in zip(names, recipe.peers) if pc.frozen}
+    slots = {name: Slot(name, m, m, None if name in frozen else name) for name, m in zip(names, peers)}
+    units = {name: Unit(name, [name], peer=name) for name in names if name not in frozen}
+    unit_cfg = {name: (recipe.peer_optimizer(i), recipe.peer_scheduler(i)) for i, name in enumerate(names)
+                if name not in frozen}
     for name, module, unit, opt_cfg, sched_cfg, trainable in setup._added:
         if name in slots or name in units:
             raise UserError(f"strategy '{recipe.strategy.name}' registers module '{name}' twice",
                             hint="this is a bug in the strategy plugin")
+        if trainable and unit in frozen:
+            raise UserError(f"strategy '{recipe.strategy.name}' trains module '{name}' with peer '{unit}', which is"
+                            " frozen", hint="this is a bug in the strategy plugin: frozen peers have no optimizer")
         module = module.to(device)
         if not trainable:
             module.eval().requires_grad_(False)
@@ -202,6 +246,11 @@ def _stages(strategy: Strategy[Any], recipe: Recipe, units: dict[str, Unit]) -> 
     for stage in stages:
         for st in stage.steps:
             unknown = [u for u in st.updates if u not in units]
+            frozen = set(unknown) & set(getattr(strategy, "frozen", ()))
+            if frozen:
+                raise UserError(f"strategy '{recipe.strategy.name}' step '{st.name}' updates frozen peer(s)"
+                                f" {sorted(frozen)}",
+                                hint="this is a bug in the strategy plugin: its steps must update Strategy.trainable only")
             if unknown:
                 raise UserError(f"strategy '{recipe.strategy.name}' step '{st.name}' updates unknown units {unknown}",
                                 hint="this is a bug in the strategy plugin")
@@ -230,6 +279,8 @@ def check_recipe(recipe: Recipe, *, recipe_file: str = "<recipe>", data: bool = 
     cls, params = resolve_strategy(recipe, recipe_file)
     for i, pc in enumerate(recipe.peers):
         check_model_name(pc.model, file=recipe_file, field=f"peers[{i}]")
+        if pc.weights is not None:  # the source exists and is of a known kind (loaded with the data)
+            parse_source(pc.weights, where=f"{recipe_file} [peers[{i}].weights]")
     _check_optimizers(recipe, recipe_file)
     from mutualkd.engine.tracking import check_trackers
 
@@ -241,7 +292,7 @@ def check_recipe(recipe: Recipe, *, recipe_file: str = "<recipe>", data: bool = 
     except DataError as e:
         raise in_file(e, recipe_file) from None
     cpu = torch.device("cpu")
-    strategy = cls(params, peers=recipe.peer_names(), mode=recipe.schedule.mode)
+    strategy = _strategy(cls, params, recipe)
     peers, infos = _make_peers(recipe, recipe_file, info, cls.needs_feature_maps, cpu)
     setup = _setup_strategy(strategy, recipe, recipe_file, info, infos, cpu)
     _, units, unit_cfg = _attach(setup, recipe, peers, cpu)
@@ -258,7 +309,7 @@ def build_run(recipe: Recipe, accelerator: Accelerator, *, recipe_file: str = "<
     # --- strategy: looked up by name in the registry, parameters validated by its model
     cls, params = resolve_strategy(recipe, recipe_file)
     peer_names = recipe.peer_names()
-    strategy = cls(params, peers=peer_names, mode=recipe.schedule.mode)
+    strategy = _strategy(cls, params, recipe)
 
     # --- data: held on the training device (device pipeline) or read by worker processes
     # (stream pipeline), see mutualkd.data.pipeline

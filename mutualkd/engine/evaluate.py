@@ -1,4 +1,4 @@
-"""Evaluation: top-1 of every peer and of their ensemble on the whole test split."""
+"""Evaluation: top-1 and top-5 of every peer and of their ensemble on a whole evaluation split."""
 
 from __future__ import annotations
 
@@ -10,19 +10,25 @@ from torch import Tensor, nn
 
 from mutualkd.engine.precision import Precision
 
-__all__ = ["evaluate"]
+__all__ = ["TOPK", "evaluate", "evaluate_topk"]
+
+#: The accuracies reported: top-1 and top-5 (top-k with k capped at the number of classes).
+TOPK = (1, 5)
 
 
 @torch.no_grad()
-def evaluate(
-    peers: Mapping[str, nn.Module], batches: Iterable[tuple[Tensor, Tensor]], accelerator: Accelerator, precision: Precision
-) -> dict[str, float]:
-    """Top-1 (%) of each peer and of the ensemble (mean of softmax), keyed by peer name and ``"ensemble"``.
+def evaluate_topk(
+    peers: Mapping[str, nn.Module], batches: Iterable[tuple[Tensor, Tensor]], accelerator: Accelerator,
+    precision: Precision, ks: tuple[int, ...] = TOPK,
+) -> dict[int, dict[str, float]]:
+    """Top-k (%) for each ``k`` of ``ks``: ``{k: {peer name or "ensemble": accuracy}}``.
 
-    ``peers`` are the unwrapped peer modules: evaluation must not run DDP's collective
-    buffer broadcasts, since the processes' shares of the test split can differ in size.
-    Each process evaluates its own disjoint share; the counts are summed, so every test
-    sample is counted exactly once.
+    The ensemble is the mean of the peers' softmax. ``peers`` are the unwrapped peer
+    modules: evaluation must not run DDP's collective buffer broadcasts, since the
+    processes' shares of the split can differ in size. Each process evaluates its own
+    disjoint share; the counts are summed, so every sample is counted exactly once.
+    A sample is top-k correct when its label is among the k highest scores (k capped at
+    the number of classes).
     """
     acc = accelerator
     models = list(peers.values())
@@ -36,16 +42,18 @@ def evaluate(
     for m in models:
         m.eval()
     n = len(models)
-    correct = torch.zeros(n + 1, dtype=torch.float64, device=acc.device)
+    correct = torch.zeros(len(ks), n + 1, dtype=torch.float64, device=acc.device)
     total = torch.zeros(1, dtype=torch.float64, device=acc.device)
     try:
         for x, y in batches:
             with precision.autocast():
                 logits = [m(x)[1].float() for m in models]
-            for i, z in enumerate(logits):
-                correct[i] += (z.argmax(1) == y).sum()
             probs = torch.stack([z.softmax(1) for z in logits]).mean(0)
-            correct[n] += (probs.argmax(1) == y).sum()
+            kmax = min(max(ks), probs.shape[1])
+            for i, z in enumerate([*logits, probs]):
+                hit = z.topk(kmax, dim=1).indices == y[:, None]  # [B, kmax]: where the label ranks
+                for j, k in enumerate(ks):
+                    correct[j, i] += hit[:, : min(k, kmax)].any(1).sum()
             total += y.numel()
     finally:
         for m, s in zip(models, states):
@@ -54,7 +62,16 @@ def evaluate(
         correct = acc.reduce(correct, reduction="sum")
         total = acc.reduce(total, reduction="sum")
     pct = (100.0 * correct / total.clamp(min=1)).tolist()
-    out = {name: pct[i] for i, name in enumerate(peers)}
-    if n > 1:
-        out["ensemble"] = pct[n]
+    out: dict[int, dict[str, float]] = {}
+    for j, k in enumerate(ks):
+        out[k] = {name: pct[j][i] for i, name in enumerate(peers)}
+        if n > 1:
+            out[k]["ensemble"] = pct[j][n]
     return out
+
+
+def evaluate(
+    peers: Mapping[str, nn.Module], batches: Iterable[tuple[Tensor, Tensor]], accelerator: Accelerator, precision: Precision
+) -> dict[str, float]:
+    """Top-1 (%) of each peer and of the ensemble, keyed by peer name and ``"ensemble"`` (see :func:`evaluate_topk`)."""
+    return evaluate_topk(peers, batches, accelerator, precision, ks=(1,))[1]

@@ -30,6 +30,13 @@ __all__ = ["Precision", "launcher_precision"]
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _clip(optimizer: torch.optim.Optimizer, value: float, mode: str) -> None:
+    from timm.utils import dispatch_clip_grad
+
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    dispatch_clip_grad(params, value, mode=mode)
+
+
 def launcher_precision() -> str | None:
     """The mixed precision asked for by ``accelerate launch --mixed_precision ...``, if any."""
     value = os.environ.get("ACCELERATE_MIXED_PRECISION")
@@ -60,8 +67,15 @@ class Precision:
         with torch.autocast(self.device.type, dtype=self.dtype):
             yield
 
-    def update(self, loss: Tensor, optimizers: Mapping[str, torch.optim.Optimizer]) -> None:
-        """One update of the named optimizers from ``loss``: zero_grad, backward, step."""
+    def update(self, loss: Tensor, optimizers: Mapping[str, torch.optim.Optimizer],
+               clip: Mapping[str, tuple[float, str]] | None = None) -> None:
+        """One update of the named optimizers from ``loss``: zero_grad, backward, clip, step.
+
+        ``clip`` maps an optimizer's name to ``(value, mode)``: its gradients are clipped
+        (timm's ``dispatch_clip_grad``: ``norm``, ``value`` or ``agc``) after they are
+        unscaled and before the step.
+        """
+        clip = clip or {}
         if self.scaler is not None and not self._stepped.isdisjoint(optimizers):
             # GradScaler allows one step per optimizer between its updates; a schedule that
             # steps an optimizer twice in a batch gets an update in between (before the
@@ -72,11 +86,16 @@ class Precision:
             opt.zero_grad(set_to_none=True)
         if self.scaler is None:
             loss.backward()
-            for opt in optimizers.values():
+            for name, opt in optimizers.items():
+                if name in clip:
+                    _clip(opt, *clip[name])
                 opt.step()
             return
         self.scaler.scale(loss).backward()
         for name, opt in optimizers.items():
+            if name in clip:
+                self.scaler.unscale_(opt)  # clip the true gradients; step() then does not unscale again
+                _clip(opt, *clip[name])
             self.scaler.step(opt)  # unscales; skips the step when a gradient is inf/NaN
             self._stepped.add(name)
 

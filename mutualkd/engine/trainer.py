@@ -515,7 +515,8 @@ class Trainer:
                 self.writer.sync()  # what the checkpoint's metrics offset points at is on disk first
                 ckpt.save_checkpoint(dest, state, self._meta(kind))
                 if kind == "step":
-                    ckpt.prune_checkpoints(self.folder.checkpoints, self.recipe.run.keep_checkpoints)
+                    ckpt.prune_checkpoints(self.folder.checkpoints, self.recipe.run.keep_checkpoints,
+                                           upto=self.position.global_step)
             except UserError as e:  # a full disk: every process stops with the same message
                 problem = (e.message, e.where, e.hint)
         if self.accelerator.num_processes > 1:  # also the barrier after the write
