@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from mutualkd.config import LOGGING_ONLY_FIELDS
-from mutualkd.errors import CheckpointError
+from mutualkd.errors import CheckpointError, UserError
 
 __all__ = [
     "MARKER",
@@ -273,8 +273,13 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", verify
             raise CheckpointError(problem or f"{STATE} cannot be read", where=str(path), hint=OLDER_HINT)
     else:
         data = (path / STATE).read_bytes()
+    from mutualkd.trust import safe_load
+
     try:
-        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
+        # Never full unpickling: a state.pt that asks to run code is refused (mutualkd.trust).
+        state = safe_load(data, file=path / STATE, map_location=map_location)
+    except UserError:
+        raise
     except Exception as e:
         raise CheckpointError(f"{STATE} cannot be read: {type(e).__name__}: {e}", where=str(path), hint=OLDER_HINT) from None
     if not isinstance(state, dict):

@@ -1,24 +1,44 @@
-"""``mutualkd export``: one peer (or its EMA copy) of a saved run as a timm checkpoint.
+"""``mutualkd export``: a saved run's peers (or their EMA copies) as timm models that plain timm loads.
 
-The export is a folder with ``model.safetensors`` (the timm model's ``state_dict``) and
-``config.json`` (architecture, ``num_classes``, ``in_chans``, the peer's ``kwargs`` and
-where it came from), which timm loads without mutualkd::
+Each peer becomes a folder in timm's Hugging Face layout, written by timm's own
+``save_for_hf``: ``model.safetensors`` (the timm model's ``state_dict``) and ``config.json``
+(``architecture``, ``num_classes``, ``label_names``, ``model_args`` and timm's pretrained
+config: ``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``; plus a
+``mutualkd`` block saying which run, checkpoint, peer and step it came from). It loads
+without mutualkd's engine::
 
-    model = timm.create_model(cfg["architecture"], num_classes=cfg["num_classes"],
-                              in_chans=cfg["in_chans"], **cfg["kwargs"], pretrained=True,
-                              pretrained_cfg_overlay={"file": "OUT/model.safetensors"})
+    import mutualkd, timm            # importing mutualkd registers the CIFAR families in timm
+    model = timm.create_model("local-dir:OUT", pretrained=True).eval()
+    cfg = model.pretrained_cfg       # feed it (x / 255 - cfg["mean"]) / cfg["std"] at cfg["input_size"]
+
+or, into an architecture built by hand, ``timm.create_model(ARCH, pretrained=True,
+pretrained_cfg_overlay=dict(file="OUT/model.safetensors"), num_classes=N, in_chans=C)``.
+The same folder is a weights source of its own (``weights = "OUT"`` in a recipe).
+
+The normalisation written is the one the peer's weights expect: the data set's, or the
+peer's own when it started from weights normalised otherwise (see :mod:`mutualkd.weights`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-import json
+import os
 from pathlib import Path
-from typing import Any
+import shutil
+from typing import Any, Literal
 
 from mutualkd.errors import CheckpointError, UserError, unknown_name_hint
 
-__all__ = ["Exported", "export_peer"]
+__all__ = ["Exported", "export_peer", "export_run", "LABEL_NAMES"]
+
+#: Class names of the data sets whose classes are fixed (image folders: their class folders).
+LABEL_NAMES: dict[str, list[str]] = {
+    "digits": [str(i) for i in range(10)],
+    "mnist": [str(i) for i in range(10)],
+    "fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"],
+    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+}
 
 
 @dataclass
@@ -32,26 +52,102 @@ class Exported:
     checkpoint: Path
 
 
-def export_peer(run_or_checkpoint: str | Path, out: str | Path, *, peer: str | None = None, ema: bool = False,
-                best: bool = False) -> Exported:
-    """Write peer ``peer`` (default: the first) of a run's latest checkpoint (or ``best/``) to ``out``."""
-    from safetensors.torch import save_file
-
+def _checkpoint_folder(src: Path, which: Literal["best", "last"]) -> Path:
     from mutualkd import checkpoint as ckpt
 
-    src = Path(run_or_checkpoint)
-    if best:
-        src = src / "checkpoints" / "best" if (src / "checkpoints").is_dir() else src
-        if not ckpt.is_complete(src):
+    if (src / ckpt.META).is_file() or (src / ckpt.STATE).is_file():
+        return src  # a checkpoint folder named directly
+    if which == "best":
+        best = src / "checkpoints" / "best"
+        if not ckpt.is_complete(best):
             raise CheckpointError("the run has no complete best/ checkpoint", where=str(src),
-                                  hint="export the latest checkpoint (leave out --best)")
-    folder = ckpt.resolve_checkpoint(src, where=str(run_or_checkpoint))
+                                  hint="export the latest checkpoint (--checkpoint last)")
+        return best
+    return ckpt.resolve_checkpoint(src, where=str(src))
+
+
+def _run_folder(checkpoint: Path) -> Path | None:
+    for p in (checkpoint, checkpoint.parent, checkpoint.parent.parent):
+        if (p / "recipe.toml").is_file():
+            return p
+    return None
+
+
+def _data_config(meta: dict[str, Any], checkpoint: Path) -> dict[str, Any]:
+    """Input size, mean and std of the run's data set: from meta.json, or (older runs) from its recipe's data."""
+    ds = dict(meta.get("dataset", {}))
+    if not all(k in ds for k in ("mean", "std", "image_size")):
+        run = _run_folder(checkpoint)
+        if run is None:
+            raise UserError("the checkpoint does not record its data set's input size and normalisation, and no"
+                            " recipe.toml is next to it", where=str(checkpoint),
+                            hint="export from the run folder, or from a checkpoint written by this mutualkd version")
+        from mutualkd.config import load_recipe
+        from mutualkd.data import check_data
+        from mutualkd.errors import in_file
+
+        recipe = load_recipe(run / "recipe.toml")
+        try:
+            info, _, _ = check_data(recipe.data, seed=recipe.run.seed, peers={})
+        except UserError as e:
+            raise in_file(e, str(run / "recipe.toml")) from None
+        ds.update(mean=list(info.mean), std=list(info.std), image_size=list(info.image_size))
+    return ds
+
+
+def _label_names(dataset: str | None, checkpoint: Path) -> list[str] | None:
+    if dataset in LABEL_NAMES:
+        return LABEL_NAMES[dataset]
+    run = _run_folder(checkpoint)
+    if dataset == "image_folder" and run is not None:
+        from mutualkd.config import load_recipe
+
+        root = load_recipe(run / "recipe.toml").data.root
+        train = Path(root or "./data") / "train"
+        if train.is_dir():
+            return sorted(p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return None
+
+
+def export_peer(run_or_checkpoint: str | Path, out: str | Path, *, peer: str | None = None, ema: bool = False,
+                best: bool = False, checkpoint: Literal["best", "last"] | None = None) -> Exported:
+    """Write peer ``peer`` (default: the first) of a run's ``checkpoint`` (``last``, or ``best``) to ``out``."""
+    which: Literal["best", "last"] = checkpoint or ("best" if best else "last")
+    folder = _checkpoint_folder(Path(run_or_checkpoint), which)
+    from mutualkd import checkpoint as ckpt
+
     meta = ckpt.read_meta(folder)
     peers: dict[str, Any] = meta.get("peers", {})
     name = peer or next(iter(peers), "")
     if name not in peers:
         raise UserError(f"the run has no peer {name!r}", where=str(folder), hint=unknown_name_hint("peer", name, list(peers)))
+    state = ckpt.load_checkpoint(folder)  # weights_only: a checkpoint that asks to run code is refused
+    return _write(folder, meta, state, name, Path(out), ema)
+
+
+def export_run(run_or_checkpoint: str | Path, out: str | Path, *, peer: str | None = None, ema: bool = False,
+               checkpoint: Literal["best", "last"] = "last") -> list[Exported]:
+    """One peer into ``out`` (``peer`` named), or every peer into ``out/<peer>``."""
+    if peer is not None:
+        return [export_peer(run_or_checkpoint, out, peer=peer, ema=ema, checkpoint=checkpoint)]
+    from mutualkd import checkpoint as ckpt
+
+    folder = _checkpoint_folder(Path(run_or_checkpoint), checkpoint)
+    meta = ckpt.read_meta(folder)
     state = ckpt.load_checkpoint(folder)
+    names = list(meta.get("peers", {}))
+    if ema:
+        names = [n for n in names if n in state.get("callbacks", {}).get("ema", {})] or names
+    return [_write(folder, meta, state, n, Path(out) / n, ema) for n in names]
+
+
+def _write(folder: Path, meta: dict[str, Any], state: dict[str, Any], name: str, out_dir: Path, ema: bool) -> Exported:
+    import timm
+    from timm.models import save_for_hf
+    import torch
+
+    import mutualkd.models  # noqa: F401  (the CIFAR families are timm models)
+
     if ema:
         saved = state.get("callbacks", {}).get("ema", {})
         if name not in saved:
@@ -61,21 +157,41 @@ def export_peer(run_or_checkpoint: str | Path, out: str | Path, *, peer: str | N
         weights = saved[name]["module"]
     else:
         weights = state["modules"][name]
-    out_dir = Path(out)
-    if out_dir.exists() and any(out_dir.iterdir()):
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError("the export folder exists and is not empty", where=str(out_dir),
                         hint="choose another --out, or remove the folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    ds = meta.get("dataset", {})
-    config = {
-        "architecture": peers[name]["model"],
-        "num_classes": ds.get("num_classes"),
-        "in_chans": ds.get("in_chans"),
-        "kwargs": peers[name].get("kwargs", {}),
-        "source": {"checkpoint": str(folder), "peer": name, "ema": ema, "global_step": meta.get("global_step"),
-                   "dataset": ds.get("name"), "strategy": meta.get("strategy")},
+    spec = meta["peers"][name]
+    ds = _data_config(meta, folder)
+    arch, kwargs = spec["model"], dict(spec.get("kwargs", {}))
+    model = timm.create_model(arch, pretrained=False, num_classes=ds["num_classes"], in_chans=ds["in_chans"], **kwargs)
+    try:
+        model.load_state_dict({k: v.detach().cpu() for k, v in weights.items()})
+    except RuntimeError as e:
+        raise CheckpointError(f"the weights of peer '{name}' do not fit '{arch}': {str(e)[:300]}", where=str(folder),
+                              hint="the checkpoint's meta.json does not describe its weights; export another one") from None
+    mean, std = spec.get("mean") or ds["mean"], spec.get("std") or ds["std"]
+    h, w = ds["image_size"]
+    data_config = {"input_size": (int(ds["in_chans"]), int(h), int(w)), "mean": tuple(mean), "std": tuple(std),
+                   "crop_pct": 1.0, "interpolation": "bilinear"}
+    model_config: dict[str, Any] = {
+        "pretrained_cfg": {"tag": f"mutualkd_{ds.get('name')}"},
+        "mutualkd": {"checkpoint": str(folder), "peer": name, "ema": ema, "global_step": meta.get("global_step"),
+                     "epoch": meta.get("epoch"), "dataset": ds.get("name"), "strategy": meta.get("strategy")},
     }
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    return Exported(out_dir, name, config["architecture"], ema, folder)
+    labels = _label_names(ds.get("name"), folder)
+    if labels is not None and len(labels) == model.num_classes:
+        model_config["label_names"] = labels
+    # Written next to the destination and renamed into place: an export is whole or absent.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".tmp-export-{out_dir.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with torch.no_grad():
+            save_for_hf(model.eval(), str(tmp), model_config=model_config, model_args=kwargs or None,
+                        safe_serialization=True, data_config=data_config)
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked above)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Exported(out_dir, name, arch, ema, folder)

@@ -106,11 +106,23 @@ class PeerOutput:
 class LoadedModel:
     """A network loaded for a strategy (e.g. a teacher): the timm model and its architecture name.
 
-    The model is frozen (``requires_grad_(False)``) and in eval mode.
+    The model is frozen (``requires_grad_(False)``) and in eval mode. ``input_norm`` is None,
+    or a module that re-normalises this run's batches the way the weights expect (their
+    pretrained config's mean and std): put it in front of the model, as :meth:`as_module`
+    does and ``PeerModule(..., input_norm=loaded.input_norm)`` does for feature maps.
+    ``head_reset``: the classifier is new and untrained (``reset_head``), so only the
+    features mean anything. ``source`` says where the weights came from.
     """
 
     model: nn.Module
     model_name: str
+    source: str = ""
+    input_norm: nn.Module | None = None
+    head_reset: bool = False
+
+    def as_module(self) -> nn.Module:
+        """The model behind its input normalisation: called on this run's batches, it returns logits."""
+        return self.model if self.input_norm is None else nn.Sequential(self.input_norm, self.model)
 
 
 @dataclass(frozen=True)
@@ -122,6 +134,8 @@ class PeerInfo:
     model_name: str
     feature_shape: tuple[int, ...]  # without the batch dimension, e.g. (C, H, W)
     model: nn.Module  # the unwrapped timm model (read-only use at set-up)
+    frozen: bool = False  # never trained: no unit, no optimizer (its weights came from a source)
+    head_reset: bool = False  # its classifier is new and untrained (reset_head): its logits mean nothing yet
 
 
 @dataclass
@@ -137,21 +151,25 @@ class SetupContext:
     dataset: DatasetInfo
     device: torch.device
     recipe_file: str
-    #: ``(path, peer, field) -> LoadedModel``, checked against this run's data set.
-    load_model: Callable[[str, str | int, str], LoadedModel]
+    #: ``(source, peer, field, model, reset_head) -> LoadedModel``, checked against this run's data set.
+    load_model: Callable[[str, str | int, str, str | None, bool], LoadedModel]
     #: ``(name, field) -> metric``, with the run's ``run.block_plugins`` applied.
     find_metric: Callable[[str, str], Any]
     _added: list[tuple[str, nn.Module, str, Any, Any, bool]] = field(default_factory=list)
 
-    def load_peer(self, path: str, peer: str | int, *, field: str = "strategy") -> LoadedModel:
-        """A peer network from a checkpoint of an earlier mutualkd run, frozen.
+    def load_peer(self, source: str, peer: str | int = 0, *, model: str | None = None, reset_head: bool = False,
+                  field: str = "strategy") -> LoadedModel:
+        """A frozen network (a teacher) from any weights source (docs/weights.md).
 
-        ``path`` is a checkpoint folder or a run folder (its latest complete checkpoint);
-        ``peer`` a peer name or index of that run. The model is rebuilt from the run's
-        recorded architecture and checked against this recipe's data set. ``field`` is
-        the recipe key that named it (for error messages).
+        ``source`` is a mutualkd run or checkpoint folder (``peer``: a peer name or index of
+        that run), a weights file (``.safetensors``, ``.pth``, ...), a timm model folder, a
+        timm pretrained tag or ``hf-hub:ORG/NAME``. ``model`` is the timm architecture: needed
+        for a bare weights file, checked against the source otherwise (messages about it name the
+        key ``<field>_model``, e.g. ``strategy.teacher_model``). The weights are checked
+        against this recipe's data set: a classifier for other classes is refused unless
+        ``reset_head``. ``field`` is the recipe key that named it (for error messages).
         """
-        return self.load_model(path, peer, field)
+        return self.load_model(source, peer, field, model, reset_head)
 
     def metric(self, name: str, *, field: str) -> Any:
         """The distance metric plugin ``name``, looked up in the registry for this run.
@@ -222,6 +240,10 @@ class Strategy(ABC, Generic[P]):
     modes: ClassVar[tuple[str, ...]] = ("alternating", "simultaneous")
     #: Whether :class:`PeerOutput.features` must be a ``[B, C, H, W]`` map (see mutualkd.peers).
     needs_feature_maps: ClassVar[bool] = False
+    #: Whether the recipe may freeze peers (``frozen = true``). A frozen peer has no unit: the
+    #: strategy's steps must not update it (see :attr:`trainable`); its output on a batch is
+    #: computed once and reused by every step (its version never changes).
+    accepts_frozen: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -233,10 +255,17 @@ class Strategy(ABC, Generic[P]):
                 cls.Params = args[0]
                 return
 
-    def __init__(self, params: P, *, peers: Sequence[str], mode: Mode) -> None:
+    def __init__(self, params: P, *, peers: Sequence[str], mode: Mode, frozen: Sequence[str] = ()) -> None:
         self.params: P = params
         self.peers = list(peers)
         self.mode = mode
+        #: Peers the recipe froze (only when :attr:`accepts_frozen`); never in a step's ``updates``.
+        self.frozen = [p for p in self.peers if p in set(frozen)]
+
+    @property
+    def trainable(self) -> list[str]:
+        """The peers that train, in recipe order (all of them unless some are frozen)."""
+        return [p for p in self.peers if p not in self.frozen]
 
     # ------------------------------------------------------------------ declaration
     def setup(self, ctx: SetupContext) -> None:

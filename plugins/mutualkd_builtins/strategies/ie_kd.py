@@ -15,7 +15,6 @@ import torch
 from torch import Tensor
 
 from mutualkd.config import OptimizerConfig
-from mutualkd.errors import CheckpointError
 from mutualkd.peers import PeerModule, probe_feature_shape
 from mutualkd.strategy import LossTerms, SetupContext, Stage, Step, StepContext, Strategy
 from mutualkd_builtins.strategies._ie import (
@@ -33,9 +32,20 @@ from mutualkd_builtins.strategies._ie import (
 
 
 class IEKDParams(IEParams):
-    teacher: str = Field(description="run folder or checkpoint folder of an earlier mutualkd run")
-    teacher_peer: str | int = Field(0, description="which peer of that run is the teacher (name or index)")
-    teacher_model: str | None = Field(None, description="expected architecture of the teacher, checked when set")
+    teacher: str = Field(
+        description="the frozen teacher's weights (docs/weights.md): a mutualkd run or checkpoint folder, a weights"
+        " file (.safetensors, .pth, ...), a timm model folder, a timm pretrained tag (resnet34.a1_in1k) or"
+        " hf-hub:ORG/NAME"
+    )
+    teacher_peer: str | int = Field(0, description="which peer of a teacher run is the teacher (name or index)")
+    teacher_model: str | None = Field(
+        None, description="the teacher's timm architecture: required for a bare weights file, checked otherwise"
+    )
+    teacher_reset_head: bool = Field(
+        False,
+        description="give the teacher a new classifier: IE-KD uses its features only, so its weights may come from"
+        " another data set's classes (e.g. ImageNet's 1000)",
+    )
     ae_epochs: int = Field(30, ge=1, description="stage 1: epochs of autoencoder training (authors: 30)")
     ae_optimizer: OptimizerConfig = Field(
         default_factory=lambda: OptimizerConfig(name="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4),
@@ -57,14 +67,11 @@ class IEKD(Strategy[IEKDParams]):
     def setup(self, ctx: SetupContext) -> None:
         p = self.params
         self.d_inh, self.d_exp = resolve_metrics(p, ctx)
-        loaded = ctx.load_peer(p.teacher, p.teacher_peer, field="strategy.teacher")
-        if p.teacher_model is not None and p.teacher_model != loaded.model_name:
-            raise CheckpointError(
-                f"the teacher checkpoint holds a '{loaded.model_name}', the recipe expects '{p.teacher_model}'",
-                where=f"{ctx.recipe_file} [strategy.teacher_model]",
-                hint="point strategy.teacher at the right run, or correct strategy.teacher_model",
-            )
-        teacher = PeerModule(loaded.model, loaded.model_name, feature_map=True).to(ctx.device)
+        # Any weights source; the architecture is checked against teacher_model (or named by it, for a bare file).
+        loaded = ctx.load_peer(p.teacher, p.teacher_peer, model=p.teacher_model, reset_head=p.teacher_reset_head,
+                               field="strategy.teacher")
+        teacher = PeerModule(loaded.model, loaded.model_name, feature_map=True, input_norm=loaded.input_norm)
+        teacher = teacher.to(ctx.device)
         ctx.add_module(self.TEACHER, teacher, unit=self.TEACHER, trainable=False)
         t_shape = probe_feature_shape(teacher, ctx.dataset.in_chans, ctx.dataset.image_size, ctx.device)
         ae = make_paraphraser(p, t_shape[0])

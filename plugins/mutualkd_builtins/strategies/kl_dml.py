@@ -9,7 +9,8 @@ from pydantic import Field
 from torch import Tensor
 import torch.nn.functional as F
 
-from mutualkd.strategy import LossTerms, Step, StepContext, Strategy, StrategyParams
+from mutualkd.errors import RecipeError
+from mutualkd.strategy import LossTerms, SetupContext, Step, StepContext, Strategy, StrategyParams
 from mutualkd_builtins.losses import kl_to_peers
 
 
@@ -41,14 +42,29 @@ class KLDML(Strategy[KLDMLParams]):
     * ``alternating`` (the paper's and the authors' order): one step per peer; peer k
       sees the predictions of peers 0..k-1 *after* their update on this batch.
     * ``simultaneous``: one step; every peer is updated from the same detached targets.
+
+    Frozen peers (``frozen = true``, with weights from any source) are targets only: they
+    get no step and their logits are computed once per batch. Two peers, one of them a
+    frozen pretrained teacher, is classic teacher -> student knowledge distillation
+    (Hinton et al., 2015) with ``temperature`` T and the KL weighted by ``weight``.
     """
 
     min_peers = 2
+    accepts_frozen = True
+
+    def setup(self, ctx: SetupContext) -> None:
+        for peer in ctx.peers:
+            if peer.frozen and peer.head_reset:
+                raise RecipeError(
+                    f"peer '{peer.name}' is frozen with a new, untrained classifier (reset_head): its predictions,"
+                    " the other peers' targets, would be random", file=ctx.recipe_file, field=f"peers[{peer.index}]",
+                    hint="use weights trained on this data set's classes for a frozen kl_dml peer, or unfreeze it",
+                )
 
     def steps(self) -> Sequence[Step]:
         if self.mode == "simultaneous":
-            return [Step("all", tuple(self.peers))]
-        return [Step(name, (name,)) for name in self.peers]
+            return [Step("all", tuple(self.trainable))]
+        return [Step(name, (name,)) for name in self.trainable]
 
     def compute(self, step: Step, ctx: StepContext) -> LossTerms:
         p = self.params

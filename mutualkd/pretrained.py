@@ -1,0 +1,241 @@
+"""timm's own weights, offline first: pretrained tags, ``hf-hub:`` repositories, timm model folders.
+
+The three kinds of :mod:`mutualkd.weights` sources that timm knows how to load are loaded by
+timm itself, through ``timm.create_model(..., pretrained=True)``, so that timm's
+model-specific conversions (checkpoint filters, position-embedding resizing, input-channel
+adaptation) apply:
+
+* a tag (``resnet34.a1_in1k``): its file is looked up in the Hugging Face cache
+  (:func:`cached_weights`) and handed to timm as ``pretrained_cfg_overlay=dict(file=...)``;
+* ``hf-hub:ORG/NAME``: its cached snapshot folder (``config.json`` and the weights) is a
+  timm model folder, loaded as ``local-dir:<snapshot>``;
+* a timm model folder: ``timm.create_model("local-dir:<folder>", pretrained=True)``.
+
+Nothing here contacts a hub unless :func:`mutualkd.weights.downloads_allowed`; then timm
+downloads as it always does (into the same cache). Before timm builds anything, the source's
+classifier is compared with the data set's classes (timm itself would silently drop a head
+of the wrong size).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from torch import nn
+
+from mutualkd.trust import UnsafeFileError
+from mutualkd.errors import UserError
+from mutualkd.weights import ALLOW_DOWNLOAD_ENV, Network, Source, _pretrained_cfg, downloads_allowed, hub_cache
+
+__all__ = ["load", "cached_weights", "hub_repo_folder", "fill_command"]
+
+#: Weight files timm looks for in a hub repository, in its order (safetensors first).
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+#: Weight files timm looks for in a model folder (``timm.models._hub._PREFERRED_FILES``, the common ones).
+FOLDER_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+
+
+def hub_repo_folder(repo_id: str) -> Path:
+    """Where the Hugging Face cache keeps ``repo_id`` (``models--ORG--NAME``)."""
+    return hub_cache() / ("models--" + repo_id.replace("/", "--"))
+
+
+def _cached_hub_file(repo_id: str, revision: str | None, filenames: tuple[str, ...]) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in filenames:
+        found = try_to_load_from_cache(repo_id, name, cache_dir=hub_cache(), revision=revision)
+        if isinstance(found, str) and Path(found).is_file():
+            return Path(found)
+    return None
+
+
+def cached_weights(cfg: Any) -> tuple[Path | None, list[Path]]:
+    """The cached weight file of a timm pretrained config (None if absent), and the folders looked in."""
+    from timm.models._hub import get_cache_dir, hf_split
+
+    looked: list[Path] = []
+    if cfg.hf_hub_id:
+        repo, revision = hf_split(cfg.hf_hub_id)
+        looked.append(hub_repo_folder(repo))
+        files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else HUB_WEIGHT_FILES
+        found = _cached_hub_file(repo, revision, files)
+        if found is not None:
+            return found, looked
+    if cfg.url:
+        folder = Path(get_cache_dir())
+        looked.append(folder)
+        path = folder / Path(urlparse(cfg.url).path).name
+        if path.is_file():
+            return path, looked
+    return None, looked
+
+
+def fill_command(name: str) -> str:
+    """The command that puts ``name``'s weights into the cache, on a machine with a network."""
+    return f"python -c \"import timm; timm.create_model('{name}', pretrained=True)\""
+
+
+def _not_cached(label: str, name: str, looked: list[Path], where: str) -> UserError:
+    folders = ", ".join(str(p) for p in looked) or str(hub_cache())
+    return UserError(
+        f"the pretrained weights {label} are not in the cache (looked in {folders}), and mutualkd downloads"
+        " nothing unless allowed",
+        where=where,
+        hint=f"on a machine with a network run `{fill_command(name)}` and copy {folders} to the same place here (or"
+        f" point HF_HUB_CACHE at a copy of that cache); or let mutualkd download it: {ALLOW_DOWNLOAD_ENV}=1",
+    )
+
+
+def _check_head(src_classes: Any, num_classes: int, label: str, reset_head: bool, where: str) -> None:
+    if reset_head or src_classes is None or int(src_classes) == num_classes:
+        return
+    raise UserError(
+        f"the classifier of {label} has {int(src_classes)} classes, this recipe's data set has {num_classes}",
+        where=where,
+        hint="set reset_head = true for a new, untrained classifier (a features-only teacher such as IE-KD's, or"
+        " fine-tuning), or use weights trained on these classes",
+    )
+
+
+def _check_arch(arch: str, model: str | None, label: str, where: str) -> None:
+    import timm
+
+    if model is not None and timm.models.get_arch_name(model) != arch:
+        raise UserError(f"{label} are weights of a '{arch}', the recipe names '{model}'", where=where,
+                        hint=f"set the model to \"{arch}\", or name weights of a '{model}'")
+
+
+def _create(name: str, label: str, overlay: dict[str, Any] | None, num_classes: int, in_chans: int,
+            kwargs: dict[str, Any] | None, where: str, weights_file: Path | None) -> nn.Module:
+    """``timm.create_model(name, pretrained=True, ...)``, every failure a UserError naming the source."""
+    import timm
+
+    import mutualkd.models  # noqa: F401
+
+    extra = dict(kwargs or {})
+    if overlay:
+        extra["pretrained_cfg_overlay"] = overlay
+    try:
+        model = timm.create_model(name, pretrained=True, num_classes=num_classes, in_chans=in_chans, **extra)
+    except TypeError as e:
+        raise UserError(f"model '{name}' does not accept these kwargs: {e}", where=where,
+                        hint="remove or rename the keyword") from None
+    except UserError:
+        raise
+    except Exception as e:  # a pickle refused, a state dict that does not fit, a hub that cannot be reached
+        text = str(e)
+        if "weights_only" in text:
+            raise UnsafeFileError(
+                f"{weights_file or label} holds pickled objects other than tensors; unpickling them could run code,"
+                " so the weights are not loaded", where=where,
+                hint="if you trust the file, save its tensors with safetensors.torch.save_file and name that file",
+            ) from None
+        first = (text.strip().splitlines() or [type(e).__name__])[0][:300]
+        raise UserError(f"timm cannot load {label}: {type(e).__name__}: {first}", where=where,
+                        hint="check that the weights are of this architecture (and its kwargs)") from None
+    for attr in ("forward_features", "forward_head"):
+        if not hasattr(model, attr):
+            raise UserError(f"model '{name}' lacks timm's {attr}()", where=where, hint="use a model built on timm's API")
+    return model
+
+
+def _norm(cfg: dict[str, Any]) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    mean, std = cfg.get("mean"), cfg.get("std")
+    return (tuple(float(v) for v in mean) if mean else None), (tuple(float(v) for v in std) if std else None)
+
+
+def load(src: Source, model: str | None, num_classes: int, in_chans: int, kwargs: dict[str, Any] | None,
+         reset_head: bool, where: str, arch_where: str | None = None) -> Network:
+    """A timm tag, hf-hub repository or timm model folder, built and loaded by timm.
+
+    ``where`` names the source's recipe field, ``arch_where`` the field naming the architecture.
+    """
+    arch_where = arch_where or where
+    if src.kind == "timm":
+        return _from_tag(src, model, num_classes, in_chans, kwargs, reset_head, where, arch_where)
+    if src.kind == "hf_hub":
+        return _from_hub(src, model, num_classes, in_chans, kwargs, reset_head, where, arch_where)
+    return _from_folder(src, Path(src.location), model, num_classes, in_chans, kwargs, reset_head, where, arch_where)
+
+
+def _finish(net: nn.Module, arch: str, src: Source, cfg: dict[str, Any], num_classes: int, reset_head: bool,
+            in_chans: int) -> Network:
+    if reset_head and int(cfg.get("num_classes") or 0) == num_classes:
+        net.reset_classifier(num_classes)  # type: ignore[operator]  # timm kept the head; a new one was asked for
+    src_chans = int((cfg.get("input_size") or (in_chans,))[0])
+    mean, std = _norm(cfg)
+    out = Network(net, arch, src, mean=mean, std=std, head_reset=reset_head)
+    if reset_head:
+        out.notes.append("new classifier (reset_head)")
+    if src_chans != in_chans:
+        out.notes.append(f"first convolution adapted from {src_chans} to {in_chans} input channel(s) by timm")
+    return out
+
+
+def _from_tag(src: Source, model: str | None, num_classes: int, in_chans: int, kwargs: dict[str, Any] | None,
+              reset_head: bool, where: str, arch_where: str) -> Network:
+    import timm
+
+    tag = src.location
+    cfg = _pretrained_cfg(tag, where)
+    arch = timm.models.get_arch_name(tag)
+    label = f"'{arch}.{cfg.tag}'" if cfg.tag else f"'{tag}'"
+    _check_arch(arch, model, label, arch_where)
+    _check_head(cfg.num_classes, num_classes, label, reset_head, where)
+    name = f"{arch}.{cfg.tag}" if cfg.tag else tag
+    found, looked = cached_weights(cfg)
+    if found is None and not downloads_allowed():
+        raise _not_cached(label, name, looked, where)
+    # A cached file goes to timm as a file override: timm's own loading, no hub involved.
+    net = _create(name, label, {"file": str(found)} if found else None, num_classes, in_chans, kwargs, where, found)
+    return _finish(net, arch, Source("timm", f"{name} ({found or 'downloaded'})", src.text), cfg.to_dict(),
+                   num_classes, reset_head, in_chans)
+
+
+def _from_hub(src: Source, model: str | None, num_classes: int, in_chans: int, kwargs: dict[str, Any] | None,
+              reset_head: bool, where: str, arch_where: str) -> Network:
+    from timm.models._hub import hf_split, load_model_config_from_hf
+
+    repo, revision = hf_split(src.location)
+    config = _cached_hub_file(repo, revision, ("config.json",))
+    if config is not None and any((config.parent / f).is_file() for f in FOLDER_WEIGHT_FILES):
+        net = _from_folder(src, config.parent, model, num_classes, in_chans, kwargs, reset_head, where, arch_where)
+        net.source = Source("hf_hub", f"{src.location} ({config.parent})", src.text)
+        return net
+    label = f"'hf-hub:{src.location}'"
+    if not downloads_allowed():
+        raise _not_cached(label, f"hf-hub:{src.location}", [hub_repo_folder(repo)], where)
+    try:
+        cfg, arch, _ = load_model_config_from_hf(src.location)
+    except Exception as e:
+        raise UserError(f"cannot download the config of {label}: {type(e).__name__}: {str(e)[:200]}", where=where,
+                        hint="check the repository name and the network") from None
+    _check_arch(arch, model, label, arch_where)
+    _check_head(cfg.get("num_classes"), num_classes, label, reset_head, where)
+    net = _create(f"hf-hub:{src.location}", label, None, num_classes, in_chans, kwargs, where, None)
+    return _finish(net, arch, src, cfg, num_classes, reset_head, in_chans)
+
+
+def _from_folder(src: Source, folder: Path, model: str | None, num_classes: int, in_chans: int,
+                 kwargs: dict[str, Any] | None, reset_head: bool, where: str, arch_where: str) -> Network:
+    from timm.models._hub import load_model_config_from_path
+
+    label = f"the timm model folder {folder}"
+    try:
+        cfg, arch, _ = load_model_config_from_path(folder)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{folder / 'config.json'} is not a timm model config: {type(e).__name__}: {e}", where=where,
+                        hint="name a folder written by `mutualkd export` or timm's save_for_hf") from None
+    weights = next((folder / f for f in FOLDER_WEIGHT_FILES if (folder / f).is_file()), None)
+    if weights is None:
+        raise UserError(f"{folder} has a config.json but no weights ({', '.join(FOLDER_WEIGHT_FILES)})", where=where,
+                        hint="copy the model's model.safetensors next to its config.json")
+    import mutualkd.models  # noqa: F401  (an exported CIFAR-family model)
+
+    _check_arch(arch, model, label, arch_where)
+    _check_head(cfg.get("num_classes"), num_classes, label, reset_head, where)
+    net = _create(f"local-dir:{folder}", label, None, num_classes, in_chans, kwargs, where, weights)
+    return _finish(net, arch, Source(src.kind, str(folder), src.text), cfg, num_classes, reset_head, in_chans)

@@ -1,0 +1,154 @@
+"""What mutualkd unpickles: nothing that can run code.
+
+Weights travel as safetensors, and every pickle mutualkd reads (a checkpoint's ``state.pt``,
+a ``.pth`` weights file) is read with ``torch.load(weights_only=True)``: torch's restricted
+unpickler builds tensors, numbers, strings and containers only. The one addition mutualkd
+allows is what it writes itself besides those: NumPy's random-generator state, a tuple
+holding one ``uint32`` array (:data:`SAFE_GLOBALS`). A file that asks for anything else
+(a class, a function such as ``os.system``) is refused before any of it runs, with an
+:class:`UnsafeFileError` naming the file and the globals it asks for.
+
+A checkpoint from a version of mutualkd that wrote other objects, or from a script that
+added some, can be converted after its owner confirms they trust it:
+``mutualkd convert-checkpoint PATH`` loads it once with full unpickling, keeps only plain
+values (paths become strings, NumPy scalars numbers, namespaces dicts) and rewrites it as an
+atomic checkpoint that then loads safely.
+"""
+
+from __future__ import annotations
+
+from argparse import Namespace
+from collections.abc import Mapping
+import io
+from pathlib import Path, PurePath
+import pickle
+from typing import Any
+
+import numpy as np
+import torch
+
+from mutualkd.errors import CheckpointError, UserError
+
+__all__ = ["UnsafeFileError", "SAFE_GLOBALS", "safe_load", "unsafe_globals", "convert_checkpoint", "plain"]
+
+
+class UnsafeFileError(UserError):
+    """A file holds pickled objects whose unpickling could run code; it was not loaded.
+
+    Not a :class:`~mutualkd.errors.CheckpointError` on purpose: a resume skips a damaged
+    checkpoint for an older one, but a checkpoint that asks to run code is refused outright.
+    """
+
+
+def _numpy_globals() -> list[Any]:
+    core = getattr(np, "_core", None) or np.core  # NumPy 2 moved numpy.core to numpy._core
+    return [np.ndarray, np.dtype, core.multiarray._reconstruct, type(np.dtype(np.uint32))]
+
+
+#: Globals a checkpoint may name besides torch's own: NumPy's RNG state (``np.random.get_state()``).
+SAFE_GLOBALS: list[Any] = _numpy_globals()
+
+
+def unsafe_globals(data: bytes) -> list[str]:
+    """The globals a torch pickle names that torch's restricted unpickler would refuse (read, never run)."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data)))
+    except Exception:
+        return []
+
+
+def convert_hint(path: Path) -> str:
+    return (f"if you wrote this checkpoint yourself (an earlier mutualkd version, your own callback) and trust it,"
+            f" convert it once: mutualkd convert-checkpoint {path}; otherwise delete it")
+
+
+def safe_load(data: bytes, *, file: Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` of ``data`` (the bytes of ``file``), allowing :data:`SAFE_GLOBALS`.
+
+    Raises :class:`UnsafeFileError` naming ``file`` when the pickle asks for anything else.
+    """
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        names = unsafe_globals(data)
+        listed = f" ({', '.join(names[:6])})" if names else ""
+        raise UnsafeFileError(
+            f"{file} holds pickled objects that mutualkd never writes{listed}; unpickling them could run code, so the"
+            " file is not loaded",
+            where=str(file.parent), hint=convert_hint(file.parent),
+        ) from None
+
+
+# --------------------------------------------------------------------------- conversion
+def plain(obj: Any, where: str = "state") -> Any:
+    """``obj`` with only what :func:`safe_load` reads back: tensors, numbers, strings, containers, NumPy arrays.
+
+    Paths become strings, NumPy scalars Python numbers, ``argparse.Namespace`` a dict; anything
+    else is a UserError naming where in the state it is.
+    """
+    if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, torch.Tensor, torch.Size,
+                                       torch.dtype, torch.device)):
+        return obj
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.hasobject:
+            return [plain(v, f"{where}[{i}]") for i, v in enumerate(obj.tolist())]
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, PurePath):
+        return str(obj)
+    if isinstance(obj, Namespace):
+        obj = vars(obj)
+    if isinstance(obj, Mapping):
+        return {k if isinstance(k, (str, int)) else str(k): plain(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else tuple(items)
+    raise UserError(f"cannot convert a {type(obj).__module__}.{type(obj).__qualname__} at {where}",
+                    hint="this object is not part of a mutualkd checkpoint; convert it by hand or delete the checkpoint")
+
+
+def _checkpoint_folders(path: Path) -> list[Path]:
+    from mutualkd import checkpoint as ckpt
+
+    if (path / ckpt.STATE).is_file():
+        return [path]
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    found = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / ckpt.STATE).is_file()) \
+        if folder.is_dir() else []
+    if not found:
+        raise CheckpointError("no checkpoint here", where=str(path),
+                              hint="name a run folder or one of its checkpoints/ folders")
+    return found
+
+
+def convert_checkpoint(path: str | Path) -> list[tuple[Path, str]]:
+    """Rewrite every checkpoint under ``path`` (a run or checkpoint folder) so that it loads safely.
+
+    Call only for files the user trusts: a checkpoint that does not load safely is unpickled in
+    full (which runs whatever it holds). Its hash is checked first; the rewrite is atomic
+    (:func:`mutualkd.checkpoint.save_checkpoint`). Returns ``(folder, what was done)`` pairs.
+    """
+    from mutualkd import checkpoint as ckpt
+
+    done: list[tuple[Path, str]] = []
+    for folder in _checkpoint_folders(Path(path)):
+        problem = ckpt.verify_checkpoint(folder)
+        if problem is not None:
+            raise CheckpointError(f"cannot convert: {problem}", where=str(folder), hint="convert a complete checkpoint")
+        data = (folder / ckpt.STATE).read_bytes()
+        try:
+            safe_load(data, file=folder / ckpt.STATE)
+            done.append((folder, "already loads safely; left as it is"))
+            continue
+        except UnsafeFileError:
+            pass
+        names = unsafe_globals(data)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)  # trusted by the user
+        converted = plain(state)
+        meta = {k: v for k, v in ckpt.read_meta(folder).items() if k != "folder"}
+        ckpt.save_checkpoint(folder, converted, meta)
+        safe_load((folder / ckpt.STATE).read_bytes(), file=folder / ckpt.STATE)  # it reads back safely now
+        done.append((folder, f"converted ({', '.join(names) or 'no foreign globals'} replaced by plain values)"))
+    return done
