@@ -134,3 +134,42 @@ def _image_folder(root: Path, *, source: str = "digits", n_train: int = 120, n_t
 def write_image_folder() -> Callable[..., Path]:
     """``write_image_folder(root, *, source="digits", n_train=120, n_test=40, size=24, fmt="JPEG")``: real images as files."""
     return _image_folder
+
+
+# --------------------------------------------------------------------------- weights and checkpoints
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished two-peer KL-DML digits run (cifar_resnet20, cifar_wrn_16_1; 2 steps); its run folder.
+
+    Read-only: tests that change it copy it first.
+    """
+    from _helpers import make_trainer
+
+    tr = make_trainer(tmp_path_factory.mktemp("tiny"), name="tiny", max_steps=2)
+    tr.fit()
+    return tr.run_dir
+
+
+@pytest.fixture(scope="session")
+def write_hub_entry() -> Callable[..., Path]:
+    """``write_hub_entry(cache, repo_id, files) -> snapshot``: a Hugging Face cache entry written by hand.
+
+    ``files`` maps file names to writers ``(path) -> None``. The layout is the cache's own
+    (``models--ORG--NAME/refs/main`` holding a commit hash, ``snapshots/<hash>/<files>``), so
+    ``huggingface_hub.try_to_load_from_cache`` finds the files as if they had been downloaded.
+    """
+
+    def write(cache: Path, repo_id: str, files: dict[str, Callable[[Path], None]]) -> Path:
+        repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+        commit = "0123456789abcdef0123456789abcdef01234567"
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(parents=True, exist_ok=True)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        for name, writer in files.items():
+            writer(snapshot / name)
+        return snapshot
+
+    return write

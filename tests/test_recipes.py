@@ -23,6 +23,7 @@ import pytest
 from mutualkd.config import load_recipe
 from mutualkd.data import write_idx
 from mutualkd.engine import Trainer
+from mutualkd.weights import WEIGHT_SUFFIXES
 from _helpers import RECIPES, read_metrics, run_cli
 
 RECIPE_FILES = sorted(RECIPES.glob("**/*.toml"))
@@ -167,11 +168,30 @@ def test_recipe_runs(path: Path, tmp_path: Path, write_fake_cifar: Callable[...,
         teacher_dir = _make_teacher(raw, data, tmp_path)
         overrides += TINY_KD + [f"strategy.teacher={_q(teacher_dir)}"]
         max_steps = 4
+    elif str(raw.get("strategy", {}).get("teacher", "")).endswith(WEIGHT_SUFFIXES):
+        # A teacher that is a plain weights file: the test writes one, as any program would.
+        overrides.append(f"strategy.teacher={_q(_write_teacher_file(path, raw, overrides, tmp_path))}")
     tr = _run(path, overrides)
     recs = _check_run(tr, max_steps)
     if strategy == "ie_kd":
         stages = [r["stage"] for r in recs if r["kind"] == "step"]
         assert stages == ["teacher_ae", "teacher_ae", "student", "student"]
+
+
+def _write_teacher_file(path: Path, raw: dict[str, Any], overrides: list[str], tmp_path: Path) -> Path:
+    """A timm ``strategy.teacher_model`` for the (fake) data's classes and channels, saved with safetensors."""
+    from safetensors.torch import save_file
+    import timm
+
+    from mutualkd.data import check_data
+
+    recipe = load_recipe(path, overrides)
+    info, _, _ = check_data(recipe.data, seed=recipe.run.seed, peers={})
+    model = timm.create_model(raw["strategy"]["teacher_model"], num_classes=info.num_classes, in_chans=info.in_chans)
+    out = tmp_path / "teacher" / Path(str(raw["strategy"]["teacher"])).name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(model.state_dict(), str(out))
+    return out
 
 
 def _make_teacher(raw: dict[str, Any], data: list[str], tmp_path: Path) -> Path:

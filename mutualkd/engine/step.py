@@ -6,6 +6,10 @@ updated). It is reused while the version is unchanged and recomputed after an up
 so every step sees the networks as they are now. A forward pass records a graph only
 when the peer will still be updated later in this batch: then a later step can
 backpropagate through the cached output instead of running it again.
+
+A frozen peer (``frozen = true``) has no unit, so its version never changes and no step
+updates it: its output is computed once per batch, without a graph, and every step that
+asks for it gets that same output (a teacher's logits are never recomputed).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Hinton, Vinyals and Dean, "Distilling the Knowledge in a Neural Network", NIPS 2014 Deep
 Learning Workshop (arXiv 1503.02531). One student peer learns from the softened
-predictions of a frozen teacher, loaded from the checkpoint of an earlier mutualkd run.
+predictions of a frozen teacher, loaded from any weights source mutualkd knows (an earlier
+mutualkd run, a weights file, a timm model folder, timm's pretrained weights).
 
 It uses only the public contract of :mod:`mutualkd.strategy`; the loss is a pure
 function, :func:`hinton_kd_terms`, tested on its own.
@@ -49,8 +50,14 @@ def hinton_kd_terms(
 class HintonKDParams(StrategyParams):
     """``[strategy]`` keys of ``hinton_kd`` (unknown keys are refused)."""
 
-    teacher: str = Field(description="run folder or checkpoint folder of an earlier mutualkd run")
-    teacher_peer: str | int = Field(0, description="which peer of that run is the teacher (name or index)")
+    teacher: str = Field(
+        description="the teacher's weights: a mutualkd run or checkpoint folder, a weights file (.safetensors,"
+        " .pth, ...), a timm model folder, a timm pretrained tag or hf-hub:ORG/NAME (mutualkd's docs/weights.md)"
+    )
+    teacher_peer: str | int = Field(0, description="which peer of a teacher run is the teacher (name or index)")
+    teacher_model: str | None = Field(
+        None, description="the teacher's timm architecture: required for a bare weights file, checked otherwise"
+    )
     temperature: float = Field(4.0, gt=0.0, description="softmax temperature T")
     alpha: float = Field(0.9, ge=0.0, le=1.0, description="weight of the soft term; 1 - alpha weighs the CE")
 
@@ -68,9 +75,12 @@ class HintonKD(Strategy[HintonKDParams]):
     modes = ("alternating", "simultaneous")  # one student: both are the same single step
 
     def setup(self, ctx: SetupContext) -> None:
-        # load_peer checks the teacher was trained on this recipe's data (classes, channels).
-        teacher = ctx.load_peer(self.params.teacher, self.params.teacher_peer, field="strategy.teacher")
-        ctx.add_module("teacher", teacher.model, unit="teacher", trainable=False)
+        # load_peer checks the teacher's classifier has this recipe's classes (a new head would be
+        # untrained: KD needs the teacher's predictions, so reset_head is not offered).
+        p = self.params
+        teacher = ctx.load_peer(p.teacher, p.teacher_peer, model=p.teacher_model, field="strategy.teacher")
+        # as_module(): the teacher behind its own input normalisation when its weights expect another
+        ctx.add_module("teacher", teacher.as_module(), unit="teacher", trainable=False)
 
     def steps(self) -> Sequence[Step]:
         return [Step(self.peers[0], (self.peers[0],))]
