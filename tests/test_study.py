@@ -1,0 +1,78 @@
+"""The method study's plan and statistics (scripts/fashion_mnist_study.py, scripts/study_stats.py)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import fashion_mnist_study as study  # noqa: E402
+from study_stats import Interval, mean_interval, paired_test, verdict  # noqa: E402
+
+
+def test_mean_interval_is_the_t_interval() -> None:
+    v = [90.1, 90.7, 90.4]
+    iv = mean_interval(v)
+    sd = float(np.std(v, ddof=1))
+    half = 4.302652729911275 * sd / math.sqrt(3)  # t(0.975, 2)
+    assert (iv.mean, iv.sd, iv.n) == (pytest.approx(90.4), pytest.approx(sd), 3)
+    assert (iv.low, iv.high) == (pytest.approx(90.4 - half), pytest.approx(90.4 + half))
+    one = mean_interval([1.0])
+    assert one.low == -math.inf and one.high == math.inf
+
+
+def test_paired_test_matches_scipy() -> None:
+    a = {0: 91.0, 1: 90.6, 2: 91.3, 3: 90.9}
+    b = {0: 90.5, 1: 90.4, 2: 90.6, 3: 90.8, 9: 50.0}  # seed 9 has no pair: ignored
+    res = paired_test("a beats b", "a", "b", {"a": a, "b": b})
+    ref = stats.ttest_rel([a[s] for s in range(4)], [b[s] for s in range(4)])
+    assert res.seeds == (0, 1, 2, 3)
+    assert res.t == pytest.approx(ref.statistic) and res.p == pytest.approx(ref.pvalue)
+    assert res.interval.mean == pytest.approx(np.mean([0.5, 0.2, 0.7, 0.1]))
+
+
+@pytest.mark.parametrize("low,high,expected", [(0.1, 0.9, "reproduced"), (-0.5, 0.2, "not reproduced"),
+                                                (-0.9, -0.1, "not reproduced"), (-0.2, 0.6, "inconclusive")])
+def test_verdict(low: float, high: float, expected: str) -> None:
+    iv = Interval(mean=(low + high) / 2, low=low, high=high, n=3, sd=1.0)
+    assert verdict(iv, 0.25) == expected
+    # lower is better (CKA): the mirror image
+    mirrored = Interval(mean=-iv.mean, low=-high, high=-low, n=3, sd=1.0)
+    assert verdict(mirrored, 0.25, higher_is_better=False) == expected
+
+
+def test_paired_test_without_pairs_is_inconclusive() -> None:
+    assert paired_test("x", "a", "b", {"a": {0: 1.0}}).verdict == "inconclusive"
+
+
+@pytest.mark.parametrize("scale", ["cpu", "tiny", "paper"])
+def test_every_arm_is_a_valid_recipe_and_teachers_come_first(scale: str, tmp_path: Path) -> None:
+    from mutualkd.config import parse_recipe
+
+    sc = study.make_scale(scale, tmp_path)  # no CIFAR under tmp_path: paper scale falls back to Fashion-MNIST
+    plan = study.arms(sc, tmp_path, seed=2)
+    names = [arm for arm, _ in plan]
+    assert names.index("teacher") < names.index("hinton_kd") < names.index("ie_kd")
+    assert ("student" in names) == (scale == "paper")
+    for arm, recipe in plan + [study.convergence_arm(sc, tmp_path, 2)]:
+        rec = parse_recipe(recipe, file=f"<{arm}>")
+        assert rec.run.seed == 2 and rec.run.name.endswith("-s2")
+    by = dict(plan)
+    assert by["ie_kd"]["strategy"]["teacher"] == str(tmp_path / "teacher-s2")
+    assert by["teacher"]["peers"][0]["model"] == "cifar_wrn_40_2" and by["ie_kd"]["peers"][0]["model"] == "cifar_wrn_16_1"
+    if scale == "cpu":
+        assert by["independent"]["data"]["train_subset"] == 10000 and "test_subset" not in by["ie_kd"]["data"]
+        assert by["independent"]["run"]["epochs"] == by["ie_kd"]["run"]["epochs"] == 15
+
+
+def test_paper_scale_uses_cifar_when_present(tmp_path: Path) -> None:
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    assert study.make_scale("paper", tmp_path).data["dataset"] == "cifar10"
+    (tmp_path / "cifar-100-python").mkdir()
+    sc = study.make_scale("paper", tmp_path)
+    assert sc.data["dataset"] == "cifar100" and sc.mutual_epochs == 200 and sc.kd_epochs == 160 and sc.ae_epochs == 30
