@@ -386,9 +386,13 @@ def set_aside(path: Path) -> Path:
     return aside
 
 
-def prune_checkpoints(folder: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` complete step checkpoints (call after a save)."""
-    cks = list_checkpoints(folder)
+def prune_checkpoints(folder: Path, keep: int, upto: int | None = None) -> None:
+    """Delete all but the newest ``keep`` complete step checkpoints (call after a save).
+
+    With ``upto`` (the step just saved) only checkpoints up to it count: those after it, left
+    by a run resumed from an older checkpoint, stay until the run writes them again.
+    """
+    cks = [(step, p) for step, p in list_checkpoints(folder) if upto is None or step <= upto]
     for _, p in cks[: max(len(cks) - keep, 0)]:
         shutil.rmtree(p, ignore_errors=True)
 

@@ -11,6 +11,7 @@ command imports what it needs inside its function, so ``mutualkd --help`` and
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 import sys
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -88,15 +89,24 @@ def run(
 ) -> None:
     """Train the peers of RECIPE."""
     from mutualkd import registry
-    from mutualkd.engine import RunInterrupted, Trainer, resume_folder
+    from mutualkd.runlock import ensure_not_busy, run_folder_of
 
     try:
         registry.block(block_plugin or [])
         if recipe is None:
             if resume is None:
                 raise UserError("no recipe given", hint="run `mutualkd run RECIPE.toml` or `mutualkd run --resume RUN_DIR`")
-            recipe = resume_folder(resume) / "recipe.toml"
+            recipe = run_folder_of(resume) / "recipe.toml"
         rec = _load(recipe, set_)
+        # A run folder another process is writing is refused before torch is even loaded (by the
+        # main process of a launch: the others' own rank 0 takes the lock later, in the Trainer).
+        if os.environ.get("RANK", "0") == "0":
+            ensure_not_busy(run_folder_of(resume) if resume is not None else Path(rec.run.out_dir) / rec.run.name)
+    except UserError as e:
+        _fail(e)
+    from mutualkd.engine import RunInterrupted, Trainer
+
+    try:
         trainer = Trainer(rec, recipe_file=str(recipe), resume=resume)
         trainer.fit()
     except UserError as e:

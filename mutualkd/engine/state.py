@@ -4,7 +4,7 @@ A run folder holds ``recipe.toml``, ``metrics.jsonl``, ``summary.json`` and
 ``checkpoints/`` (``step-<global step>/`` folders and ``best/``, each written atomically
 by :mod:`mutualkd.checkpoint`). An existing run is never touched unless it is resumed,
 and only one process at a time writes a run folder: the main process holds its lock
-(:mod:`.lock`) from the moment it is chosen until the run ends.
+(:mod:`mutualkd.runlock`) from the moment it is chosen until the run ends.
 
 Resuming takes the newest checkpoint that loads (its hash checked); newer ones that do
 not are skipped with a warning naming each, and set aside (``.invalid-*``) once the run
@@ -24,7 +24,7 @@ from accelerate.utils import broadcast_object_list
 
 from mutualkd import checkpoint as ckpt
 from mutualkd.config import Recipe
-from mutualkd.engine.lock import RunLock
+from mutualkd.runlock import RunLock, run_folder_of
 from mutualkd.errors import CheckpointError, UserError
 
 __all__ = ["Position", "History", "RunFolder", "resume_folder", "resume_checkpoint"]
@@ -70,10 +70,9 @@ def resume_checkpoint(path: str | Path) -> Path | None:
 
 def resume_folder(path: str | Path) -> Path:
     """The folder of a run to resume (given itself or one of its checkpoint folders), or a UserError."""
-    rd = Path(path)
-    if not rd.is_dir():
-        raise UserError("run folder to resume does not exist", where=str(rd), hint="name the folder of an earlier run")
-    return rd.parent.parent if resume_checkpoint(rd) is not None else rd
+    folder = run_folder_of(path)
+    resume_checkpoint(path)  # a checkpoint folder outside a run's checkpoints/ is refused
+    return folder
 
 
 def _started_without_checkpoint(path: Path) -> bool:

@@ -32,7 +32,7 @@ from mutualkd.engine.ema import EmaPeers
 from mutualkd.engine.evaluate import evaluate_topk
 from mutualkd.engine.hooks import Callback, CallbackList, Checkpointing, ConsoleLog, MetricsLog, ProgressBar
 from mutualkd.engine.precision import Precision, launcher_precision
-from mutualkd.engine.lock import ensure_not_busy
+from mutualkd.runlock import ensure_not_busy
 from mutualkd.engine.signals import RunInterrupted, StopRequest
 from mutualkd.engine.state import History, Position, RunFolder, resume_folder
 from mutualkd.engine.step import BatchStep, StagePlan, StepResult, plan_stage
@@ -215,9 +215,11 @@ class Trainer:
     def _start(self) -> None:
         """Continue a resumed run exactly where its checkpoint left it (repairing what a kill left), or record the recipe."""
         acc = self.accelerator
-        self.writer = MetricsWriter(self.run_dir / "metrics.jsonl" if self.is_main else None)
         notes = list(self.folder.notes)
         state = self._resume_state
+        if state is None and self.is_main:  # before anything else: a folder with it is a run that can go on
+            atomic_write_text(self.run_dir / "recipe.toml", dump_toml(self.folder.recipe_dict))
+        self.writer = MetricsWriter(self.run_dir / "metrics.jsonl" if self.is_main else None)
         if state is not None:
             self.load_state_dict(state)
             note = self.writer.resume(int(state.get("metrics_offset", 0)), state.get("metrics_log"),
@@ -227,7 +229,6 @@ class Trainer:
                 self.folder.set_aside_skipped()
         elif self.is_main:
             self.writer.truncate(0)  # a run started again: what its first attempt logged goes
-            atomic_write_text(self.run_dir / "recipe.toml", dump_toml(self.folder.recipe_dict))
         if self.is_main:
             for note in notes:
                 console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)

@@ -8,6 +8,7 @@ workers of a killed launcher still train) is refused at once with exit code 2.
 
 The lock is taken on the folder itself (no lock file is written). On a file system
 without ``flock`` (some network file systems) the run goes on unlocked, with a warning.
+This module imports nothing heavy: the command line looks at the lock before it loads torch.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from mutualkd.errors import UserError
 
-__all__ = ["RunLock", "RunFolderBusy", "ensure_not_busy"]
+__all__ = ["RunLock", "RunFolderBusy", "ensure_not_busy", "run_folder_of"]
 
 
 class RunFolderBusy(UserError):
@@ -93,6 +94,14 @@ class RunLock:
 
     def __del__(self) -> None:
         self.release()
+
+
+def run_folder_of(path: str | Path) -> Path:
+    """The run folder a ``--resume`` path names: itself, or the run holding one of its checkpoint folders."""
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError("run folder to resume does not exist", where=str(p), hint="name the folder of an earlier run")
+    return p.parent.parent if p.parent.name == "checkpoints" else p
 
 
 def ensure_not_busy(path: Path) -> None:
