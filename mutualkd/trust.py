@@ -76,7 +76,7 @@ def safe_load(data: bytes, *, file: Path, map_location: str | torch.device = "cp
         raise UnsafeFileError(
             f"{file} holds pickled objects that mutualkd never writes{listed}; unpickling them could run code, so the"
             " file is not loaded",
-            where=str(file.parent), hint=convert_hint(file.parent),
+            hint=convert_hint(file.parent),
         ) from None
 
 

@@ -275,7 +275,11 @@ def _from_run(src: Source, model: str | None, peer: str | int, num_classes: int,
     if model is not None and model != arch:
         raise CheckpointError(f"peer '{name}' of {folder} is a '{arch}', the recipe expects a '{model}'",
                               where=arch_where, hint=f"name \"{arch}\" there, or name another run or peer")
-    state = ckpt.load_checkpoint(folder)
+    try:
+        state = ckpt.load_checkpoint(folder)
+    except UnsafeFileError as e:
+        e.where = e.where or where  # the message names the file; where names the recipe key
+        raise
     weights = state.get("modules", {}).get(name)
     if not isinstance(weights, dict):
         raise CheckpointError(f"the checkpoint {folder} holds no weights for peer '{name}'", where=where,
