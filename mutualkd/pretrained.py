@@ -80,12 +80,14 @@ def fill_command(name: str) -> str:
 
 def _not_cached(label: str, name: str, looked: list[Path], where: str) -> UserError:
     folders = ", ".join(str(p) for p in looked) or str(hub_cache())
+    first = looked[0] if looked else hub_cache()
     return UserError(
         f"the pretrained weights {label} are not in the cache (looked in {folders}), and mutualkd downloads"
         " nothing unless allowed",
         where=where,
-        hint=f"on a machine with a network run `{fill_command(name)}` and copy {folders} to the same place here (or"
-        f" point HF_HUB_CACHE at a copy of that cache); or let mutualkd download it: {ALLOW_DOWNLOAD_ENV}=1",
+        hint=f"on a machine with a network run `{fill_command(name)}`, then copy the folder it fills ({first}) to"
+        f" the same place here, or point HF_HUB_CACHE at a copy of that cache; or let mutualkd download it:"
+        f" {ALLOW_DOWNLOAD_ENV}=1",
     )
 
 
