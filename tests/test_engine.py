@@ -329,7 +329,10 @@ def test_checkpoints(finished_run):
         meta = json.loads((folder / "meta.json").read_text())
         assert meta["global_step"] == 3 and meta["strategy"] == "kl_dml"
         assert meta["peers"]["peer0"]["model"] == "cifar_resnet20"
-        assert meta["dataset"] == {"name": "digits", "num_classes": 10, "in_chans": 1}
+        assert set(meta["dataset"]) == {"name", "num_classes", "in_chans", "image_size", "mean", "std"}
+        assert {k: meta["dataset"][k] for k in ("name", "num_classes", "in_chans", "image_size")} == {
+            "name": "digits", "num_classes": 10, "in_chans": 1, "image_size": [8, 8]}
+        assert meta["dataset"]["mean"] == list(finished_run.info.mean) and meta["dataset"]["std"] == list(finished_run.info.std)
         assert meta["recipe_hash"] == finished_run.recipe_hash
     state = ckpt.load_checkpoint(cks[0][1])
     assert {"peer0", "peer1"} <= set(state["modules"]) and set(state["optimizers"]) == {"peer0", "peer1"}
