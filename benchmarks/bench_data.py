@@ -51,8 +51,8 @@ class Result:
     wall_s: float
 
 
-def write_folder(root: Path, n_train: int, size: int) -> Path:
-    """Fashion-MNIST's first ``n_train`` train and ``n_train // 10`` test images as JPEGs under ``root``."""
+def write_folder(root: Path, n_train: int, n_val: int, size: int) -> Path:
+    """Fashion-MNIST's first ``n_train`` train and ``n_val`` test images as JPEGs under ``root``."""
     from mutualkd.config import DataConfig
     from mutualkd.data import FASHION_MNIST_SYSTEM_DIR, load_dataset
     from mutualkd.data._base import Split
@@ -65,7 +65,7 @@ def write_folder(root: Path, n_train: int, size: int) -> Path:
     train, test, _ = load_dataset(DataConfig(dataset="fashion_mnist"))
     reps = -(-n_train // len(train))  # more images than Fashion-MNIST has: its images again, under new names
     take = lambda s, n: Split(s.images.repeat(reps, 1, 1, 1)[:n], s.labels.repeat(reps)[:n])  # noqa: E731
-    return write_image_folder(take(train, n_train), take(test, max(n_train // 10, 10)), root, size=size, quality=90)
+    return write_image_folder(take(train, n_train), take(test, n_val), root, size=size, quality=90)
 
 
 def recipe(out: Path, root: Path, size: int, pipeline: str, workers: int, steps: int, batch: int,
@@ -131,9 +131,10 @@ def main() -> None:
     ap.add_argument("--sizes", default="64,128", help="image sizes, comma-separated")
     ap.add_argument("--images", type=int, default=20_000, help="train images of the large folder")
     ap.add_argument("--small", type=int, default=2_000, help="train images of the small folder (memory comparison)")
-    ap.add_argument("--steps", type=int, default=60, help="training steps per case")
+    ap.add_argument("--steps", type=int, default=30, help="training steps per case (fewer than an epoch of --small)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--model", default="test_resnet", help="the peer's timm model")
+    ap.add_argument("--only", default=None, help="run only these cases, e.g. stream-2 (pipeline-workers), comma-separated")
     ap.add_argument("--workdir", type=Path, default=None, help="where the folders and runs go (default: a temp dir)")
     ap.add_argument("--md-out", type=Path, default=None)
     ap.add_argument("--json-out", type=Path, default=None)
@@ -142,10 +143,16 @@ def main() -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     results: list[Result] = []
     for size in (int(s) for s in args.sizes.split(",")):
-        big = write_folder(tmp / f"fmnist-{size}-{args.images}", args.images, size)
-        small = write_folder(tmp / f"fmnist-{size}-{args.small}", args.small, size)
+        # Both folders have the same val split, and a case trains fewer steps than one epoch of
+        # the small one: the two runs differ only in the number of train images.
+        n_val = args.images // 10
+        big = write_folder(tmp / f"fmnist-{size}-{args.images}", args.images, n_val, size)
+        small = write_folder(tmp / f"fmnist-{size}-{args.small}-val{n_val}", args.small, n_val, size)
         cases = [(big, args.images, "device", 0), (big, args.images, "stream", 0), (big, args.images, "stream", 1),
                  (big, args.images, "stream", 2), (small, args.small, "stream", 2)]
+        if args.only:
+            keep = set(args.only.split(","))
+            cases = [c for c in cases if f"{c[2]}-{c[3]}" in keep]
         for root, n, pipeline, workers in cases:
             r = run_case(tmp, root, size, n, pipeline, workers, args.steps, args.batch, args.model)
             print(f"{size}px {n} images {pipeline} workers={workers}: {r.images_per_s:.0f} img/s, data wait"

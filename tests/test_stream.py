@@ -136,7 +136,7 @@ def test_auto_keeps_what_fits_on_the_device_and_streams_the_rest(tmp_path: Path,
     assert kind == "device" and "40 images" in why and "within" in why
     kind, why = choose_pipeline(DataConfig(dataset="image_folder", root=str(root), image_size=16, memory_budget_gb=1e-6))
     assert kind == "stream" and "over data.memory_budget_gb" in why
-    assert choose_pipeline(DataConfig(dataset="image_folder", root=str(root)))[0] == "stream"
+    assert choose_pipeline(DataConfig(dataset="image_folder", root=str(root)))[0] == "device"  # asks for image_size
     assert choose_pipeline(DataConfig(dataset="digits", pipeline="stream")) == ("stream", 'data.pipeline = "stream"')
 
 

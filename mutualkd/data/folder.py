@@ -76,7 +76,8 @@ def _load_image_folder(root: str | None, image_size: int | None) -> tuple[Split,
         raise DataError(
             "image_folder needs an image size to bring every image to one shape",
             field="data.image_size",
-            hint="set image_size in [data] (e.g. image_size = 32) or --set data.image_size=32",
+            hint="set image_size in [data] (e.g. image_size = 32) or --set data.image_size=32; or set"
+            ' pipeline = "stream", which resizes each image as it is read (to 224 px or config_from\'s size)',
         )
     if root is None:
         raise DataError(

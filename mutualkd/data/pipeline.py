@@ -8,8 +8,8 @@
   shards of any size (ImageNet), and for ImageNet-style augmentation.
 
 ``data.pipeline = "auto"`` keeps every set that fitted before on the device pipeline: the
-bundled sets, and image folders whose decoded images fit ``data.memory_budget_gb``; a
-larger folder, one without ``image_size``, and tar shards stream. :func:`choose_pipeline`
+bundled sets, and image folders whose decoded images fit ``data.memory_budget_gb`` (the
+device pipeline needs their ``image_size``, as before); a larger folder and tar shards stream. :func:`choose_pipeline`
 says which and why; the run prints it at start.
 
 Mixup, cutmix and label smoothing (:class:`~mutualkd.data.transforms.BatchMixup`) act on
@@ -80,8 +80,8 @@ def choose_pipeline(cfg: DataConfig) -> tuple[str, str]:
         return "stream", "tar shards are read as they are needed"
     if cfg.dataset != "image_folder":
         return "device", f"{cfg.dataset} fits in memory"
-    if cfg.image_size is None:
-        return "stream", "no data.image_size: each image is resized as it is read"
+    if cfg.image_size is None:  # the device loader asks for it, naming pipeline = "stream" as the other way
+        return "device", "image folder (data.image_size unset)"
     n = count_folder_images(cfg.root)
     if n is None:  # no folder there: the device loader names what is missing
         return "device", "image folder (size unknown)"
