@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 import json
 import os
 from pathlib import Path
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -89,6 +90,7 @@ def run_case(tmp: Path, root: Path, size: int, images: int, pipeline: str, worke
     out = tmp / f"runs-{size}-{images}"
     spec = recipe(out, root, size, pipeline, workers, steps, batch, model)
     path = tmp / f"{size}-{images}-{pipeline}-{workers}.toml"
+    shutil.rmtree(out / spec["run"]["name"], ignore_errors=True)  # a case measured again starts afresh
     path.write_text(tomli_w.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
