@@ -9,12 +9,11 @@ their windows on the same batches before the engine's next batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 import contextlib
 import ctypes
 from dataclasses import dataclass
 import gc
-import json
 import statistics
 import time
 from typing import Any
@@ -156,6 +155,7 @@ class EngineWindows(Callback):
     does per batch: fetching the batch, the training step (strategy, backward,
     optimizer and scheduler steps, the finite-loss check), the hooks and step logging.
     ``step_seconds`` is the part between ``on_batch_start`` and ``on_batch_end``.
+    ``epoch_record`` is the record of the last epoch the engine ended (``on_epoch_end``).
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -163,6 +163,7 @@ class EngineWindows(Callback):
         self.sizes: list[int] = []
         self.after: Callable[[int], None] = lambda i: None
         self.windows: list[Window] = []
+        self.epoch_record: Mapping[str, Any] = {}
         self._batches = self._images = 0
         self._t0 = self._c0 = self._step_t0 = self._step_seconds = 0.0
 
@@ -195,6 +196,9 @@ class EngineWindows(Callback):
         sync(self.device)
         self._start()
 
+    def on_epoch_end(self, trainer: Trainer, record: Mapping[str, Any]) -> None:
+        self.epoch_record = record
+
 
 class EngineRunner:
     """Drives a Trainer through ``fit()``: one epoch cut into windows (see :class:`EngineWindows`)."""
@@ -207,7 +211,6 @@ class EngineRunner:
         trainer.add_callback(self.probe)
         self.counter = ForwardCounter([trainer.unwrapped(n) for n in trainer.peer_names],
                                       compiled=trainer.recipe.run.compile)
-        self.metrics = trainer.run_dir / "metrics.jsonl"
 
     def run(self, sizes: Sequence[int], after: Callable[[int], None]) -> tuple[list[Window], float]:
         """Train ``sum(sizes)`` batches in one new epoch; returns the windows and the epoch's data wait (s)."""
@@ -220,8 +223,7 @@ class EngineRunner:
         self.probe.plan(sizes, after)
         t.recipe.run.max_steps = t.position.global_step + sum(sizes)
         t.fit()  # max_steps ends the epoch after the plan; its evaluation and checkpoint are not timed
-        rec = [json.loads(line) for line in self.metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
-        epoch = [r for r in rec if r.get("kind") == "epoch"][-1]
+        epoch = self.probe.epoch_record  # as written to metrics.jsonl
         return self.probe.windows, float(epoch["data_wait_share"]) * float(epoch["train_seconds"])
 
 
