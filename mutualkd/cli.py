@@ -326,7 +326,7 @@ def sweep(
     try:
         outcome = run_sweep(plan, console=out_console)
     except KeyboardInterrupt:
-        err_console.print(f"sweep stopped; run the same command again to continue it", markup=False)
+        err_console.print("sweep stopped; run the same command again to continue it", markup=False)
         raise typer.Exit(130) from None
     failed = outcome["failed"]
     out_console.print(f"{len(outcome['done'])} run(s) done, {len(outcome['resumed'])} resumed,"

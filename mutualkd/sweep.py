@@ -30,7 +30,7 @@ import subprocess
 import sys
 from typing import Any
 
-from mutualkd.errors import RecipeError, UserError
+from mutualkd.errors import RecipeError
 
 __all__ = ["SweepRun", "Sweep", "parse_grid", "plan_sweep", "run_state", "run_sweep"]
 

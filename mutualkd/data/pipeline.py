@@ -55,6 +55,15 @@ class Pipeline:
     mixup: BatchMixup | None = None
     input: InputConfig | None = None  # stream: the input size and normalisation the transforms use
 
+    def describe(self, batch_size: int, world: int, num_workers: int) -> str:
+        """The pipeline and why, and the global batch (a line of what a run prints at start)."""
+        line = (f"{self.kind} pipeline ({self.reason}); global batch {batch_size * world}"
+                f" = data.batch_size {batch_size} x {world} process{'es' if world > 1 else ''}")
+        if self.kind == "stream":
+            c, h, w = self.input.input_size if self.input else (0, 0, 0)
+            line += f"; {num_workers} worker(s) per process; input {c}x{h}x{w}"
+        return line
+
 
 @dataclass
 class StreamPlan:

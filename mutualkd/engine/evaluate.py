@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from mutualkd.engine.precision import Precision
 
-__all__ = ["TOPK", "evaluate", "evaluate_topk"]
+__all__ = ["TOPK", "evaluate", "evaluate_topk", "evaluate_split"]
 
 #: The accuracies reported: top-1 and top-5 (top-k with k capped at the number of classes).
 TOPK = (1, 5)
@@ -75,3 +75,19 @@ def evaluate(
 ) -> dict[str, float]:
     """Top-1 (%) of each peer and of the ensemble, keyed by peer name and ``"ensemble"`` (see :func:`evaluate_topk`)."""
     return evaluate_topk(peers, batches, accelerator, precision, ks=(1,))[1]
+
+
+def evaluate_split(
+    peers: Mapping[str, nn.Module], others: Mapping[str, nn.Module], batches: Iterable[tuple[Tensor, Tensor]],
+    accelerator: Accelerator, precision: Precision,
+) -> dict[str, dict[str, float]]:
+    """``{"top1": ..., "top5": ...}`` (%) of each peer, their ensemble and each of ``others`` (e.g. EMA copies).
+
+    ``others`` are evaluated apart, in a second pass, so that the ensemble stays the peers'.
+    """
+    acc = evaluate_topk(peers, batches, accelerator, precision)
+    if others:
+        extra = evaluate_topk(others, batches, accelerator, precision)
+        for k in acc:
+            acc[k].update({name: v for name, v in extra[k].items() if name in others})
+    return {f"top{k}": v for k, v in acc.items()}

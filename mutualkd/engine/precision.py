@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Precision", "launcher_precision"]
+__all__ = ["Precision", "launcher_precision", "launcher_note"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -41,6 +41,16 @@ def launcher_precision() -> str | None:
     """The mixed precision asked for by ``accelerate launch --mixed_precision ...``, if any."""
     value = os.environ.get("ACCELERATE_MIXED_PRECISION")
     return value.lower() if value else None
+
+
+def launcher_note(mode: str, recipe_file: str) -> str | None:
+    """What to say at start when the launcher asked for another precision than the recipe's ``mode``."""
+    launched = launcher_precision()
+    if launched is None or launched == mode:
+        return None
+    return (f"the launcher asked for mixed precision '{launched}'; this run uses the recipe's"
+            f" run.mixed_precision = \"{mode}\" ({recipe_file}). Set it in the recipe (or --set"
+            " run.mixed_precision=...) to change it.")
 
 
 class Precision:

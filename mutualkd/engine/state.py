@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+import time
 from typing import Any
 
 from accelerate import Accelerator
@@ -27,7 +28,7 @@ from mutualkd.config import Recipe
 from mutualkd.runlock import RunLock, run_folder_of
 from mutualkd.errors import CheckpointError, UserError
 
-__all__ = ["Position", "History", "RunFolder", "resume_folder", "resume_checkpoint"]
+__all__ = ["Position", "History", "EpochClock", "RunFolder", "resume_folder", "resume_checkpoint", "recipe_changes"]
 
 
 @dataclass
@@ -91,6 +92,41 @@ def _saved_recipe_hash(path: Path) -> str | None:
         return ckpt.recipe_hash(load_recipe(path / "recipe.toml").to_dict())
     except UserError:
         return None
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"strategy.lambda_inh": 50.0, "peers.0.model": ...}`` from a nested recipe dict."""
+    if isinstance(d, Mapping):
+        items = d.items()
+    elif isinstance(d, list) and any(isinstance(v, (Mapping, list)) for v in d):
+        items = ((str(i), v) for i, v in enumerate(d))
+    else:
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in items:
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def recipe_changes(saved: Mapping[str, Any], now: Mapping[str, Any], limit: int = 6) -> list[str]:
+    """The keys whose values differ between a run's saved recipe and this one, as ``key: then -> now`` lines.
+
+    Fields a resume may change (logging, ``run.max_steps``) are left out. A key the saved
+    recipe lacks (one added to mutualkd after the run started) is shown with today's default.
+    """
+    may_change = {f"run.{k}" for k in ckpt.RESUME_MAY_CHANGE}
+    a, b = _flat(saved), _flat(now)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if key in may_change or a.get(key, ...) == b.get(key, ...):
+            continue
+        if key not in a:
+            out.append(f"{key}: absent from the run's recipe.toml, {b[key]!r} now (today's default)")
+        elif key not in b:
+            out.append(f"{key}: {a[key]!r} then, not a key now")
+        else:
+            out.append(f"{key}: {a[key]!r} then, {b[key]!r} now")
+    return out[:limit] + ([f"... and {len(out) - limit} more"] if len(out) > limit else [])
 
 
 def _none_complete(folder: Path) -> CheckpointError:
@@ -279,12 +315,29 @@ class RunFolder:
                 where=str(path), hint=f"resume with the same number of processes ({saved_world})",
             )
         if meta.get("recipe_hash") != self.recipe_hash:
+            changes = self._changes_since_start()
+            hint = "resume with the run's own recipe (leave RECIPE out: mutualkd run --resume RUN_DIR), or start a new run"
+            absent = [c.split(":")[0] for c in changes if "absent from the run's recipe.toml" in c]
+            if changes and len(absent) == len(changes):
+                hint = ("a key the run's recipe.toml lacks (one added to mutualkd after the run started) takes today's"
+                        " default; to continue the run exactly, give it the value the run used ("
+                        + " ".join(f"--set {k}=..." for k in absent) + "), or start a new run")
+            listed = "".join(f"\n  {c}" for c in changes)
             raise CheckpointError(
                 "the recipe differs from the one this run was started with (recipe hash"
-                f" {meta.get('recipe_hash')} in the checkpoint, {self.recipe_hash} now)",
-                where=str(path),
-                hint="resume with the run's own recipe (leave RECIPE out: mutualkd run --resume RUN_DIR), or start a new run",
+                f" {meta.get('recipe_hash')} in the checkpoint, {self.recipe_hash} now){':' if changes else ''}{listed}",
+                where=str(path), hint=hint,
             )
+
+    def _changes_since_start(self) -> list[str]:
+        """What differs from the run folder's own recipe.toml (empty when it cannot be read)."""
+        from mutualkd.config import read_toml
+
+        try:
+            saved = read_toml(self.path / "recipe.toml")
+        except UserError:
+            return []
+        return recipe_changes(saved, self.recipe_dict)
 
     def set_aside_skipped(self) -> None:
         """Rename the skipped checkpoints out of the way (``.invalid-*``, kept): main process, once the run goes on."""
@@ -311,3 +364,18 @@ class RunFolder:
 
     def best_checkpoint(self) -> Path:
         return self.checkpoints / "best"
+
+
+class EpochClock:
+    """Wall time, images and time spent waiting for data in the current epoch."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.images = 0
+        self.data_wait = 0.0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def images_per_s(self) -> float:
+        return self.images / max(self.elapsed(), 1e-9)

@@ -4,23 +4,19 @@ Reading order: ``Trainer.__init__`` builds everything that can fail on bad input
 (:mod:`.build`) and checks the run folder (:mod:`.state`) before anything is written;
 :meth:`Trainer.fit` is the loop, its phases labelled; :meth:`Trainer.train_step` is one
 batch (:mod:`.step`); lifecycle hooks (:mod:`.hooks`) do the logging, the progress bar and
-the checkpoint cadence.
+the checkpoint cadence; what a checkpoint holds is :mod:`.snapshot`'s.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import timedelta
 import json
-import os
 from pathlib import Path
-import random
 import time
 from typing import Any
 
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
-import numpy as np
+from accelerate.utils import broadcast_object_list
 from rich.markup import escape
 import torch
 from torch import Tensor, nn
@@ -29,45 +25,21 @@ from mutualkd import checkpoint as ckpt
 from mutualkd.config import Recipe
 from mutualkd.engine.build import Unit, build_run
 from mutualkd.engine.ema import EmaPeers
-from mutualkd.engine.evaluate import evaluate_topk
+from mutualkd.engine.evaluate import evaluate_split
 from mutualkd.engine.hooks import Callback, CallbackList, Checkpointing, ConsoleLog, MetricsLog, ProgressBar
-from mutualkd.engine.precision import Precision, launcher_precision
-from mutualkd.runlock import ensure_not_busy
+from mutualkd.engine import snapshot
+from mutualkd.engine.precision import Precision, launcher_note
+from mutualkd.engine.process import configure_determinism, has_gpu, make_accelerator, reduce_max
 from mutualkd.engine.signals import RunInterrupted, StopRequest
-from mutualkd.engine.state import History, Position, RunFolder, resume_folder
+from mutualkd.engine.state import EpochClock, History, Position, RunFolder, resume_folder
 from mutualkd.engine.step import BatchStep, StagePlan, StepResult, plan_stage
 from mutualkd.engine.tracking import TrackerLog, check_trackers
 from mutualkd.errors import CheckpointError, RecipeError, UserError
+from mutualkd.runlock import ensure_not_busy
 from mutualkd.runlog import MetricsWriter, atomic_write_text, console, dump_toml
 from mutualkd.strategy import Stage
 
-__all__ = ["Trainer", "RunInterrupted", "EpochClock"]
-
-
-class EpochClock:
-    """Wall time, images and time spent waiting for data in the current epoch."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.images = 0
-        self.data_wait = 0.0
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-    def images_per_s(self) -> float:
-        return self.images / max(self.elapsed(), 1e-9)
-
-
-def _reduce_max(t: Tensor) -> Tensor:
-    """All-reduce ``t`` with max across the processes (the per-batch finiteness check and stop request)."""
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return t
-
-
-def _has_gpu() -> bool:
-    xpu = getattr(torch, "xpu", None)
-    return torch.cuda.is_available() or bool(xpu is not None and xpu.is_available())
+__all__ = ["Trainer", "RunInterrupted"]
 
 
 class Trainer:
@@ -89,36 +61,26 @@ class Trainer:
         self.recipe = recipe
         self.recipe_file = recipe_file
         run = recipe.run
-        cpu = run.device == "cpu" or not _has_gpu()
+        cpu = run.device == "cpu" or not has_gpu()
         if run.mixed_precision == "fp16" and cpu:
             raise RecipeError(
                 "mixed_precision = \"fp16\" needs a GPU (on a CPU it would silently train in fp32)",
                 file=recipe_file, field="run.mixed_precision", hint='use "bf16" (CPU autocast) or "no" on this machine',
             )
-        # Precision is the engine's own (see precision.py); the Accelerator sets up
-        # processes, devices and DistributedDataParallel. Without a GPU, Accelerate only
-        # sets up gloo for several processes when told to use the CPU.
         # Trackers (run.log_with) are Accelerate's; a missing package exits before anything starts.
         check_trackers(run.log_with, file=recipe_file)
         folder_path = resume_folder(resume) if resume is not None else Path(run.out_dir) / run.name
-        # A lost process (killed without the launcher noticing, stopped, on a dead node)
-        # ends the others' wait in their next collective after run.collective_timeout.
-        timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=run.collective_timeout))
-        self.accelerator = accelerator or Accelerator(mixed_precision="no", cpu=cpu, step_scheduler_with_optimizer=False,
-                                                      log_with=run.log_with or None, project_dir=str(folder_path),
-                                                      kwargs_handlers=[timeout])
+        self.accelerator = accelerator or make_accelerator(run, folder_path, cpu=cpu)
         acc = self.accelerator
         self.device = acc.device
         self.is_main = acc.is_main_process
         if self.is_main:
             ensure_not_busy(folder_path)  # a run folder another process writes: refused before building anything
         self.precision = Precision(run.mixed_precision, self.device)
-        launched = launcher_precision()
-        if launched is not None and launched != run.mixed_precision and self.is_main:
-            console.print(f"[yellow]note:[/] the launcher asked for mixed precision '{launched}'; this run uses the"
-                          f" recipe's run.mixed_precision = \"{run.mixed_precision}\" ({recipe_file}). Set it in the"
-                          " recipe (or --set run.mixed_precision=...) to change it.", highlight=False)
-        self._configure_determinism()
+        note = launcher_note(run.mixed_precision, recipe_file)
+        if note and self.is_main:
+            console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+        configure_determinism(run)
 
         # --- everything that can fail on bad input, before anything is written
         built = build_run(recipe, acc, recipe_file=recipe_file)
@@ -136,7 +98,7 @@ class Trainer:
         self._slots = built.slots
         self._plans: list[StagePlan] = [plan_stage(s, self.units) for s in self.stages]
         self._batch = BatchStep(self.strategy, self._slots, self.units, self.peer_names, self.precision,
-                                reduce_max=_reduce_max if acc.num_processes > 1 else None)
+                                reduce_max=reduce_max if acc.num_processes > 1 else None)
         self._mode_plan: StagePlan | None = None
 
         self.position = Position()
@@ -200,7 +162,7 @@ class Trainer:
             with self._stop.installed():
                 self.callbacks.on_fit_start(self)
                 self._run_stages()
-            summary = self._summary()
+            summary = snapshot.run_summary(self)
             if self.is_main:
                 atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
         finally:
@@ -234,41 +196,14 @@ class Trainer:
                 console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
         acc.wait_for_everyone()
         if state is not None:
-            self._repair_best()
-
-    def _repair_best(self) -> None:
-        """A kill between a best epoch's step checkpoint and its best/ leaves best/ behind: write it now.
-
-        Right after that epoch's end the resumed state is the one best/ was to hold. From
-        elsewhere it cannot be rebuilt; best/ is then rewritten at the next best epoch.
-        """
-        pos, best_epoch = self.position, self.history.best_epoch
-        stale = self.folder.best_is_stale(best_epoch) if self.is_main else None
-        if self.accelerator.num_processes > 1:
-            stale = broadcast_object_list([stale], from_process=0)[0]
-        if stale is None:
-            return
-        if pos.epoch == best_epoch and pos.batch == 0:
-            if self.is_main:
-                console.print(f"[yellow]note:[/] {escape(stale)}; rewritten from the checkpoint of that epoch",
-                              highlight=False)
-            self.save_checkpoint("best")
-        elif self.is_main:
-            console.print(f"[yellow]note:[/] {escape(stale)}; it cannot be rebuilt from this checkpoint and is rewritten at"
-                          " the next best epoch", highlight=False)
+            snapshot.repair_best(self)
 
     def _data_line(self) -> str:
         """What the run prints at start: the pipeline and why, the global batch, the split choosing best."""
-        d, world = self.recipe.data, self.accelerator.num_processes
-        line = (f"data: {self.data.kind} pipeline ({self.data.reason}); global batch {d.batch_size * world}"
-                f" = data.batch_size {d.batch_size} x {world} process{'es' if world > 1 else ''}")
-        if self.data.kind == "stream":
-            c, h, w = self.data.input.input_size if self.data.input else (0, 0, 0)
-            line += f"; {d.num_workers} worker(s) per process; input {c}x{h}x{w}"
+        d = self.recipe.data
+        line = f"data: {self.data.describe(d.batch_size, self.accelerator.num_processes, d.num_workers)}"
         line += f"; best epoch chosen on the {'validation' if self.val_loader is not None else 'test'} split"
-        if self._lr_note:
-            line += f"; linear lr scaling: {self._lr_note}"
-        return line
+        return line + (f"; linear lr scaling: {self._lr_note}" if self._lr_note else "")
 
     def _run_stages(self) -> None:
         pos, run, loader = self.position, self.recipe.run, self.train_loader
@@ -415,96 +350,16 @@ class Trainer:
     def evaluate_split(self, loader: Any) -> dict[str, dict[str, float]]:
         """``{"top1": ..., "top5": ...}`` (%) of each peer, the ensemble and :attr:`eval_models` on ``loader``."""
         peers = {name: self._slots[name].inner for name in self.peer_names}
-        acc = evaluate_topk(peers, loader, self.accelerator, self.precision)
-        if self.eval_models:  # evaluated apart, so that the ensemble stays the peers'
-            extra = evaluate_topk(self.eval_models, loader, self.accelerator, self.precision)
-            for k in acc:
-                acc[k].update({name: v for name, v in extra[k].items() if name in self.eval_models})
-        return {f"top{k}": v for k, v in acc.items()}
+        return evaluate_split(peers, self.eval_models, loader, self.accelerator, self.precision)
 
     # ------------------------------------------------------------------ state and checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resume needs. Collective with several processes (it gathers RNG states)."""
-        modules = {name: self._slots[name].inner.model.state_dict() for name in self.peer_names}  # type: ignore[union-attr]
-        modules.update({k: s.inner.state_dict() for k, s in self._slots.items() if k not in self.peer_names})
-        rng = {
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
-        rngs = gather_object([rng]) if self.accelerator.num_processes > 1 else [rng]
-        return {
-            "modules": modules,
-            "optimizers": {u.name: u.optimizer.state_dict() for u in self.units.values()},  # type: ignore[union-attr]
-            "schedulers": {u.name: u.scheduler.state_dict() for u in self.units.values()},
-            "scaler": self.precision.state_dict(),
-            "strategy": self.strategy.state_dict(),
-            "position": vars(self.position).copy(),
-            "history": vars(self.history).copy(),
-            "val_history": vars(self.val_history).copy() if self.val_history is not None else None,
-            "data": self.train_loader.state_dict() if hasattr(self.train_loader, "state_dict") else {},
-            "epoch_acc": {k: float(v) for k, v in self._epoch_sums.items()},
-            "epoch_count": self._epoch_count,
-            "versions": [self._batch.versions[n] for n in self.peer_names],
-            "rng": rngs,
-            "metrics_offset": self.writer.offset() if self.is_main else 0,
-            "metrics_log": self.writer.snapshot(),  # metrics.jsonl up to here, compressed (main process)
-            "last_eval": self.last_eval,  # summary.json's top-5 after a resume with no evaluation left
-            "callbacks": {key: cb.state_dict() for key, cb in self._stateful_callbacks().items()},
-        }
+        """Everything a resume needs (:func:`.snapshot.capture`). Collective with several processes."""
+        return snapshot.capture(self)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        try:
-            for name in self.peer_names:
-                self._slots[name].inner.model.load_state_dict(state["modules"][name])  # type: ignore[union-attr]
-            for k, s in self._slots.items():
-                if k not in self.peer_names:
-                    s.inner.load_state_dict(state["modules"][k])
-            for u in self.units.values():
-                u.optimizer.load_state_dict(state["optimizers"][u.name])  # type: ignore[union-attr]
-                u.scheduler.load_state_dict(state["schedulers"][u.name])
-            saved = state.get("callbacks", {})
-            for key, cb in self._stateful_callbacks().items():
-                if key in saved:  # a callback added on resume (e.g. a tracker) starts afresh
-                    cb.load_state_dict(saved[key])
-        except (KeyError, RuntimeError) as e:
-            raise CheckpointError(f"checkpoint does not match the recipe's models: {e}", where=str(self.resumed_from),
-                                  hint="resume with the recipe the run was started with") from None
-        self.precision.load_state_dict(state.get("scaler"))
-        self.strategy.load_state_dict(state.get("strategy", {}))
-        self.position = Position(**state["position"])
-        self.history = History(**state["history"])
-        if self.val_history is not None and state.get("val_history"):
-            self.val_history = History(**state["val_history"])
-        if hasattr(self.train_loader, "load_state_dict"):
-            self.train_loader.load_state_dict(state.get("data") or {})
-        self._epoch_sums = dict(state.get("epoch_acc", {}))
-        self._epoch_count = int(state.get("epoch_count", 0))
-        self.last_eval = dict(state.get("last_eval", {}))
-        for name, v in zip(self.peer_names, state.get("versions", [])):
-            self._batch.versions[name] = int(v)
-        rngs = state["rng"]
-        i = self.accelerator.process_index
-        rng = rngs[i] if i < len(rngs) else rngs[0]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-
-    def _stateful_callbacks(self) -> dict[str, Any]:
-        """Callbacks whose state is saved in checkpoints: those with ``state_dict`` and ``load_state_dict``,
-        under their ``state_key`` (default: the class name)."""
-        out: dict[str, Any] = {}
-        for cb in self.callbacks.callbacks:
-            if callable(getattr(cb, "state_dict", None)) and callable(getattr(cb, "load_state_dict", None)):
-                key = str(getattr(cb, "state_key", type(cb).__name__))
-                if key in out:
-                    raise UserError(f"two callbacks save their state under '{key}'",
-                                    hint="give one of them another state_key")
-                out[key] = cb
-        return out
+        """Continue from ``state`` (:func:`.snapshot.restore`)."""
+        snapshot.restore(self, state)
 
     def save_checkpoint(self, kind: str) -> Path:
         """Write a ``"step"`` checkpoint (pruning old ones) or ``best/``; every process must call it."""
@@ -514,7 +369,7 @@ class Trainer:
         if self.is_main:
             try:
                 self.writer.sync()  # what the checkpoint's metrics offset points at is on disk first
-                ckpt.save_checkpoint(dest, state, self._meta(kind))
+                ckpt.save_checkpoint(dest, state, snapshot.checkpoint_meta(self, kind))
                 if kind == "step":
                     ckpt.prune_checkpoints(self.folder.checkpoints, self.recipe.run.keep_checkpoints,
                                            upto=self.position.global_step)
@@ -528,64 +383,3 @@ class Trainer:
             self._last_saved_step = self.position.global_step
         self.callbacks.on_checkpoint(self, dest, kind)
         return dest
-
-    def _meta(self, kind: str) -> dict[str, Any]:
-        return {
-            "kind": kind,
-            "global_step": self.position.global_step,
-            "epoch": self.position.epoch,
-            "stage": self.current_stage.name,
-            "recipe_hash": self.folder.recipe_hash,
-            "versions": ckpt.versions(),
-            # a peer's own input normalisation (mean, std) when its weights expect another than the data set's
-            "peers": {name: {"model": pc.model, "kwargs": pc.kwargs, **self._slots[name].inner.norm_meta()}  # type: ignore[operator]
-                      for name, pc in zip(self.peer_names, self.recipe.peers)},
-            # what `mutualkd export` writes into a timm config.json: the input size and normalisation
-            "dataset": {"name": self.info.name, "num_classes": self.info.num_classes, "in_chans": self.info.in_chans,
-                        "image_size": list(self.info.image_size), "mean": list(self.info.mean),
-                        "std": list(self.info.std)},
-            "strategy": self.recipe.strategy.name,
-            "num_processes": self.accelerator.num_processes,
-        }
-
-    def _summary(self) -> dict[str, Any]:
-        top1 = {}
-        for name, values in self.history.top1.items():
-            best = max(values)
-            top1[name] = {"final": values[-1], "best": best, "best_epoch": values.index(best) + 1}
-        return {
-            "name": self.recipe.run.name,
-            "strategy": self.recipe.strategy.name,
-            "peers": {n: pc.model for n, pc in zip(self.peer_names, self.recipe.peers)},
-            "epochs": self.position.epoch,
-            "global_steps": self.position.global_step,
-            "top1": top1,
-            # the epoch whose state checkpoints/best holds (best mean top-1 of the peers)
-            "best_epoch": self.history.best_epoch if self.history.best_epoch > 0 else None,
-            **self._selection_summary(),
-        }
-
-    def _selection_summary(self) -> dict[str, Any]:
-        """Which split chose the best epoch, the final top-5, and with a validation split its top-1 and
-        the test top-1 at the chosen epoch (the number to report)."""
-        out: dict[str, Any] = {"best_chosen_by": "validation" if self.val_history is not None else "test"}
-        if "top5" in self.last_eval:
-            out["top5"] = {name: {"final": v} for name, v in self.last_eval["top5"].items()}
-        if self.val_history is not None and self.val_history.top1:
-            out["val_top1"] = {name: {"final": v[-1], "best": max(v)} for name, v in self.val_history.top1.items()}
-            i = self.history.best_epoch - 1
-            epochs = self.history.top1
-            out["top1_at_best_epoch"] = {name: v[i] for name, v in epochs.items() if 0 <= i < len(v)}
-        return out
-
-    # ------------------------------------------------------------------ process set-up
-    def _configure_determinism(self) -> None:
-        run = self.recipe.run
-        if run.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=False)
-            torch.backends.cudnn.benchmark = False
-            torch.backends.cudnn.deterministic = True
-        else:
-            torch.backends.cudnn.benchmark = True
-        set_seed(run.seed)

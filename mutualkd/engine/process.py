@@ -1,0 +1,52 @@
+"""Processes and devices: the Accelerator of a run, its seeds and determinism, the collectives the loop needs."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+import os
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, set_seed
+import torch
+from torch import Tensor
+
+from mutualkd.config import RunConfig
+
+__all__ = ["has_gpu", "make_accelerator", "configure_determinism", "reduce_max"]
+
+
+def has_gpu() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or bool(xpu is not None and xpu.is_available())
+
+
+def make_accelerator(run: RunConfig, project_dir: Path, *, cpu: bool) -> Accelerator:
+    """The Accelerator of a run: processes, devices and DistributedDataParallel, trackers.
+
+    Precision is the engine's own (see precision.py), so Accelerate's stays "no". Without
+    a GPU, Accelerate only sets up gloo for several processes when told to use the CPU.
+    A lost process (killed without the launcher noticing, stopped, on a dead node) ends
+    the others' wait in their next collective after ``run.collective_timeout``.
+    """
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=run.collective_timeout))
+    return Accelerator(mixed_precision="no", cpu=cpu, step_scheduler_with_optimizer=False,
+                       log_with=run.log_with or None, project_dir=str(project_dir), kwargs_handlers=[timeout])
+
+
+def configure_determinism(run: RunConfig) -> None:
+    """Seed every generator; deterministic kernels when ``run.deterministic``, else autotuned cuDNN."""
+    if run.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    else:
+        torch.backends.cudnn.benchmark = True
+    set_seed(run.seed)
+
+
+def reduce_max(t: Tensor) -> Tensor:
+    """All-reduce ``t`` with max across the processes (the per-batch finiteness check and stop request)."""
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t
