@@ -1,4 +1,11 @@
-"""Shared test set-up, and factory fixtures that write tiny stand-in data sets."""
+"""Shared test set-up, and factory fixtures that write tiny stand-in data sets.
+
+The other shared fixtures live in ``tests/fixtures/`` and are loaded as plugins below:
+``fixtures.recipes`` (tiny recipes and trainers, metrics, the repository's paths),
+``fixtures.cli`` (``mutualkd`` in a fresh interpreter, ``--set`` options, folder snapshots)
+and ``fixtures.launch`` (the launch / kill / compare kit of the reliability tests). Tests
+take them as arguments; no test module imports from another.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +13,22 @@ from collections.abc import Callable
 import os
 from pathlib import Path
 import pickle
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 # No test may reach a model or data hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# The tiny networks of these tests gain nothing from intra-op threads, and on a shared
+# 2-core machine OpenMP's spinning threads made runs ~10x slower (measured: 10 IE-DML
+# steps, 1 thread 1 s CPU, 2 threads 12 s CPU). Subprocesses get OMP_NUM_THREADS=1
+# (the subprocess_env fixture).
+torch.set_num_threads(1)
+
+pytest_plugins = ["fixtures.recipes", "fixtures.cli", "fixtures.launch"]
 
 
 # --------------------------------------------------------------------------- fake data sets
@@ -140,13 +157,11 @@ def write_image_folder() -> Callable[..., Path]:
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, make_trainer: Callable[..., Any]) -> Path:
     """A finished two-peer KL-DML digits run (cifar_resnet20, cifar_wrn_16_1; 2 steps); its run folder.
 
     Read-only: tests that change it copy it first.
     """
-    from _helpers import make_trainer
-
     tr = make_trainer(tmp_path_factory.mktemp("tiny"), name="tiny", max_steps=2)
     tr.fit()
     return tr.run_dir

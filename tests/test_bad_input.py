@@ -29,18 +29,20 @@ from mutualkd.checkpoint import MARKER, latest_checkpoint, list_checkpoints
 from mutualkd.cli import app
 from mutualkd.data import write_idx
 from mutualkd.runlog import dump_toml
-from _helpers import run_cli, sets
-from test_resume import snapshot
 
 ENV = {"COLUMNS": "200", "NO_COLOR": "1"}
+#: The folder_snapshot fixture: every file under a folder, (size, mtime, contents) by path.
+Snapshot = Callable[[Path], dict[str, Any]]
 
 
 @dataclass
 class World:
-    """What every case may point at: a finished run, a teacher run, a valid recipe."""
+    """What every case may point at: a finished run, a teacher run, a valid recipe; and
+    ``sets``, the ``set_options`` fixture (``--set`` options for the CLI)."""
 
     base: Path
     good: dict[str, Any]
+    sets: Callable[..., list[str]]
 
     @property
     def runs(self) -> Path:
@@ -73,7 +75,7 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+def world(tmp_path_factory: pytest.TempPathFactory, set_options: Callable[..., list[str]]) -> Iterator[World]:
     base = tmp_path_factory.mktemp("bad_input")
     good: dict[str, Any] = {
         "run": {"name": "existing", "out_dir": (base / "runs").as_posix(), "epochs": 1, "max_steps": 2, "device": "cpu",
@@ -83,7 +85,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         "optimizer": {"name": "sgd", "lr": 0.05},
         "strategy": {"name": "kl_dml", "temperature": 1.0},
     }
-    w = World(base, good)
+    w = World(base, good, set_options)
     with torch_flags_kept():
         result = CliRunner().invoke(app, ["run", str(w.recipe(base, name="good.toml"))], env=ENV)
         assert result.exit_code == 0, result.output
@@ -159,7 +161,7 @@ def _lr_zero(w: World, t: Path) -> Case:
 
 
 def _lr_negative_by_set(w: World, t: Path) -> Case:
-    return run_case(w, t, w.recipe(t), *sets("optimizer.lr=-0.1"), field="optimizer.lr", says=("greater than 0",))
+    return run_case(w, t, w.recipe(t), *w.sets("optimizer.lr=-0.1"), field="optimizer.lr", says=("greater than 0",))
 
 
 def _batch_size_zero(w: World, t: Path) -> Case:
@@ -286,7 +288,8 @@ def _existing_run_without_resume(w: World, t: Path) -> Case:
 
 
 def _resume_with_changed_recipe(w: World, t: Path) -> Case:
-    case = run_case(w, t, w.recipe(t), *sets("optimizer.lr=0.01"), "--resume", str(w.existing), says=("recipe differs",))
+    case = run_case(w, t, w.recipe(t), *w.sets("optimizer.lr=0.01"), "--resume", str(w.existing),
+                    says=("recipe differs",))
     case.names = [str(w.existing)]
     return case
 
@@ -326,7 +329,7 @@ def _set_without_equals(w: World, t: Path) -> Case:
 
 
 def _set_bad_index(w: World, t: Path) -> Case:
-    return run_case(w, t, w.recipe(t), *sets("peers.9.model=x"), field="peers.9", says=("index",))
+    return run_case(w, t, w.recipe(t), *w.sets("peers.9.model=x"), field="peers.9", says=("index",))
 
 
 def _pretrained(w: World, t: Path) -> Case:
@@ -402,7 +405,8 @@ def _recipe_missing(w: World, t: Path) -> Case:
 
 
 def _batch_larger_than_data(w: World, t: Path) -> Case:
-    return run_case(w, t, w.recipe(t), *sets("data.batch_size=64"), field="data.batch_size", says=("would have no step",))
+    return run_case(w, t, w.recipe(t), *w.sets("data.batch_size=64"), field="data.batch_size",
+                    says=("would have no step",))
 
 
 
@@ -473,16 +477,17 @@ def check_message(case: Case, code: int, stderr: str) -> None:
 
 
 @pytest.mark.parametrize("build", CASES)
-def test_refused_with_exit_2_one_message_and_nothing_written(world: World, tmp_path: Path, build) -> None:
+def test_refused_with_exit_2_one_message_and_nothing_written(world: World, tmp_path: Path, build,
+                                                             folder_snapshot: Snapshot) -> None:
     case = build(world, tmp_path)
-    before = {"world": snapshot(world.base), "case": snapshot(tmp_path)}
+    before = {"world": folder_snapshot(world.base), "case": folder_snapshot(tmp_path)}
     with torch_flags_kept():
         result = CliRunner().invoke(app, case.args, env=ENV)
     # A SystemExit carries the exit code; any other exception escaped the CLI's handlers.
     assert isinstance(result.exception, SystemExit), f"{type(result.exception).__name__}: {result.exception}\n{result.output}"
     check_message(case, result.exit_code, result.stderr)
     assert result.stdout == "", f"nothing but the error should be printed:\n{result.stdout}"
-    after = {"world": snapshot(world.base), "case": snapshot(tmp_path)}
+    after = {"world": folder_snapshot(world.base), "case": folder_snapshot(tmp_path)}
     for where in before:
         changed = sorted(set(before[where]) ^ set(after[where])) + sorted(
             k for k in set(before[where]) & set(after[where]) if before[where][k] != after[where][k]
@@ -490,11 +495,12 @@ def test_refused_with_exit_2_one_message_and_nothing_written(world: World, tmp_p
         assert not changed, f"files written, changed or removed under the {where} folder: {changed}"
 
 
-def test_real_process_exits_2_with_the_same_message(world: World, tmp_path: Path) -> None:
+def test_real_process_exits_2_with_the_same_message(world: World, tmp_path: Path, folder_snapshot: Snapshot,
+                                                    run_cli: Callable[..., Any]) -> None:
     """The same contract through ``python -m mutualkd`` in a fresh interpreter, for the case
     that gets furthest (models built, the run folder found to hold a run)."""
     case = _existing_run_without_resume(world, tmp_path)
-    before = snapshot(world.base)
+    before = folder_snapshot(world.base)
     done = run_cli(case.args, timeout=240)
     check_message(case, done.returncode, done.stderr)
-    assert snapshot(world.base) == before
+    assert folder_snapshot(world.base) == before

@@ -17,6 +17,7 @@ goes through the engine's public API (callbacks, ``train_step``, ``unwrapped``, 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from collections.abc import Callable
 import importlib.util
 import math
 from pathlib import Path
@@ -31,7 +32,9 @@ from torch import nn
 from mutualkd.data import BatchLoader, Split
 from mutualkd.engine import Callback
 from mutualkd.errors import RecipeError
-from _helpers import make_trainer, read_metrics, step_terms
+
+#: The factory fixtures used here: make_trainer, read_metrics, step_terms (tests/fixtures/); the two below.
+Factory = Callable[..., Any]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -78,12 +81,19 @@ def fresh_accelerator() -> Iterator[None]:
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def _finite_terms(run_dir: Path) -> list[dict[str, float]]:
-    terms = step_terms(read_metrics(run_dir))
-    assert terms, "no step was logged"
-    for flat in terms:
-        assert flat and all(math.isfinite(v) for v in flat.values()), flat
-    return terms
+@pytest.fixture
+def finite_terms(read_metrics: Factory, step_terms: Factory) -> Callable[[Path], list[dict[str, float]]]:
+    """``finite_terms(run_dir)``: the loss terms of each step the run logged; fails unless there are
+    some and every one is finite."""
+
+    def check(run_dir: Path) -> list[dict[str, float]]:
+        terms = step_terms(read_metrics(run_dir))
+        assert terms, "no step was logged"
+        for flat in terms:
+            assert flat and all(math.isfinite(v) for v in flat.values()), flat
+        return terms
+
+    return check
 
 
 # ============================================================================ forward passes
@@ -233,7 +243,8 @@ def test_report_tables_and_targets(tmp_path: Path) -> None:
 # ============================================================================ knobs
 
 
-def test_bf16_autocast_on_cpu(tmp_path: Path, fresh_accelerator: None) -> None:
+def test_bf16_autocast_on_cpu(tmp_path: Path, fresh_accelerator: None, make_trainer: Factory,
+                              finite_terms: Factory) -> None:
     trainer = make_trainer(tmp_path, run={"mixed_precision": "bf16", "max_steps": 2}, data={"test_subset": 20})
     dtypes: list[torch.dtype] = []
     for m in (trainer.unwrapped(n) for n in trainer.peer_names):
@@ -241,11 +252,11 @@ def test_bf16_autocast_on_cpu(tmp_path: Path, fresh_accelerator: None) -> None:
         conv = next(c for c in m.modules() if isinstance(c, nn.Conv2d))
         conv.register_forward_hook(lambda mod, args, out: dtypes.append(out.dtype) if mod.training else None)
     trainer.fit()
-    _finite_terms(trainer.run_dir)
+    finite_terms(trainer.run_dir)
     assert dtypes and all(d == torch.bfloat16 for d in dtypes), dtypes
 
 
-def test_channels_last(tmp_path: Path) -> None:
+def test_channels_last(tmp_path: Path, make_trainer: Factory, finite_terms: Factory) -> None:
     trainer = make_trainer(tmp_path, run={"channels_last": True, "max_steps": 2}, data={"test_subset": 20})
     layouts: list[bool] = []
     for m in (trainer.unwrapped(n) for n in trainer.peer_names):
@@ -255,7 +266,7 @@ def test_channels_last(tmp_path: Path) -> None:
         convs = [c for c in m.modules() if isinstance(c, nn.Conv2d)]
         assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
     trainer.fit()
-    _finite_terms(trainer.run_dir)
+    finite_terms(trainer.run_dir)
     assert layouts and all(layouts)
 
 
@@ -270,7 +281,7 @@ def _compile_works() -> str | None:
 
 
 @pytest.mark.slow
-def test_compile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_trainer: Factory, finite_terms: Factory) -> None:
     reason = _compile_works()
     if reason is not None:
         pytest.skip(f"torch.compile does not work on this machine ({reason})")
@@ -292,7 +303,7 @@ def test_compile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         assert isinstance(wrapper, nn.Module) and wrapper is not model
         wrapper.register_forward_pre_hook(lambda mod, args: calls.__setitem__(0, calls[0] + 1) if mod.training else None)
     trainer.fit()
-    _finite_terms(trainer.run_dir)
+    finite_terms(trainer.run_dir)
     assert trainer.last_forward_passes == 3
     assert calls[0] == 3 * 2  # the training forwards ran through the compiled wrappers
 
@@ -309,53 +320,61 @@ class _Counting:
         return self.fn(*a, **k)
 
 
-def _fp16_trainer(tmp_path: Path, **kw: Any) -> Any:
-    """A trainer whose fp16 loss scaling goes through ``trainer.precision.scaler``.
+@pytest.fixture
+def fp16_trainer(make_trainer: Factory) -> Callable[..., Any]:
+    """``fp16_trainer(tmp_path, **kw)``: a trainer whose fp16 loss scaling goes through
+    ``trainer.precision.scaler``.
 
     On a GPU that is a real fp16 run. On a CPU the engine refuses fp16 (see
     test_fp16_on_cpu_is_refused), so the run is fp32 with a CPU GradScaler put in the
     engine's place: the scaler path of the training loop is the same.
     """
-    run = dict(kw.pop("run", {}))
-    if torch.cuda.is_available():
-        trainer = make_trainer(tmp_path, run={**run, "mixed_precision": "fp16", "device": "auto"}, **kw)
-        assert trainer.precision.scaler is not None
-    else:
-        trainer = make_trainer(tmp_path, run=run, **kw)
-        assert trainer.precision.scaler is None
-        trainer.precision.scaler = torch.amp.GradScaler("cpu")
-    return trainer
+
+    def make(tmp_path: Path, **kw: Any) -> Any:
+        run = dict(kw.pop("run", {}))
+        if torch.cuda.is_available():
+            trainer = make_trainer(tmp_path, run={**run, "mixed_precision": "fp16", "device": "auto"}, **kw)
+            assert trainer.precision.scaler is not None
+        else:
+            trainer = make_trainer(tmp_path, run=run, **kw)
+            assert trainer.precision.scaler is None
+            trainer.precision.scaler = torch.amp.GradScaler("cpu")
+        return trainer
+
+    return make
 
 
-def test_fp16_scaler_updates_once_per_iteration(tmp_path: Path, fresh_accelerator: None) -> None:
+def test_fp16_scaler_updates_once_per_iteration(tmp_path: Path, fresh_accelerator: None, finite_terms: Factory,
+                                                fp16_trainer: Factory) -> None:
     k = 3
-    trainer = _fp16_trainer(tmp_path, peers=3, mode="alternating", run={"max_steps": k}, data={"test_subset": 20})
+    trainer = fp16_trainer(tmp_path, peers=3, mode="alternating", run={"max_steps": k}, data={"test_subset": 20})
     scaler = trainer.precision.scaler
     update, step = _Counting(scaler.update), _Counting(scaler.step)
     scaler.update, scaler.step = update, step  # type: ignore[method-assign]
     trainer.fit()
-    _finite_terms(trainer.run_dir)
+    finite_terms(trainer.run_dir)
     assert trainer.position.global_step == k
     assert update.calls == k  # once per iteration, after all three optimizers stepped
     assert step.calls == 3 * k
     assert math.isfinite(scaler.get_scale()) and scaler.get_scale() > 0
 
 
-def test_fp16_ie_dml_three_peers(tmp_path: Path, fresh_accelerator: None) -> None:
+def test_fp16_ie_dml_three_peers(tmp_path: Path, fresh_accelerator: None, finite_terms: Factory,
+                                 fp16_trainer: Factory) -> None:
     """IE-DML with N > 2 steps an autoencoder's unit twice per batch, which one GradScaler allows
     only with an update in between (GradScaler raises otherwise)."""
-    trainer = _fp16_trainer(tmp_path, strategy="ie_dml", peers=3, run={"max_steps": 2}, data={"test_subset": 20})
+    trainer = fp16_trainer(tmp_path, strategy="ie_dml", peers=3, run={"max_steps": 2}, data={"test_subset": 20})
     trainer.fit()
-    _finite_terms(trainer.run_dir)
+    finite_terms(trainer.run_dir)
 
 
-def test_fp16_on_cpu_is_refused(tmp_path: Path, fresh_accelerator: None) -> None:
+def test_fp16_on_cpu_is_refused(tmp_path: Path, fresh_accelerator: None, make_trainer: Factory) -> None:
     # Accelerate ignores fp16 on a CPU (no autocast, no scaler): a silent fp32 run.
     with pytest.raises(RecipeError, match="fp16"):
         make_trainer(tmp_path, run={"mixed_precision": "fp16", "device": "cpu", "max_steps": 1})
 
 
-def test_cudnn_benchmark_unless_deterministic(tmp_path: Path) -> None:
+def test_cudnn_benchmark_unless_deterministic(tmp_path: Path, make_trainer: Factory) -> None:
     saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
              torch.are_deterministic_algorithms_enabled())
     try:

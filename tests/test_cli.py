@@ -11,22 +11,20 @@ import time
 
 import pytest
 
-from _helpers import QUICKSTART, TINY_SET, run_cli, sets, subprocess_env
-
 
 def _no_traceback(proc) -> None:
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
 
 
-def _typo_recipe(tmp_path: Path) -> Path:
-    text = QUICKSTART.read_text(encoding="utf-8").replace("epochs = 15", "epocs = 15")
+def _typo_recipe(tmp_path: Path, quickstart: Path) -> Path:
+    text = quickstart.read_text(encoding="utf-8").replace("epochs = 15", "epocs = 15")
     assert "epocs" in text
     p = tmp_path / "typo.toml"
     p.write_text(text, encoding="utf-8")
     return p
 
 
-def test_help():
+def test_help(run_cli):
     proc = run_cli(["--help"])
     assert proc.returncode == 0, proc.stderr
     for cmd in ("run", "validate", "plugins"):
@@ -34,7 +32,7 @@ def test_help():
     assert "--version" in proc.stdout
 
 
-def test_version_is_the_installed_distribution_version():
+def test_version_is_the_installed_distribution_version(run_cli):
     from importlib import metadata
 
     proc = run_cli(["--version"])
@@ -45,20 +43,20 @@ def test_version_is_the_installed_distribution_version():
 HEAVY = ("torch", "timm", "accelerate", "matplotlib", "numpy")
 
 
-def _python(code: str) -> subprocess.CompletedProcess[str]:
+def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
-                          env=subprocess_env())
+                          env=env)
 
 
 @pytest.mark.parametrize("module", ["mutualkd", "mutualkd.cli"])
-def test_import_loads_no_heavy_module(module):
+def test_import_loads_no_heavy_module(module, subprocess_env):
     """`mutualkd --help` answers at once: the package and the command import no framework."""
-    proc = _python(f"import sys, {module}; print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    proc = _python(f"import sys, {module}; print(sorted(m for m in {HEAVY!r} if m in sys.modules))", subprocess_env())
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]", f"importing {module} loads {proc.stdout.strip()}"
 
 
-def test_importtime_shows_no_heavy_module():
+def test_importtime_shows_no_heavy_module(subprocess_env):
     proc = subprocess.run([sys.executable, "-X", "importtime", "-c", "import mutualkd.cli"], capture_output=True,
                           text=True, timeout=240, env=subprocess_env())
     assert proc.returncode == 0, proc.stderr
@@ -67,7 +65,7 @@ def test_importtime_shows_no_heavy_module():
     assert not {m for m in imported if m.split(".")[0] in HEAVY}
 
 
-def test_help_is_fast():
+def test_help_is_fast(run_cli):
     """Measured on a 2-core machine: about 0.25 s (it was 6 s when the command imported torch)."""
     best = float("inf")
     for _ in range(3):  # the best of three: a busy shared machine slows single runs
@@ -88,33 +86,35 @@ def test_help_is_fast():
     ],
     ids=["mutualkd-first", "timm-first", "timm-submodule-first", "models-first"],
 )
-def test_import_mutualkd_registers_cifar_models_in_timm(code):
+def test_import_mutualkd_registers_cifar_models_in_timm(code, subprocess_env):
     """`import mutualkd` keeps its promise (timm.create_model("cifar_resnet20")) without importing timm."""
     proc = _python(
         f"{code}\nimport sys\n"
         "m = timm.create_model('cifar_resnet20', num_classes=10)\n"
         "print(type(m).__name__, timm.is_model('cifar_wrn_16_2'), type(timm.__spec__.loader).__name__,"
-        " [type(f).__name__ for f in sys.meta_path if 'mutualkd' in type(f).__module__])"
+        " [type(f).__name__ for f in sys.meta_path if 'mutualkd' in type(f).__module__])",
+        subprocess_env(),
     )
     assert proc.returncode == 0, proc.stderr
     # The import hook leaves nothing behind: timm keeps its own loader, the hook is gone.
     assert proc.stdout.split() == ["CifarResNet", "True", "SourceFileLoader", "[]"], proc.stdout
 
 
-def test_lazy_package_keeps_every_public_name():
+def test_lazy_package_keeps_every_public_name(subprocess_env):
     proc = _python(
         "import mutualkd\n"
         "missing = [n for n in mutualkd.__all__ if not hasattr(mutualkd, n)]\n"
         "print(missing, mutualkd.Strategy.__module__, mutualkd.get_strategy('kl_dml').__name__,"
-        " hasattr(mutualkd.registry, 'infos'), type(mutualkd.models).__name__)"
+        " hasattr(mutualkd.registry, 'infos'), type(mutualkd.models).__name__)",
+        subprocess_env(),
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["[]", "mutualkd.strategy", "KLDML", "True", "module"], proc.stdout
-    proc = _python("import mutualkd; mutualkd.no_such_name")
+    proc = _python("import mutualkd; mutualkd.no_such_name", subprocess_env())
     assert proc.returncode != 0 and "AttributeError" in proc.stderr and "no_such_name" in proc.stderr
 
 
-def test_plugins_json_lists_builtins_and_reports_broken(tmp_path):
+def test_plugins_json_lists_builtins_and_reports_broken(tmp_path, run_cli, subprocess_env):
     # A third-party distribution on the path with a broken and a working plugin.
     site = tmp_path / "site"
     info = site / "acme_kd-1.2.dist-info"
@@ -147,15 +147,15 @@ def test_plugins_json_lists_builtins_and_reports_broken(tmp_path):
     assert by[("metric", "acme_l1")]["status"] == "ok"
 
 
-def test_plugins_table():
+def test_plugins_table(run_cli):
     proc = run_cli(["plugins"])
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "independent" in out and "kl_dml" in out and "mutualkd" in out and "ok" in out
 
 
-def test_validate_ok():
-    proc = run_cli(["validate", str(QUICKSTART)])
+def test_validate_ok(run_cli, quickstart_recipe):
+    proc = run_cli(["validate", str(quickstart_recipe)])
     assert proc.returncode == 0, proc.stderr
     assert "ok" in proc.stdout and "kl_dml" in proc.stdout
     assert "what it does" not in proc.stdout  # the table is for --explain only
@@ -171,10 +171,10 @@ def _table_rows(stdout: str) -> dict[str, list[str]]:
     return rows
 
 
-def test_validate_explain_lists_every_key_resolved(tmp_path):
+def test_validate_explain_lists_every_key_resolved(tmp_path, run_cli, quickstart_recipe):
     from mutualkd.config import DataConfig, OptimizerConfig, RunConfig
 
-    proc = run_cli(["validate", str(QUICKSTART), "--explain", "--no-data", "--set", "run.seed=7"])
+    proc = run_cli(["validate", str(quickstart_recipe), "--explain", "--no-data", "--set", "run.seed=7"])
     assert proc.returncode == 0, proc.stderr
     rows = _table_rows(proc.stdout)
     for field in RunConfig.model_fields:
@@ -197,16 +197,16 @@ def test_validate_explain_lists_every_key_resolved(tmp_path):
     assert proc.stdout.rstrip().splitlines()[-1].startswith("ok ")
 
 
-def test_validate_explain_of_a_bad_recipe_is_the_error_exit_2(tmp_path):
-    p = _typo_recipe(tmp_path)
+def test_validate_explain_of_a_bad_recipe_is_the_error_exit_2(tmp_path, run_cli, quickstart_recipe):
+    p = _typo_recipe(tmp_path, quickstart_recipe)
     proc = run_cli(["validate", str(p), "--explain"])
     assert proc.returncode == 2
     _no_traceback(proc)
     assert "did you mean 'epochs'" in " ".join(proc.stderr.split()) and "what it does" not in proc.stdout
 
 
-def test_validate_typo_exit_2(tmp_path):
-    p = _typo_recipe(tmp_path)
+def test_validate_typo_exit_2(tmp_path, run_cli, quickstart_recipe):
+    p = _typo_recipe(tmp_path, quickstart_recipe)
     proc = run_cli(["validate", str(p)])
     assert proc.returncode == 2
     _no_traceback(proc)
@@ -215,18 +215,19 @@ def test_validate_typo_exit_2(tmp_path):
     assert "fix:" in err and "did you mean 'epochs'" in err
 
 
-def test_run_typo_exit_2_and_writes_nothing(tmp_path):
-    p = _typo_recipe(tmp_path)
-    proc = run_cli(["run", str(p), *sets(f"run.out_dir={tmp_path / 'runs'}")], cwd=tmp_path)
+def test_run_typo_exit_2_and_writes_nothing(tmp_path, run_cli, set_options, quickstart_recipe):
+    p = _typo_recipe(tmp_path, quickstart_recipe)
+    proc = run_cli(["run", str(p), *set_options(f"run.out_dir={tmp_path / 'runs'}")], cwd=tmp_path)
     assert proc.returncode == 2
     _no_traceback(proc)
     assert "did you mean 'epochs'" in " ".join(proc.stderr.split())
     assert not (tmp_path / "runs").exists()
 
 
-def test_run_quickstart_tiny(tmp_path):
+def test_run_quickstart_tiny(tmp_path, run_cli, set_options, quickstart_recipe, tiny_overrides):
     out = tmp_path / "runs"
-    proc = run_cli(["run", str(QUICKSTART), *sets(*TINY_SET, f"run.out_dir={out}", "run.name=q")], cwd=tmp_path)
+    proc = run_cli(["run", str(quickstart_recipe), *set_options(*tiny_overrides, f"run.out_dir={out}", "run.name=q")],
+                   cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((out / "q" / "summary.json").read_text())
     assert summary["global_steps"] == 2 and set(summary["top1"]) == {"peer0", "peer1", "ensemble"}

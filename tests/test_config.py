@@ -11,14 +11,14 @@ import pytest
 
 from mutualkd.config import Recipe, apply_overrides, load_recipe, parse_recipe, read_toml
 from mutualkd.errors import RecipeError, UserError
-from _helpers import QUICKSTART, REPO
 
+REPO = Path(__file__).resolve().parents[1]  # REFERENCE (below) is a module constant
 FILE = "my_recipe.toml"
 
 
 @pytest.fixture(scope="module")
-def base() -> dict[str, Any]:
-    with open(QUICKSTART, "rb") as f:
+def base(quickstart_recipe: Path) -> dict[str, Any]:
+    with open(quickstart_recipe, "rb") as f:
         return tomllib.load(f)
 
 
@@ -33,8 +33,8 @@ def _bad(base: dict[str, Any], edit) -> RecipeError:
 # --------------------------------------------------------------------------- valid recipes
 
 
-def test_quickstart_parses():
-    r = load_recipe(QUICKSTART)
+def test_quickstart_parses(quickstart_recipe):
+    r = load_recipe(quickstart_recipe)
     assert isinstance(r, Recipe)
     assert [p.model for p in r.peers] == ["cifar_resnet20", "cifar_wrn_16_1"]
     assert r.strategy.name == "kl_dml"
@@ -256,9 +256,9 @@ def test_set_into_a_value(base):
     assert ei.value.field == "run.name"
 
 
-def test_set_wrong_value_is_a_validation_error(tmp_path):
+def test_set_wrong_value_is_a_validation_error(tmp_path, quickstart_recipe):
     p = tmp_path / "r.toml"
-    p.write_bytes(QUICKSTART.read_bytes())
+    p.write_bytes(quickstart_recipe.read_bytes())
     with pytest.raises(RecipeError) as ei:
         load_recipe(p, ["run.epochs=zero"])
     assert ei.value.field == "run.epochs" and ei.value.file == str(p)
@@ -267,8 +267,8 @@ def test_set_wrong_value_is_a_validation_error(tmp_path):
     assert "'epochs'" in str(ei.value)
 
 
-def test_load_recipe_applies_overrides(tmp_path):
-    r = load_recipe(QUICKSTART, ["run.epochs=5", "peers.0.model=cifar_resnet32", "schedule.mode=simultaneous"])
+def test_load_recipe_applies_overrides(tmp_path, quickstart_recipe):
+    r = load_recipe(quickstart_recipe, ["run.epochs=5", "peers.0.model=cifar_resnet32", "schedule.mode=simultaneous"])
     assert r.run.epochs == 5 and r.peers[0].model == "cifar_resnet32" and r.schedule.mode == "simultaneous"
 
 
@@ -314,10 +314,10 @@ def test_every_recipe_error_is_a_user_error():
     assert issubclass(RecipeError, UserError) and RecipeError("x").exit_code == 2
 
 
-def test_to_dict_round_trips(tmp_path):
+def test_to_dict_round_trips(tmp_path, quickstart_recipe):
     from mutualkd.runlog import dump_toml
 
-    r = load_recipe(QUICKSTART, ["peers.1.kwargs.drop_rate=0.1"])
+    r = load_recipe(quickstart_recipe, ["peers.1.kwargs.drop_rate=0.1"])
     p = Path(tmp_path) / "again.toml"
     p.write_text(dump_toml(r.to_dict()), encoding="utf-8")
     again = load_recipe(p)

@@ -9,6 +9,7 @@ parameters and buffers it evaluated.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import json
 import os
 from pathlib import Path
@@ -21,7 +22,6 @@ from typing import Any
 import pytest
 
 from mutualkd import checkpoint as ckpt
-from _helpers import DIGITS_TEST, QUICKSTART, read_metrics, subprocess_env
 
 BIN = Path(sys.executable).parent
 TIMEOUT = 240
@@ -89,7 +89,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(launcher: str, tmp_path: Path, *, device: str | None, delay_rank: int = -1, delay_s: float = 3.0
+def _launch(launcher: str, tmp_path: Path, quickstart: Path, subprocess_env: Callable[..., dict[str, str]], *,
+            device: str | None, delay_rank: int = -1, delay_s: float = 3.0
             ) -> tuple[subprocess.CompletedProcess[str], Path, Path]:
     wrapper = tmp_path / "mkd_wrapper.py"
     wrapper.write_text(WRAPPER)
@@ -97,7 +98,7 @@ def _launch(launcher: str, tmp_path: Path, *, device: str | None, delay_rank: in
     record.mkdir()
     out = tmp_path / "runs"
     args = [
-        "run", str(QUICKSTART),
+        "run", str(quickstart),
         "--set", f"run.out_dir={json.dumps(str(out))}",
         "--set", "run.name=dist",
         "--set", f"run.max_steps={MAX_STEPS}",
@@ -127,7 +128,8 @@ def _records(record: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(record.glob("eval-*.json"))]
 
 
-def _check_distributed_run(proc: subprocess.CompletedProcess[str], run_dir: Path, record: Path) -> None:
+def _check_distributed_run(proc: subprocess.CompletedProcess[str], run_dir: Path, record: Path, *,
+                           read_metrics: Callable[[Path], list[dict[str, Any]]], test_size: int) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     # One writer: exactly the records a single process writes, none twice.
     recs = read_metrics(run_dir)
@@ -148,25 +150,27 @@ def _check_distributed_run(proc: subprocess.CompletedProcess[str], run_dir: Path
     assert sorted(e["rank"] for e in evals) == [0, 1], [e["distributed_type"] for e in evals]
     assert all(e["world"] == 2 for e in evals)
     a, b = (set(e["indices"]) for e in evals)
-    assert not a & b and len(a | b) == DIGITS_TEST
+    assert not a & b and len(a | b) == test_size
     assert evals[0]["top1"] == evals[1]["top1"]
     top1 = epochs[0]["top1"]
     assert top1 == pytest.approx(evals[0]["top1"])
     for name, v in top1.items():
-        correct = v * DIGITS_TEST / 100
+        correct = v * test_size / 100
         assert abs(correct - round(correct)) < 1e-6, (name, v)
     # The ranks hold the same weights (DDP keeps parameters in sync).
     assert evals[0]["params"] == evals[1]["params"]
 
 
 @pytest.fixture(scope="module")
-def torchrun_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess[str], Path, Path]:
+def torchrun_run(tmp_path_factory, quickstart_recipe, subprocess_env
+                 ) -> tuple[subprocess.CompletedProcess[str], Path, Path]:
     """``torchrun --nproc_per_node 2`` with ``run.device = "cpu"``: two gloo processes."""
-    return _launch("torchrun", tmp_path_factory.mktemp("torchrun"), device="cpu", delay_rank=-1)
+    return _launch("torchrun", tmp_path_factory.mktemp("torchrun"), quickstart_recipe, subprocess_env, device="cpu",
+                   delay_rank=-1)
 
 
-def test_torchrun_two_processes_one_writer_each_sample_once(torchrun_run):
-    _check_distributed_run(*torchrun_run)
+def test_torchrun_two_processes_one_writer_each_sample_once(torchrun_run, read_metrics, digits_test_size):
+    _check_distributed_run(*torchrun_run, read_metrics=read_metrics, test_size=digits_test_size)
 
 
 def test_ranks_evaluate_the_same_model(torchrun_run):
@@ -179,7 +183,8 @@ def test_ranks_evaluate_the_same_model(torchrun_run):
     assert evals[0]["buffers"] == evals[1]["buffers"], "ranks evaluate with different BatchNorm statistics"
 
 
-def test_accelerate_launch_multi_gpu_plain_on_cpu_machine(tmp_path):
+def test_accelerate_launch_multi_gpu_plain_on_cpu_machine(tmp_path, quickstart_recipe, subprocess_env, read_metrics,
+                                                         digits_test_size):
     """Plain ``accelerate launch --multi_gpu --num_processes 2`` (device "auto") works on a CPU-only machine.
 
     Without a GPU, Accelerate only sets up gloo when told to use the CPU; otherwise each
@@ -187,12 +192,14 @@ def test_accelerate_launch_multi_gpu_plain_on_cpu_machine(tmp_path):
     """
     if shutil.which("nvidia-smi") or os.path.exists("/dev/nvidia0"):
         pytest.skip("this machine has a GPU")
-    proc, run_dir, record = _launch("accelerate", tmp_path, device=None, delay_rank=-1)
-    _check_distributed_run(proc, run_dir, record)
+    proc, run_dir, record = _launch("accelerate", tmp_path, quickstart_recipe, subprocess_env, device=None,
+                                    delay_rank=-1)
+    _check_distributed_run(proc, run_dir, record, read_metrics=read_metrics, test_size=digits_test_size)
 
 
-def test_run_folder_race_between_ranks(tmp_path):
+def test_run_folder_race_between_ranks(tmp_path, quickstart_recipe, subprocess_env, read_metrics, digits_test_size):
     """A slow rank must not find the run folder that rank 0 just created "already there"."""
     # Rank 1 reaches the check 4 s after rank 0: deterministic form of the race.
-    proc, run_dir, record = _launch("torchrun", tmp_path, device="cpu", delay_rank=1, delay_s=4.0)
-    _check_distributed_run(proc, run_dir, record)
+    proc, run_dir, record = _launch("torchrun", tmp_path, quickstart_recipe, subprocess_env, device="cpu", delay_rank=1,
+                                    delay_s=4.0)
+    _check_distributed_run(proc, run_dir, record, read_metrics=read_metrics, test_size=digits_test_size)

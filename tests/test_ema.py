@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import os
 from pathlib import Path
 import signal
@@ -16,7 +17,9 @@ import torch
 from mutualkd import checkpoint as ckpt
 from mutualkd.engine import Callback
 from mutualkd.runlog import dump_toml
-from _helpers import make_trainer, read_metrics, recipe_dict, run_cli, subprocess_env
+
+#: The factory fixtures of tests/fixtures/ used here (make_trainer, recipe_dict, read_metrics, run_cli, ...).
+Factory = Callable[..., Any]
 
 
 class _PeerWeights(Callback):
@@ -30,7 +33,7 @@ class _PeerWeights(Callback):
         self.seen.append(trainer.unwrapped("peer0").model.state_dict()[self.key].detach().clone())
 
 
-def test_ema_follows_timms_average_after_every_update(tmp_path: Path):
+def test_ema_follows_timms_average_after_every_update(tmp_path: Path, make_trainer: Factory):
     t = make_trainer(tmp_path, name="e", max_steps=5, ema={"decay": 0.7})
     key = "conv1.weight" if "conv1.weight" in t.unwrapped("peer0").model.state_dict() else next(
         iter(t.unwrapped("peer0").model.state_dict()))
@@ -47,7 +50,8 @@ def test_ema_follows_timms_average_after_every_update(tmp_path: Path):
     assert t.ema.updates == {"peer0": 5, "peer1": 5}
 
 
-def test_ema_peers_are_evaluated_next_to_the_raw_ones(tmp_path: Path):
+def test_ema_peers_are_evaluated_next_to_the_raw_ones(tmp_path: Path, make_trainer: Factory, recipe_dict: Factory,
+                                                      read_metrics: Factory):
     plain = make_trainer(tmp_path, name="plain", max_steps=3)
     plain.fit()
     from mutualkd.config import parse_recipe
@@ -68,7 +72,7 @@ def test_ema_peers_are_evaluated_next_to_the_raw_ones(tmp_path: Path):
     assert state["callbacks"]["ema"]["peer1"]["updates"] == 3
 
 
-def test_no_ema_table_no_copies(tmp_path: Path):
+def test_no_ema_table_no_copies(tmp_path: Path, make_trainer: Factory):
     t = make_trainer(tmp_path, name="n", max_steps=1)
     assert not t.ema and t.eval_models == {}
     t.fit()
@@ -76,7 +80,7 @@ def test_no_ema_table_no_copies(tmp_path: Path):
     assert "ema" not in state["callbacks"]
 
 
-def test_export_writes_the_ema_copy_as_a_timm_checkpoint(tmp_path: Path):
+def test_export_writes_the_ema_copy_as_a_timm_checkpoint(tmp_path: Path, make_trainer: Factory, run_cli: Factory):
     import timm
     from safetensors.torch import load_file
 
@@ -103,7 +107,7 @@ def test_export_writes_the_ema_copy_as_a_timm_checkpoint(tmp_path: Path):
 # --------------------------------------------------------------------------- SIGKILL and resume
 
 
-def _recipe_file(tmp_path: Path, name: str) -> Path:
+def _recipe_file(recipe_dict: Factory, tmp_path: Path, name: str) -> Path:
     d = recipe_dict(tmp_path, name=name, max_steps=None, epochs=2, batch_size=16, log_every=4,
                     run={"checkpoint_every": 4, "deterministic": True}, data={"train_subset": 256, "test_subset": 32},
                     ema={"decay": 0.9, "warmup": True})
@@ -117,11 +121,12 @@ def _final_state(run_dir: Path) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_ema_resumes_bit_identical_after_sigkill(tmp_path: Path):
-    ref = run_cli(["run", str(_recipe_file(tmp_path, "ref"))], timeout=300)
+def test_ema_resumes_bit_identical_after_sigkill(tmp_path: Path, recipe_dict: Factory, run_cli: Factory,
+                                                 subprocess_env: Factory, read_metrics: Factory):
+    ref = run_cli(["run", str(_recipe_file(recipe_dict, tmp_path, "ref"))], timeout=300)
     assert ref.returncode == 0, ref.stderr
 
-    recipe = _recipe_file(tmp_path, "killed")
+    recipe = _recipe_file(recipe_dict, tmp_path, "killed")
     run_dir = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "mutualkd", "run", str(recipe)], env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

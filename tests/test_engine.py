@@ -24,7 +24,6 @@ from mutualkd.errors import RecipeError, UserError
 from mutualkd.strategy import PeerOutput, Step, StepContext
 from mutualkd_builtins.losses import kl_to_peers, soft_kl
 from mutualkd_builtins.strategies.kl_dml import KLDML, KLDMLParams
-from _helpers import DIGITS_TEST, make_recipe, make_trainer, read_metrics
 
 SMALL_TEST = {"test_subset": 50}
 
@@ -229,7 +228,7 @@ def _wrap_compute(trainer: Trainer, hook: Callable[[Step, StepContext, Any], Non
         ("independent", "simultaneous", 3, 3),
     ],
 )
-def test_forward_passes_per_batch(tmp_path, strategy, mode, n, expected):
+def test_forward_passes_per_batch(tmp_path, strategy, mode, n, expected, make_trainer, read_metrics):
     tr = make_trainer(tmp_path, strategy=strategy, peers=n, mode=mode, max_steps=2, data=SMALL_TEST)
     counts: list[int] = []
 
@@ -248,7 +247,7 @@ def test_forward_passes_per_batch(tmp_path, strategy, mode, n, expected):
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Trainer:
+def finished_run(tmp_path_factory, make_trainer) -> Trainer:
     out = tmp_path_factory.mktemp("runs")
     tr = make_trainer(out, name="kl", strategy={"name": "kl_dml", "temperature": 2.0}, max_steps=3)
     tr.summary_returned = tr.fit()
@@ -269,7 +268,7 @@ def test_saved_recipe_reloads(finished_run):
     assert again.strategy.params == {"temperature": 2.0}
 
 
-def test_metrics_step_records(finished_run):
+def test_metrics_step_records(finished_run, read_metrics):
     recs = read_metrics(finished_run.run_dir)
     steps = [r for r in recs if r["kind"] == "step"]
     assert [r["global_step"] for r in steps] == [1, 2, 3]
@@ -286,7 +285,7 @@ def test_metrics_step_records(finished_run):
         assert r["forward_passes"] == 3
 
 
-def test_metrics_epoch_record(finished_run):
+def test_metrics_epoch_record(finished_run, digits_test_size, read_metrics):
     recs = read_metrics(finished_run.run_dir)
     epochs = [r for r in recs if r["kind"] == "epoch"]
     assert len(epochs) == 1 and recs[-1] == epochs[0]
@@ -303,11 +302,11 @@ def test_metrics_epoch_record(finished_run):
     assert set(e["lr"]) == {"peer0", "peer1"} and e["images_per_s"] > 0
     for v in e["top1"].values():
         # Every one of the 450 digits test images counted once.
-        correct = v * DIGITS_TEST / 100
+        correct = v * digits_test_size / 100
         assert abs(correct - round(correct)) < 1e-6 and 0 <= v <= 100
 
 
-def test_summary(finished_run):
+def test_summary(finished_run, read_metrics):
     s = json.loads((finished_run.run_dir / "summary.json").read_text())
     assert s == finished_run.summary_returned
     assert s["strategy"] == "kl_dml" and s["global_steps"] == 3 and s["epochs"] == 1
@@ -353,7 +352,7 @@ def test_existing_run_folder_is_left_untouched(finished_run):
     assert after == before
 
 
-def test_existing_folder_with_foreign_file(tmp_path):
+def test_existing_folder_with_foreign_file(tmp_path, make_trainer):
     rd = tmp_path / "t"
     rd.mkdir()
     (rd / "notes.txt").write_text("mine")
@@ -362,7 +361,7 @@ def test_existing_folder_with_foreign_file(tmp_path):
     assert [p.name for p in rd.iterdir()] == ["notes.txt"] and (rd / "notes.txt").read_text() == "mine"
 
 
-def test_empty_existing_folder_is_used(tmp_path):
+def test_empty_existing_folder_is_used(tmp_path, make_trainer):
     (tmp_path / "t").mkdir()
     tr = make_trainer(tmp_path, max_steps=1, data=SMALL_TEST)
     tr.fit()
@@ -373,7 +372,7 @@ def test_empty_existing_folder_is_used(tmp_path):
 
 
 @pytest.mark.parametrize("n", [2, 3])
-def test_alternating_peers_see_updated_predictions(tmp_path, n):
+def test_alternating_peers_see_updated_predictions(tmp_path, n, make_trainer):
     tr = make_trainer(tmp_path, strategy="kl_dml", peers=n, max_steps=1, data=SMALL_TEST)
     seen: dict[str, dict[int, torch.Tensor]] = {}
     inputs: list[torch.Tensor] = []
@@ -403,7 +402,7 @@ def test_alternating_peers_see_updated_predictions(tmp_path, n):
             torch.testing.assert_close(seen[f"peer{k}"][j], seen["peer0"][j])
 
 
-def test_simultaneous_uses_start_of_batch_predictions(tmp_path):
+def test_simultaneous_uses_start_of_batch_predictions(tmp_path, make_trainer):
     tr = make_trainer(tmp_path, strategy="kl_dml", peers=2, mode="simultaneous", max_steps=1, data=SMALL_TEST)
     seen = {}
 
@@ -438,7 +437,7 @@ def _same(a: list[torch.Tensor | None], b: list[torch.Tensor | None]) -> bool:
 
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")  # the spy below
 @pytest.mark.parametrize("strategy", ["kl_dml", "ie_dml"])
-def test_engine_step_touches_only_its_units_gradients(tmp_path, strategy):
+def test_engine_step_touches_only_its_units_gradients(tmp_path, strategy, make_trainer):
     tr = make_trainer(tmp_path, strategy=strategy, peers=2, max_steps=2, data=SMALL_TEST)
     modules = {name: tr.unwrapped(name) for name in tr.module_names}
     unit_of = {m: u.name for u in tr.units.values() for m in u.modules}
@@ -474,34 +473,34 @@ def test_engine_step_touches_only_its_units_gradients(tmp_path, strategy):
 # --------------------------------------------------------------------------- input errors
 
 
-def test_unknown_model_is_a_recipe_error(tmp_path):
+def test_unknown_model_is_a_recipe_error(tmp_path, make_trainer):
     with pytest.raises(RecipeError) as ei:
         make_trainer(tmp_path, peers=["cifar_resnet20", "cifar_resnt56"])
     assert ei.value.field == "peers[1].model" and "cifar_resnet56" in ei.value.hint
     assert not (tmp_path / "t").exists(), "nothing is written before the recipe is fully checked"
 
 
-def test_batch_larger_than_train_set(tmp_path):
+def test_batch_larger_than_train_set(tmp_path, make_trainer):
     with pytest.raises(UserError) as ei:
         make_trainer(tmp_path, batch_size=64, data={"train_subset": 20})
     assert "batch" in str(ei.value)
     assert not (tmp_path / "t").exists()
 
 
-def test_strategy_peer_count_refused_before_writing(tmp_path):
+def test_strategy_peer_count_refused_before_writing(tmp_path, make_trainer):
     with pytest.raises(RecipeError):
         make_trainer(tmp_path, strategy="kl_dml", peers=1)
     assert not (tmp_path / "t").exists()
 
 
-def test_max_steps_stops_the_run(tmp_path):
+def test_max_steps_stops_the_run(tmp_path, make_trainer, read_metrics):
     tr = make_trainer(tmp_path, max_steps=2, epochs=3, data=SMALL_TEST)
     s = tr.fit()
     assert s["global_steps"] == 2
     assert [r["global_step"] for r in read_metrics(tr.run_dir) if r["kind"] == "step"] == [1, 2]
 
 
-def test_training_step_calls_the_optimizers_directly(tmp_path):
+def test_training_step_calls_the_optimizers_directly(tmp_path, make_trainer):
     """The engine owns backward and the optimizer step (mutualkd.engine.precision): each unit's
     optimizer is a plain torch optimizer, no per-step wrapper around it, and the updates land
     in its state."""

@@ -7,12 +7,14 @@ digits split) and torch, reproduces the run's recorded test top-1 exactly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import json
 import os
 from pathlib import Path
 import shutil
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 from safetensors.torch import load_file
@@ -23,9 +25,11 @@ from typer.testing import CliRunner
 from mutualkd import checkpoint as ckpt
 from mutualkd.cli import app
 from mutualkd.export import export_run
-from _helpers import QUICKSTART
 
 import mutualkd.models  # noqa: F401  (the CIFAR families in timm)
+
+#: The factory fixtures of tests/fixtures/ used here (recipe_dict).
+Factory = Callable[..., Any]
 
 #: Run in a fresh interpreter: load exports with plain timm and count the digits test images each gets right.
 FRESH = """
@@ -127,14 +131,12 @@ def test_best_and_last_checkpoints(tiny_run: Path, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "no complete best/ checkpoint" in result.stderr
 
 
-def test_a_peer_with_its_own_normalisation_exports_it(tmp_path: Path) -> None:
+def test_a_peer_with_its_own_normalisation_exports_it(tmp_path: Path, recipe_dict: Factory) -> None:
     """A peer started from weights normalised otherwise keeps that normalisation in its export."""
     from timm.models import save_for_hf
 
     from mutualkd.config import parse_recipe
     from mutualkd.engine import Trainer
-    from _helpers import recipe_dict
-
     save_for_hf(timm.create_model("cifar_resnet20", num_classes=10, in_chans=1), str(tmp_path / "init"),
                 safe_serialization=True, data_config={"input_size": (1, 8, 8), "mean": (0.5,), "std": (0.25,)})
     d = recipe_dict(tmp_path, name="own", max_steps=1)
@@ -147,13 +149,14 @@ def test_a_peer_with_its_own_normalisation_exports_it(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- end to end
 @pytest.mark.slow
-def test_export_and_plain_timm_reproduce_the_run_top1(tmp_path: Path) -> None:
+def test_export_and_plain_timm_reproduce_the_run_top1(tmp_path: Path, quickstart_recipe: Path) -> None:
     """A quickstart run (2 epochs), exported; plain timm in a fresh process gets the recorded top-1 exactly."""
     from mutualkd.config import load_recipe
     from mutualkd.engine import Trainer
 
-    recipe = load_recipe(QUICKSTART, [f"run.out_dir={json.dumps(str(tmp_path))}", "run.epochs=2", "run.progress=false"])
-    summary = Trainer(recipe, recipe_file=str(QUICKSTART)).fit()
+    recipe = load_recipe(quickstart_recipe,
+                         [f"run.out_dir={json.dumps(str(tmp_path))}", "run.epochs=2", "run.progress=false"])
+    summary = Trainer(recipe, recipe_file=str(quickstart_recipe)).fit()
     run = tmp_path / "quickstart"
     wanted: dict[str, float] = {}
     for which, key in (("last", "final"), ("best", "best")):

@@ -1,8 +1,9 @@
 """Fault injection: nothing a run has written is lost, whatever fails and wherever.
 
 Each test first makes the fault happen, at a named point, then checks what is left and
-that a resume ends exactly where an uninterrupted run ends (the reference runs of
-test_resume: digits, 2 epochs of 10 steps, a checkpoint every 3 steps).
+that a resume ends exactly where an uninterrupted run ends (the reference runs of the
+launch_kit fixture, tests/fixtures/launch.py, as in test_resume: digits, 2 epochs of 10
+steps, a checkpoint every 3 steps).
 
 * kills inside the renames of a checkpoint swap (``best/`` and step checkpoints), in a
   forked writer (every point, fast) and in real runs (SIGKILL from inside the process at
@@ -20,7 +21,7 @@ in-process cases only, a few seconds).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 import contextlib
 from dataclasses import dataclass, field as dc_field
 import json
@@ -47,45 +48,25 @@ from mutualkd.config import load_recipe
 from mutualkd.runlock import RunFolderBusy, RunLock
 from mutualkd.errors import CheckpointError
 from mutualkd.runlog import MetricsWriter, dump_toml
-from _helpers import REPO, sets, subprocess_env
-from test_resume import (
-    RUN_NAME,
-    Launch,
-    _launched,
-    assert_equal_tree,
-    assert_same_run,
-    copy_run,
-    checkpoint_steps,
-    comparable_metrics,
-    descendants,
-    fresh_late_rank,
-    killed_run,
-    reference_run,
-    run_mutualkd,
-    snapshot,
-    start,
-    start_reference,
-    step_folder,
-    wait_for,
-    write_recipe,
-)
 
 ENV = {"COLUMNS": "200", "NO_COLOR": "1"}
 LEFTOVER = (ckpt.TMP_PREFIX, ckpt.OLD_PREFIX)
+#: The launch_kit fixture (tests/fixtures/launch.py): starts, kills and compares runs.
+Kit = Any
 
 
 def leftovers(run_dir: Path) -> list[str]:
     return sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(LEFTOVER))
 
 
-def assert_best_matches_summary(run_dir: Path, reference: Path) -> None:
+def assert_best_matches_summary(kit: Kit, run_dir: Path, reference: Path) -> None:
     """best/ loads, holds the epoch summary.json names, and equals the uninterrupted run's best/."""
     summary = json.loads((run_dir / "summary.json").read_text())
     best = run_dir / "checkpoints" / "best"
     assert ckpt.verify_checkpoint(best) is None, ckpt.verify_checkpoint(best)
     assert ckpt.read_meta(best)["epoch"] == summary["best_epoch"] > 0, (ckpt.read_meta(best), summary)
     want = ckpt.load_checkpoint(reference / "checkpoints" / "best")
-    assert_equal_tree(ckpt.load_checkpoint(best)["modules"], want["modules"], "best/modules")
+    kit.assert_equal_tree(ckpt.load_checkpoint(best)["modules"], want["modules"], "best/modules")
 
 
 # =========================================================================== checkpoint swaps, every kill point
@@ -291,9 +272,8 @@ def test_metrics_log_is_brought_back_to_the_checkpoint(tmp_path: Path, damage: s
         assert (tmp_path / "metrics.jsonl.replaced").exists() and "differed" in note
 
 
-def test_metrics_log_is_fsynced_before_each_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from _helpers import make_trainer
-
+def test_metrics_log_is_fsynced_before_each_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       make_trainer: Callable[..., Any]) -> None:
     synced: list[str] = []
     real = os.fsync
 
@@ -330,11 +310,10 @@ def test_one_lock_per_run_folder(tmp_path: Path) -> None:
 # =========================================================================== recipes written by the run
 
 
-def test_a_recipe_with_any_unicode_is_written_as_valid_toml(tmp_path: Path) -> None:
+def test_a_recipe_with_any_unicode_is_written_as_valid_toml(tmp_path: Path, recipe_dict: Callable[..., dict[str, Any]]
+                                                            ) -> None:
     """Non-BMP characters (emoji), control characters and quotes round-trip through recipe.toml."""
     import tomllib
-
-    from _helpers import recipe_dict
 
     d = recipe_dict(tmp_path, name="dml-\U0001f98a", max_steps=1, data={"test_subset": 20, "train_subset": 32})
     d["peers"][0]["name"] = 'fox \U0001f98a "q" \\ \x01'
@@ -361,10 +340,16 @@ class Hostile:
     says: list[str] = dc_field(default_factory=list)
 
 
-def _good(t: Path, **run: Any) -> dict[str, Any]:
-    from _helpers import recipe_dict
+@dataclass
+class Tools:
+    """What each builder below gets beside its folder: the ``recipe_dict`` and ``set_options`` fixtures."""
 
-    return recipe_dict(t / "runs", max_steps=1, run=run, data={"train_subset": 32, "test_subset": 20})
+    recipe_dict: Callable[..., dict[str, Any]]
+    sets: Callable[..., list[str]]
+
+
+def _good(t: Path, tools: Tools, **run: Any) -> dict[str, Any]:
+    return tools.recipe_dict(t / "runs", max_steps=1, run=run, data={"train_subset": 32, "test_subset": 20})
 
 
 def _write(t: Path, d: dict[str, Any] | str, name: str = "recipe.toml") -> Path:
@@ -374,45 +359,45 @@ def _write(t: Path, d: dict[str, Any] | str, name: str = "recipe.toml") -> Path:
 
 
 def _name_case(value: str, says: str) -> Any:
-    def build(t: Path) -> Hostile:
-        path = _write(t, _good(t, name=value))
+    def build(t: Path, tools: Tools) -> Hostile:
+        path = _write(t, _good(t, tools, name=value))
         return Hostile(["run", str(path)], [str(path)], "run.name", [says])
 
     return build
 
 
-def _name_is_a_file(t: Path) -> Hostile:
+def _name_is_a_file(t: Path, tools: Tools) -> Hostile:
     (t / "runs").mkdir()
     (t / "runs" / "taken").write_text("a file where the run folder would go\n")
-    path = _write(t, _good(t, name="taken"))
+    path = _write(t, _good(t, tools, name="taken"))
     return Hostile(["run", str(path)], [str(t / "runs" / "taken")], None, ["a file, not a folder"])
 
 
-def _nested_file(t: Path) -> Hostile:
+def _nested_file(t: Path, tools: Tools) -> Hostile:
     path = _write(t, "[run]\nname = 'x'\n[strategy]\nname = 'kl_dml'\np = " + "[" * 5000 + "]" * 5000 + "\n")
     return Hostile(["validate", "--no-data", str(path)], [str(path)], None, ["nested more than"])
 
 
-def _nested_within_the_parser(t: Path) -> Hostile:
-    d = _good(t)
+def _nested_within_the_parser(t: Path, tools: Tools) -> Hostile:
+    d = _good(t, tools)
     d["strategy"]["p"] = json.loads("[" * 40 + "1" + "]" * 40)
     path = _write(t, d)
     return Hostile(["run", str(path)], [str(path)], None, ["nested more than 32 deep", "[strategy.p[0]"])
 
 
-def _nested_set(t: Path) -> Hostile:
-    path = _write(t, _good(t))
-    return Hostile(["run", str(path), *sets("strategy.p=" + "[" * 5000 + "]" * 5000)], [str(path)], "strategy.p",
+def _nested_set(t: Path, tools: Tools) -> Hostile:
+    path = _write(t, _good(t, tools))
+    return Hostile(["run", str(path), *tools.sets("strategy.p=" + "[" * 5000 + "]" * 5000)], [str(path)], "strategy.p",
                    ["nests arrays or tables"])
 
 
-def _dev_zero(t: Path) -> Hostile:
+def _dev_zero(t: Path, tools: Tools) -> Hostile:
     return Hostile(["run", "/dev/zero"], ["/dev/zero"], None, ["larger than"])
 
 
-def _meta_wrong_types(t: Path) -> Hostile:
+def _meta_wrong_types(t: Path, tools: Tools) -> Hostile:
     run = t / "runs" / "t"
-    result = CliRunner().invoke(app, ["run", str(_write(t, _good(t), "first.toml"))], env=ENV)
+    result = CliRunner().invoke(app, ["run", str(_write(t, _good(t, tools), "first.toml"))], env=ENV)
     assert result.exit_code == 0, result.output
     for meta in run.glob("checkpoints/*/meta.json"):
         d = json.loads(meta.read_text())
@@ -430,7 +415,7 @@ def _png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 48000)) + chunk(b"IEND", b"")
 
 
-def _decompression_bomb(t: Path) -> Hostile:
+def _decompression_bomb(t: Path, tools: Tools) -> Hostile:
     from PIL import Image
 
     root = t / "images"
@@ -440,14 +425,14 @@ def _decompression_bomb(t: Path) -> Hostile:
             Image.new("RGB", (8, 8), (10, 20, 30)).save(root / split / cls / "ok.png")
     bomb = root / "train" / "a" / "zbomb.png"
     bomb.write_bytes(_png_header(40000, 40000))  # 1.6 G pixels declared in a small file
-    d = _good(t)
+    d = _good(t, tools)
     d["data"] = {"dataset": "image_folder", "root": root.as_posix(), "image_size": 8, "batch_size": 2}
     path = _write(t, d)
     return Hostile(["run", str(path)], [str(bomb)], None, ["decompression bomb"])
 
 
 def _cifar_labels(kind: str) -> Any:
-    def build(t: Path) -> Hostile:
+    def build(t: Path, tools: Tools) -> Hostile:
         folder = t / "cifar" / "cifar-10-batches-py"
         folder.mkdir(parents=True)
         for i, name in enumerate([*(f"data_batch_{k}" for k in range(1, 6)), "test_batch"]):
@@ -458,7 +443,7 @@ def _cifar_labels(kind: str) -> Any:
                 pickle.dump({b"data": torch.zeros(10, 3072, dtype=torch.uint8).numpy(), b"labels": labels}, f)
         with open(folder / "batches.meta", "wb") as f:
             pickle.dump({b"label_names": [b"c"] * 10}, f)
-        d = _good(t)
+        d = _good(t, tools)
         d["data"] = {"dataset": "cifar10", "root": (t / "cifar").as_posix(), "batch_size": 2}
         path = _write(t, d)
         return Hostile(["run", str(path)], [str(folder / "data_batch_3")], None, ["expected integer class indices"])
@@ -466,15 +451,15 @@ def _cifar_labels(kind: str) -> Any:
     return build
 
 
-def _image_size(t: Path) -> Hostile:
-    path = _write(t, _good(t))
-    return Hostile(["run", str(path), *sets("data.image_size=100000")], [str(path)], "data.image_size",
+def _image_size(t: Path, tools: Tools) -> Hostile:
+    path = _write(t, _good(t, tools))
+    return Hostile(["run", str(path), *tools.sets("data.image_size=100000")], [str(path)], "data.image_size",
                    ["less than or equal to 4096"])
 
 
 def _peer_kwarg_type(value: str, says: str) -> Any:
-    def build(t: Path) -> Hostile:
-        d = _good(t)
+    def build(t: Path, tools: Tools) -> Hostile:
+        d = _good(t, tools)
         d["peers"][0] = {"model": "resnet18", "kwargs": json.loads(value)}
         path = _write(t, d)
         return Hostile(["run", str(path)], [str(path)], "peers[0].kwargs", [says])
@@ -505,9 +490,11 @@ HOSTILE = [
 
 
 @pytest.mark.parametrize("build", HOSTILE)
-def test_hostile_input_exits_2_with_one_message(tmp_path: Path, build: Any) -> None:
-    case = build(tmp_path)
-    before = snapshot(tmp_path)
+def test_hostile_input_exits_2_with_one_message(tmp_path: Path, build: Any, recipe_dict: Callable[..., dict[str, Any]],
+                                                set_options: Callable[..., list[str]],
+                                                folder_snapshot: Callable[[Path], dict[str, Any]]) -> None:
+    case = build(tmp_path, Tools(recipe_dict, set_options))
+    before = folder_snapshot(tmp_path)
     det = torch.are_deterministic_algorithms_enabled()
     try:
         result = CliRunner().invoke(app, case.args, env=ENV)
@@ -523,7 +510,7 @@ def test_hostile_input_exits_2_with_one_message(tmp_path: Path, build: Any) -> N
         assert f"[{case.field}]" in err, f"the message does not name [{case.field}]:\n{err}"
     for phrase in case.says:
         assert phrase in err, f"the message does not say {phrase!r}:\n{err}"
-    assert snapshot(tmp_path) == before, "a refused run wrote, changed or removed files"
+    assert folder_snapshot(tmp_path) == before, "a refused run wrote, changed or removed files"
 
 
 # =========================================================================== real runs killed inside a swap
@@ -582,18 +569,12 @@ main()
 """
 
 
-def start_with_fault(args: list[str], log: Path, fault: str) -> Launch:
-    """``mutualkd ARGS`` through FAULT_SHIM, in its own session."""
+def start_with_fault(kit: Kit, args: list[str], log: Path, fault: str) -> Any:
+    """``mutualkd ARGS`` through FAULT_SHIM, in its own session (a ``launch_kit.Launch``)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     shim = log.parent / "fault_shim.py"
     shim.write_text(FAULT_SHIM, encoding="utf-8")
-    cmd = [sys.executable, str(shim), *args]
-    with open(log.with_suffix(".out"), "wb") as out, open(log.with_suffix(".err"), "wb") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=REPO, env=subprocess_env(MKD_FAULT=fault),
-                                start_new_session=True)
-    launch = Launch(proc, log, cmd)
-    _launched.append(launch)
-    return launch
+    return kit.popen([sys.executable, str(shim), *args], log, MKD_FAULT=fault)
 
 
 BEST_KILLS = [
@@ -607,22 +588,21 @@ BEST_KILLS = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", BEST_KILLS)
-def test_kill_inside_the_best_swap_then_resume(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
-                                               fault: str) -> None:
+def test_kill_inside_the_best_swap_then_resume(tmp_path: Path, launch_kit: Kit, fault: str) -> None:
     """SIGKILL inside the best/ write of epoch 1 or 2, then resume: best/ holds the epoch
     summary.json names (equal to the uninterrupted run's best/), and metrics, weights and
     summary equal the uninterrupted run's."""
-    start_reference(tmp_path_factory, "kl_dml")
-    recipe = write_recipe(tmp_path)
-    run_dir = tmp_path / "runs" / RUN_NAME
-    killed = start_with_fault(["run", str(recipe)], tmp_path / "killed", fault).wait()
+    launch_kit.start_reference("kl_dml")
+    recipe = launch_kit.write_recipe(tmp_path)
+    run_dir = tmp_path / "runs" / launch_kit.RUN_NAME
+    killed = start_with_fault(launch_kit, ["run", str(recipe)], tmp_path / "killed", fault).wait()
     assert killed.rc == -signal.SIGKILL, killed.explain()
     assert "fault: SIGKILL" in killed.err and not (run_dir / "summary.json").exists()
-    done = run_mutualkd(["run", "--resume", str(run_dir)], tmp_path / "resume")
+    done = launch_kit.run_mutualkd(["run", "--resume", str(run_dir)], tmp_path / "resume")
     assert done.rc == 0, done.explain()
-    reference = reference_run(tmp_path_factory, "kl_dml")
-    assert_best_matches_summary(run_dir, reference)
-    assert_same_run(run_dir, reference)
+    reference = launch_kit.reference_run("kl_dml")
+    assert_best_matches_summary(launch_kit, run_dir, reference)
+    launch_kit.assert_same_run(run_dir, reference)
     assert leftovers(run_dir) == []
 
 
@@ -635,26 +615,26 @@ STEP_KILLS = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", STEP_KILLS)
-def test_kill_inside_a_step_checkpoint_swap_then_resume(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
-                                                        point: str) -> None:
+def test_kill_inside_a_step_checkpoint_swap_then_resume(tmp_path: Path, launch_kit: Kit, point: str) -> None:
     """A step checkpoint is replaced when a run goes on from an older one: a run stopped after
     step 18 is resumed from step 15, killed inside the swap of step 18 it writes again, and
     resumed: it goes on from step 18, and everything ends as in the uninterrupted run."""
-    reference = reference_run(tmp_path_factory, "kl_dml")
-    run_dir = copy_run(reference, tmp_path)
-    assert checkpoint_steps(run_dir) == [15, 18, 20]
-    shutil.rmtree(step_folder(run_dir, 20))  # as if stopped after step 18
+    reference = launch_kit.reference_run("kl_dml")
+    run_dir = launch_kit.copy_run(reference, tmp_path)
+    assert launch_kit.checkpoint_steps(run_dir) == [15, 18, 20]
+    shutil.rmtree(launch_kit.step_folder(run_dir, 20))  # as if stopped after step 18
     (run_dir / "summary.json").unlink()
-    older = step_folder(run_dir, 15)
-    killed = start_with_fault(["run", "--resume", str(older)], tmp_path / "killed", f"{point}:step-00000018:1").wait()
+    older = launch_kit.step_folder(run_dir, 15)
+    killed = start_with_fault(launch_kit, ["run", "--resume", str(older)], tmp_path / "killed",
+                              f"{point}:step-00000018:1").wait()
     assert killed.rc == -signal.SIGKILL, killed.explain()
     assert leftovers(run_dir), "the kill came outside the swap"
-    done = run_mutualkd(["run", "--resume", str(run_dir)], tmp_path / "resume")
+    done = launch_kit.run_mutualkd(["run", "--resume", str(run_dir)], tmp_path / "resume")
     assert done.rc == 0, done.explain()
     put_back = "step-00000018 put in place" in done.out
     assert put_back == (point != "after-rename"), done.explain()  # the finished copy replaced the name's
-    assert_best_matches_summary(run_dir, reference)
-    assert_same_run(run_dir, reference)
+    assert_best_matches_summary(launch_kit, run_dir, reference)
+    launch_kit.assert_same_run(run_dir, reference)
     assert leftovers(run_dir) == []
 
 
@@ -676,99 +656,96 @@ def _damage(folder: Path, how: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["corrupted-state", "empty-marker-on-damaged-state", "meta-wrong-types"])
-def test_corrupt_newest_checkpoint_falls_back_to_an_older_one(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
-                                                            how: str) -> None:
+def test_corrupt_newest_checkpoint_falls_back_to_an_older_one(tmp_path: Path, launch_kit: Kit, how: str) -> None:
     """The newest checkpoint does not load: resume names it, goes on from the one before, sets
     the bad one aside (kept), and ends as the uninterrupted run."""
-    start_reference(tmp_path_factory, "kl_dml")
-    run_dir = copy_run(killed_run(tmp_path_factory, "kl_dml"), tmp_path)
-    steps = checkpoint_steps(run_dir)
-    newest = step_folder(run_dir, steps[-1])
+    launch_kit.start_reference("kl_dml")
+    run_dir = launch_kit.copy_run(launch_kit.killed_run("kl_dml"), tmp_path)
+    steps = launch_kit.checkpoint_steps(run_dir)
+    newest = launch_kit.step_folder(run_dir, steps[-1])
     _damage(newest, how)
-    done = run_mutualkd(["run", "--resume", str(run_dir)], tmp_path / "resume")
+    done = launch_kit.run_mutualkd(["run", "--resume", str(run_dir)], tmp_path / "resume")
     assert done.rc == 0, done.explain()
-    older = step_folder(run_dir, steps[-2]).name
+    older = launch_kit.step_folder(run_dir, steps[-2]).name
     assert f"skipped checkpoint {newest.name}" in done.out and f"resuming from {older}" in done.out, done.explain()
     assert [p.name.rsplit("-", 1)[0] for p in (run_dir / "checkpoints").glob(".invalid-*")] == [f".invalid-{newest.name}"]
-    assert_same_run(run_dir, reference_run(tmp_path_factory, "kl_dml"))
+    launch_kit.assert_same_run(run_dir, launch_kit.reference_run("kl_dml"))
 
 
 @pytest.mark.slow
-def test_an_older_checkpoint_can_be_named_on_the_command_line(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
-                                                              ) -> None:
+def test_an_older_checkpoint_can_be_named_on_the_command_line(tmp_path: Path, launch_kit: Kit) -> None:
     """The hint of a refused checkpoint can be followed: --resume RUN_DIR/checkpoints/<older>."""
-    start_reference(tmp_path_factory, "kl_dml")
-    run_dir = copy_run(killed_run(tmp_path_factory, "kl_dml"), tmp_path)
-    steps = checkpoint_steps(run_dir)
-    newest = step_folder(run_dir, steps[-1])
+    launch_kit.start_reference("kl_dml")
+    run_dir = launch_kit.copy_run(launch_kit.killed_run("kl_dml"), tmp_path)
+    steps = launch_kit.checkpoint_steps(run_dir)
+    newest = launch_kit.step_folder(run_dir, steps[-1])
     _damage(newest, "corrupted-state")
     refused = CliRunner().invoke(app, ["run", "--resume", str(newest)], env=ENV)
     assert refused.exit_code == 2 and str(newest) in refused.stderr and "older checkpoint" in refused.stderr
-    done = run_mutualkd(["run", "--resume", str(step_folder(run_dir, steps[0]))], tmp_path / "resume")
+    done = launch_kit.run_mutualkd(["run", "--resume", str(launch_kit.step_folder(run_dir, steps[0]))],
+                                   tmp_path / "resume")
     assert done.rc == 0, done.explain()
-    assert_same_run(run_dir, reference_run(tmp_path_factory, "kl_dml"))
+    launch_kit.assert_same_run(run_dir, launch_kit.reference_run("kl_dml"))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["deleted", "cut-short"])
-def test_resume_restores_a_damaged_metrics_log(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
-                                               damage: str) -> None:
+def test_resume_restores_a_damaged_metrics_log(tmp_path: Path, launch_kit: Kit, damage: str) -> None:
     """metrics.jsonl deleted or cut short after the kill: the resumed run's file equals the
     uninterrupted run's, line for line (it used to be padded with NUL bytes)."""
-    start_reference(tmp_path_factory, "kl_dml")
-    run_dir = copy_run(killed_run(tmp_path_factory, "kl_dml"), tmp_path)
+    launch_kit.start_reference("kl_dml")
+    run_dir = launch_kit.copy_run(launch_kit.killed_run("kl_dml"), tmp_path)
     log = run_dir / "metrics.jsonl"
     if damage == "deleted":
         log.unlink()
     else:
         log.write_bytes(log.read_bytes()[:200])
-    done = run_mutualkd(["run", "--resume", str(run_dir)], tmp_path / "resume")
+    done = launch_kit.run_mutualkd(["run", "--resume", str(run_dir)], tmp_path / "resume")
     assert done.rc == 0, done.explain()
     assert "metrics.jsonl" in done.out and "restored" in done.out, done.explain()
     assert b"\x00" not in log.read_bytes()
-    assert_same_run(run_dir, reference_run(tmp_path_factory, "kl_dml"))
+    launch_kit.assert_same_run(run_dir, launch_kit.reference_run("kl_dml"))
 
 
 @pytest.mark.slow
-def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
-                                                               ) -> None:
-    start_reference(tmp_path_factory, "kl_dml")
-    recipe = write_recipe(tmp_path, checkpoint_every=0)  # the first checkpoint comes at step 10
-    run_dir = tmp_path / "runs" / RUN_NAME
-    launch = start(["run", str(recipe)], tmp_path / "killed")
+def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path: Path, launch_kit: Kit) -> None:
+    launch_kit.start_reference("kl_dml")
+    recipe = launch_kit.write_recipe(tmp_path, checkpoint_every=0)  # the first checkpoint comes at step 10
+    run_dir = tmp_path / "runs" / launch_kit.RUN_NAME
+    launch = launch_kit.start(["run", str(recipe)], tmp_path / "killed")
     try:
-        wait_for(run_dir / "metrics.jsonl", launch)
+        launch_kit.wait_for(run_dir / "metrics.jsonl", launch)
         while not (run_dir / "metrics.jsonl").read_bytes():  # killed after its first step
             assert launch.proc.poll() is None, launch.output()
             time.sleep(0.01)
     finally:
         launch.kill()
-    assert checkpoint_steps(run_dir) == [] and (run_dir / "recipe.toml").exists()
+    assert launch_kit.checkpoint_steps(run_dir) == [] and (run_dir / "recipe.toml").exists()
     fresh = CliRunner().invoke(app, ["run", str(recipe)], env=ENV)  # its name is taken, and says how to go on
     assert fresh.exit_code == 2 and "--resume" in fresh.stderr
-    done = run_mutualkd(["run", "--resume", str(run_dir)], tmp_path / "resume")
+    done = launch_kit.run_mutualkd(["run", "--resume", str(run_dir)], tmp_path / "resume")
     assert done.rc == 0, done.explain()
     assert "starts again" in done.out, done.explain()
-    assert_same_run(run_dir, reference_run(tmp_path_factory, "kl_dml"))
+    launch_kit.assert_same_run(run_dir, launch_kit.reference_run("kl_dml"))
 
 
 # =========================================================================== two writers
 
 
 @pytest.mark.slow
-def test_a_second_writer_on_a_live_run_folder_exits_2_at_once(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
-                                                             ) -> None:
+def test_a_second_writer_on_a_live_run_folder_exits_2_at_once(tmp_path: Path, launch_kit: Kit,
+                                                             set_options: Callable[..., list[str]]) -> None:
     """`mutualkd run --resume RUN` and run.resume = "auto" while the run still trains: refused
     with exit code 2 naming the process that writes it; the running run is not disturbed
     (each step and epoch logged once, as an uninterrupted run logs them)."""
     epochs = 8  # long enough to outlive the two refused starts on a busy machine
-    recipe = write_recipe(tmp_path, epochs=epochs)
-    run_dir = tmp_path / "runs" / RUN_NAME
-    first = start(["run", str(recipe)], tmp_path / "first")
-    wait_for(step_folder(run_dir, 3) / ckpt.MARKER, first)
+    recipe = launch_kit.write_recipe(tmp_path, epochs=epochs)
+    run_dir = tmp_path / "runs" / launch_kit.RUN_NAME
+    first = launch_kit.start(["run", str(recipe)], tmp_path / "first")
+    launch_kit.wait_for(launch_kit.step_folder(run_dir, 3) / ckpt.MARKER, first)
     t0 = time.monotonic()
-    seconds = [start(args, tmp_path / f"second{i}") for i, args in
-               enumerate([["run", "--resume", str(run_dir)], ["run", str(recipe), *sets('run.resume="auto"')]])]
+    seconds = [launch_kit.start(args, tmp_path / f"second{i}") for i, args in
+               enumerate([["run", "--resume", str(run_dir)], ["run", str(recipe), *set_options('run.resume="auto"')]])]
     for second in seconds:
         refused = second.wait(120)
         took = time.monotonic() - t0
@@ -780,17 +757,17 @@ def test_a_second_writer_on_a_live_run_folder_exits_2_at_once(tmp_path: Path, tm
         print(f"second writer {refused.cmd[3:]} refused {took:.1f} s after it started")
     done = first.wait()
     assert done.rc == 0, done.explain()
-    records = comparable_metrics(run_dir)
+    records = launch_kit.comparable_metrics(run_dir)
     steps = [r["global_step"] for r in records if r["kind"] == "step"]
     assert steps == list(range(1, 10 * epochs + 1)), steps
     assert [r["epoch"] for r in records if r["kind"] == "epoch"] == list(range(1, epochs + 1))
     assert leftovers(run_dir) == [] and json.loads((run_dir / "summary.json").read_text())["epochs"] == epochs
 
 
-def _workers(launch: Launch) -> dict[int, int]:
+def _workers(kit: Kit, launch: Any) -> dict[int, int]:
     """rank -> pid of the mutualkd workers under a torchrun launch."""
     out = {}
-    for pid in descendants(launch.proc.pid):
+    for pid in kit.descendants(launch.proc.pid):
         with contextlib.suppress(OSError):
             env = dict(
                 item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item
@@ -801,22 +778,23 @@ def _workers(launch: Launch) -> dict[int, int]:
 
 
 @pytest.mark.slow
-def test_workers_left_by_a_killed_launcher_block_a_requeued_run(tmp_path: Path) -> None:
+def test_workers_left_by_a_killed_launcher_block_a_requeued_run(tmp_path: Path, launch_kit: Kit) -> None:
     """torchrun SIGKILLed alone leaves its workers training (a torch behaviour mutualkd cannot
     change); the lock makes the requeued run refuse the folder instead of writing it too."""
-    recipe = write_recipe(tmp_path, nproc=2, epochs=20)  # the orphans must still train at the requeue
-    run_dir = tmp_path / "runs" / RUN_NAME
-    launch = start(["run", str(recipe)], tmp_path / "first", nproc=2, late_rank=fresh_late_rank(2))
+    recipe = launch_kit.write_recipe(tmp_path, nproc=2, epochs=20)  # the orphans must still train at the requeue
+    run_dir = tmp_path / "runs" / launch_kit.RUN_NAME
+    launch = launch_kit.start(["run", str(recipe)], tmp_path / "first", nproc=2,
+                              late_rank=launch_kit.fresh_late_rank(2))
     workers: dict[int, int] = {}
     try:
-        wait_for(step_folder(run_dir, 3) / ckpt.MARKER, launch)
-        workers = _workers(launch)
+        launch_kit.wait_for(launch_kit.step_folder(run_dir, 3) / ckpt.MARKER, launch)
+        workers = _workers(launch_kit, launch)
         assert sorted(workers) == [0, 1], workers
         os.kill(launch.proc.pid, signal.SIGKILL)  # the launcher only
         launch.proc.wait(30)
-        before = checkpoint_steps(run_dir)[-1]
-        again = run_mutualkd(["run", "--resume", str(run_dir)], tmp_path / "requeued", nproc=2, timeout=180)
-        assert checkpoint_steps(run_dir)[-1] > before, "the orphaned workers did not go on training"
+        before = launch_kit.checkpoint_steps(run_dir)[-1]
+        again = launch_kit.run_mutualkd(["run", "--resume", str(run_dir)], tmp_path / "requeued", nproc=2, timeout=180)
+        assert launch_kit.checkpoint_steps(run_dir)[-1] > before, "the orphaned workers did not go on training"
         assert again.rc != 0 and f"being written by process {workers[0]}" in again.err, again.explain()
         assert "]: Traceback" not in again.err, again.explain()  # torchrun's own report has one; a worker's would not
     finally:
@@ -831,16 +809,16 @@ def test_workers_left_by_a_killed_launcher_block_a_requeued_run(tmp_path: Path) 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("rank", [1, 0])
-def test_sigterm_to_one_rank_stops_both_with_a_checkpoint(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
-                                                          rank: int) -> None:
+def test_sigterm_to_one_rank_stops_both_with_a_checkpoint(tmp_path: Path, launch_kit: Kit, rank: int) -> None:
     """SIGTERM to one worker of two: both stop at the same batch within 60 s, write one
     checkpoint, exit 143; resuming ends as the uninterrupted two-process run."""
-    start_reference(tmp_path_factory, "kl_dml", 2)
-    recipe = write_recipe(tmp_path, nproc=2)
-    run_dir = tmp_path / "runs" / RUN_NAME
-    launch = start(["run", str(recipe)], tmp_path / "signalled", nproc=2, late_rank=fresh_late_rank(2))
-    wait_for(step_folder(run_dir, 3) / ckpt.MARKER, launch)
-    workers = _workers(launch)
+    launch_kit.start_reference("kl_dml", 2)
+    recipe = launch_kit.write_recipe(tmp_path, nproc=2)
+    run_dir = tmp_path / "runs" / launch_kit.RUN_NAME
+    launch = launch_kit.start(["run", str(recipe)], tmp_path / "signalled", nproc=2,
+                              late_rank=launch_kit.fresh_late_rank(2))
+    launch_kit.wait_for(launch_kit.step_folder(run_dir, 3) / ckpt.MARKER, launch)
+    workers = _workers(launch_kit, launch)
     t0 = time.monotonic()
     os.kill(workers[rank], signal.SIGTERM)
     done = launch.wait(120)
@@ -850,39 +828,40 @@ def test_sigterm_to_one_rank_stops_both_with_a_checkpoint(tmp_path: Path, tmp_pa
     assert done.err.count("interrupted (signal 15)") == 2, done.explain()  # both ranks
     assert "exitcode  : 143" in done.err or "exitcode: 143" in done.err, done.explain()
     assert "]: Traceback" not in done.err, done.explain()
-    steps = checkpoint_steps(run_dir)
-    logged = [r["global_step"] for r in comparable_metrics(run_dir) if r["kind"] == "step"]
+    steps = launch_kit.checkpoint_steps(run_dir)
+    logged = [r["global_step"] for r in launch_kit.comparable_metrics(run_dir) if r["kind"] == "step"]
     assert steps and logged and steps[-1] == logged[-1], (steps, logged)
-    assert ckpt.load_checkpoint(step_folder(run_dir, steps[-1]))["position"]["global_step"] == steps[-1]
-    resumed = run_mutualkd(["run", "--resume", str(run_dir)], tmp_path / "resume", nproc=2)
+    assert ckpt.load_checkpoint(launch_kit.step_folder(run_dir, steps[-1]))["position"]["global_step"] == steps[-1]
+    resumed = launch_kit.run_mutualkd(["run", "--resume", str(run_dir)], tmp_path / "resume", nproc=2)
     assert resumed.rc == 0, resumed.explain()
-    assert_same_run(run_dir, reference_run(tmp_path_factory, "kl_dml", 2))
+    launch_kit.assert_same_run(run_dir, launch_kit.reference_run("kl_dml", 2))
 
 
 @pytest.mark.slow
-def test_a_lost_rank_ends_the_job_after_the_collective_timeout(tmp_path: Path) -> None:
+def test_a_lost_rank_ends_the_job_after_the_collective_timeout(tmp_path: Path, launch_kit: Kit,
+                                                              set_options: Callable[..., list[str]]) -> None:
     """One worker stopped (SIGSTOP: alive, silent, its sockets open): the other gives up after
     run.collective_timeout (10 s here) instead of 30 minutes; the checkpoints stay complete."""
-    recipe = write_recipe(tmp_path, nproc=2)
-    run_dir = tmp_path / "runs" / RUN_NAME
-    launch = start(["run", str(recipe), *sets("run.collective_timeout=10")], tmp_path / "lost", nproc=2,
-                   late_rank=fresh_late_rank(2))
+    recipe = launch_kit.write_recipe(tmp_path, nproc=2)
+    run_dir = tmp_path / "runs" / launch_kit.RUN_NAME
+    launch = launch_kit.start(["run", str(recipe), *set_options("run.collective_timeout=10")], tmp_path / "lost",
+                              nproc=2, late_rank=launch_kit.fresh_late_rank(2))
     try:
-        wait_for(step_folder(run_dir, 3) / ckpt.MARKER, launch)
-        workers = _workers(launch)
+        launch_kit.wait_for(launch_kit.step_folder(run_dir, 3) / ckpt.MARKER, launch)
+        workers = _workers(launch_kit, launch)
         t0 = time.monotonic()
         os.kill(workers[1], signal.SIGSTOP)
         done = launch.wait(240)
         took = time.monotonic() - t0
     finally:
-        for pid in descendants(launch.proc.pid) if launch.proc.poll() is None else []:
+        for pid in launch_kit.descendants(launch.proc.pid) if launch.proc.poll() is None else []:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
         launch.kill()
     assert done.rc != 0 and took < 90, f"{took:.0f} s\n{done.explain()}"
     print(f"SIGSTOP to rank 1 with run.collective_timeout=10: torchrun ended {took:.1f} s later")
-    for step in checkpoint_steps(run_dir):
-        assert ckpt.verify_checkpoint(step_folder(run_dir, step)) is None
+    for step in launch_kit.checkpoint_steps(run_dir):
+        assert ckpt.verify_checkpoint(launch_kit.step_folder(run_dir, step)) is None
 
 
 # =========================================================================== a full file system
@@ -905,26 +884,25 @@ def small_filesystem(where: Path, size: int) -> Iterator[Path]:
 
 
 @pytest.mark.slow
-def test_a_full_disk_exits_2_keeps_the_checkpoints_and_resumes(tmp_path: Path,
-                                                              tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_a_full_disk_exits_2_keeps_the_checkpoints_and_resumes(tmp_path: Path, launch_kit: Kit) -> None:
     """The run folder's file system fills up mid-run: exit 2 naming the file and ENOSPC, every
     checkpoint already written intact; with space again, resume ends as the uninterrupted run."""
-    reference = reference_run(tmp_path_factory, "kl_dml")
-    one = (step_folder(reference, 20) / ckpt.STATE).stat().st_size
+    reference = launch_kit.reference_run("kl_dml")
+    one = (launch_kit.step_folder(reference, 20) / ckpt.STATE).stat().st_size
     with small_filesystem(tmp_path / "disk", int(3.5 * one) // 4096 * 4096) as disk:
-        recipe = write_recipe(disk)
-        run_dir = disk / "runs" / RUN_NAME
-        full = run_mutualkd(["run", str(recipe)], tmp_path / "full")
+        recipe = launch_kit.write_recipe(disk)
+        run_dir = disk / "runs" / launch_kit.RUN_NAME
+        full = launch_kit.run_mutualkd(["run", str(recipe)], tmp_path / "full")
         assert full.rc == 2, full.explain()
         assert "Traceback" not in full.err and "No space left on device (ENOSPC)" in full.err, full.explain()
         assert str(run_dir) in full.err and "fix:" in full.err, full.explain()
-        steps = checkpoint_steps(run_dir)
+        steps = launch_kit.checkpoint_steps(run_dir)
         assert steps, "no checkpoint fitted before the disk was full"
         for step in steps:
-            assert ckpt.verify_checkpoint(step_folder(run_dir, step)) is None
+            assert ckpt.verify_checkpoint(launch_kit.step_folder(run_dir, step)) is None
         assert leftovers(run_dir) == [], "a failed write left a half-written folder"
         subprocess.run(["mount", "-o", "remount,size=256m", str(disk)], check=True)
-        done = run_mutualkd(["run", "--resume", str(run_dir)], tmp_path / "resume")
+        done = launch_kit.run_mutualkd(["run", "--resume", str(run_dir)], tmp_path / "resume")
         assert done.rc == 0, done.explain()
-        assert_same_run(run_dir, reference)
-        assert_best_matches_summary(run_dir, reference)
+        launch_kit.assert_same_run(run_dir, reference)
+        assert_best_matches_summary(launch_kit, run_dir, reference)

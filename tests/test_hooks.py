@@ -14,7 +14,6 @@ from mutualkd import checkpoint as ckpt
 from mutualkd.engine import Callback, Precision, StepResult, Trainer
 from mutualkd.errors import NonFiniteLossError
 from mutualkd.strategy import Stage
-from _helpers import make_recipe, make_trainer, read_metrics
 
 SMALL_TEST = {"test_subset": 50}
 
@@ -48,7 +47,7 @@ class Recorder(Callback):
         self.calls.append(("fit_end", summary))
 
 
-def test_hooks_run_in_order_with_what_the_run_logs(tmp_path):
+def test_hooks_run_in_order_with_what_the_run_logs(tmp_path, make_recipe, read_metrics):
     rec = Recorder()
     tr = Trainer(make_recipe(tmp_path, strategy="kl_dml", peers=2, max_steps=3, data=SMALL_TEST), recipe_file="<test>",
                  callbacks=[rec])
@@ -77,7 +76,7 @@ def test_hooks_run_in_order_with_what_the_run_logs(tmp_path):
     assert rec.calls[-1] == ("fit_end", summary) and summary["global_steps"] == 3
 
 
-def test_fit_end_gets_none_when_the_run_stops_early(tmp_path):
+def test_fit_end_gets_none_when_the_run_stops_early(tmp_path, make_recipe):
     rec = Recorder()
     tr = Trainer(make_recipe(tmp_path, strategy="kl_dml", peers=2, max_steps=3, data=SMALL_TEST,
                              optimizer={"lr": 1e12}), recipe_file="<test>", callbacks=[rec])
@@ -87,7 +86,7 @@ def test_fit_end_gets_none_when_the_run_stops_early(tmp_path):
     assert "epoch_end" not in [c[0] for c in rec.calls]
 
 
-def test_train_step_is_the_batch_of_the_fit_loop(tmp_path):
+def test_train_step_is_the_batch_of_the_fit_loop(tmp_path, make_trainer):
     """Two trainers from one recipe: one batch through the public train_step equals the
     first batch of fit() (same terms, same forward count, same weights after it)."""
     a = make_trainer(tmp_path / "a", strategy="ie_dml", peers=2, max_steps=1, data=SMALL_TEST)
@@ -125,7 +124,7 @@ def test_precision_scales_once_per_iteration_and_between_repeated_steps():
     assert p.scaler.get_scale() == scale * 4
 
 
-def test_launcher_precision_that_disagrees_with_the_recipe_is_reported(tmp_path, monkeypatch, capsys):
+def test_launcher_precision_that_disagrees_with_the_recipe_is_reported(tmp_path, monkeypatch, capsys, make_trainer):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     tr = make_trainer(tmp_path, strategy="kl_dml", peers=2, max_steps=1, data=SMALL_TEST)
     out = capsys.readouterr().out
@@ -133,7 +132,7 @@ def test_launcher_precision_that_disagrees_with_the_recipe_is_reported(tmp_path,
     assert tr.precision.mode == "no" and tr.precision.dtype is None
 
 
-def test_launcher_precision_that_agrees_is_silent(tmp_path, monkeypatch, capsys):
+def test_launcher_precision_that_agrees_is_silent(tmp_path, monkeypatch, capsys, make_trainer):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     tr = make_trainer(tmp_path, strategy="kl_dml", peers=2, max_steps=1, data=SMALL_TEST, run={"mixed_precision": "bf16"})
     assert "launcher" not in capsys.readouterr().out

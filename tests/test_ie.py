@@ -20,7 +20,6 @@ from mutualkd.engine import Trainer
 from mutualkd.errors import CheckpointError, RecipeError, UserError
 from mutualkd.strategy import Step, StepContext
 from mutualkd_builtins.metrics import l1_distance
-from _helpers import changed, make_recipe, make_trainer, param_snapshot, read_metrics
 
 SMALL_TEST = {"test_subset": 50}
 
@@ -67,7 +66,7 @@ def test_ie_dml_two_peer_schedule_declaration(one_batch):
 
 
 @pytest.fixture(scope="module")
-def one_batch(tmp_path_factory) -> dict[str, Any]:
+def one_batch(tmp_path_factory, make_trainer, param_snapshot) -> dict[str, Any]:
     """One IE-DML batch of two peers, with every parameter snapshotted before each step."""
     tr = make_trainer(tmp_path_factory.mktemp("iedml"), strategy="ie_dml", peers=2, max_steps=1, data=SMALL_TEST)
     mods = _all_modules(tr)
@@ -97,7 +96,7 @@ def one_batch(tmp_path_factory) -> dict[str, Any]:
     return rec
 
 
-def test_ie_dml_each_step_changes_exactly_its_modules(one_batch):
+def test_ie_dml_each_step_changes_exactly_its_modules(one_batch, params_changed):
     """The four steps of one batch: 1 AE of net 1, 2 net 2, 3 AE of net 2, 4 net 1."""
     snaps, names = one_batch["snaps"], one_batch["names"]
     assert names == ["ae:peer0", "peer1", "ae:peer1", "peer0"]
@@ -109,7 +108,7 @@ def test_ie_dml_each_step_changes_exactly_its_modules(one_batch):
         {"peer0", "peer0.ie.peer1"},
     ]
     for k, want in enumerate(expected):
-        frac = changed(snaps[k], snaps[k + 1])
+        frac = params_changed(snaps[k], snaps[k + 1])
         assert set(frac) == {"peer0", "peer1", "peer0.ae", "peer1.ae", "peer0.ie.peer1", "peer1.ie.peer0"}
         moved = {m for m, f in frac.items() if f > 0}
         assert moved == want, f"step {k + 1} ({names[k]}) changed {sorted(moved)}, expected {sorted(want)}"
@@ -146,7 +145,7 @@ def test_ie_dml_teacher_factor_uses_updated_autoencoder(one_batch):
     assert any(not torch.equal(a, b) for a, b in zip(used_in_step2, at_start))
 
 
-def test_ie_dml_metrics_terms(one_batch):
+def test_ie_dml_metrics_terms(one_batch, read_metrics):
     recs = read_metrics(one_batch["trainer"].run_dir)
     steps = [r for r in recs if r["kind"] == "step"]
     assert len(steps) == 1
@@ -167,7 +166,7 @@ def test_ie_dml_metrics_terms(one_batch):
 # --------------------------------------------------------------------------- IE-DML, three peers and simultaneous
 
 
-def test_ie_dml_three_peers_order_and_averaging(tmp_path):
+def test_ie_dml_three_peers_order_and_averaging(tmp_path, make_trainer):
     tr = make_trainer(tmp_path, strategy={"name": "ie_dml", "lambda_inh": 3.0, "lambda_exp": 2.0},
                       peers=3, max_steps=1, data=SMALL_TEST)
     steps = tr.strategy.stages()[0].steps
@@ -209,7 +208,7 @@ def test_ie_dml_three_peers_order_and_averaging(tmp_path):
     assert tr.last_forward_passes == 5  # 2N - 1
 
 
-def test_ie_dml_simultaneous(tmp_path):
+def test_ie_dml_simultaneous(tmp_path, make_trainer, param_snapshot, params_changed):
     n = 2
     tr = make_trainer(tmp_path, strategy="ie_dml", peers=n, mode="simultaneous", max_steps=1, data=SMALL_TEST)
     steps = tr.strategy.stages()[0].steps
@@ -222,8 +221,8 @@ def test_ie_dml_simultaneous(tmp_path):
     tr.fit()
     snaps.append(param_snapshot(mods))
     assert tr.last_forward_passes == n
-    moved1 = {m for m, f in changed(snaps[0], snaps[1]).items() if f > 0}
-    moved2 = {m for m, f in changed(snaps[1], snaps[2]).items() if f > 0}
+    moved1 = {m for m, f in params_changed(snaps[0], snaps[1]).items() if f > 0}
+    moved2 = {m for m, f in params_changed(snaps[1], snaps[2]).items() if f > 0}
     assert moved1 == {f"peer{i}.ae" for i in range(n)}
     assert moved2 == set(mods) - moved1
 
@@ -232,7 +231,7 @@ def test_ie_dml_simultaneous(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def teacher_run(tmp_path_factory) -> Path:
+def teacher_run(tmp_path_factory, make_trainer) -> Path:
     """A 1-peer cifar_resnet20 digits run trained for a few steps: the IE-KD teacher."""
     out = tmp_path_factory.mktemp("teacher")
     tr = make_trainer(out, name="teacher", strategy="independent", peers=["cifar_resnet20"], max_steps=3,
@@ -251,7 +250,7 @@ def _ie_kd(out: Path, teacher: Path | str, *, name: str = "kd", max_steps: int =
 
 
 @pytest.fixture(scope="module")
-def kd_run(tmp_path_factory, teacher_run) -> dict[str, Any]:
+def kd_run(tmp_path_factory, teacher_run, make_recipe) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("kd")
     tr = Trainer(make_recipe(**_ie_kd(out, teacher_run, teacher_model="cifar_resnet20")), recipe_file="<test>")
     info: dict[str, Any] = {"trainer": tr, "stage_steps": []}
@@ -279,7 +278,7 @@ def test_ie_kd_stages(kd_run):
     assert "teacher" in tr.frozen_modules and "teacher" not in tr.units
 
 
-def test_ie_kd_metrics(kd_run):
+def test_ie_kd_metrics(kd_run, read_metrics):
     recs = read_metrics(kd_run["trainer"].run_dir)
     steps = [r for r in recs if r["kind"] == "step"]
     assert [r["stage"] for r in steps] == ["teacher_ae"] * 4 + ["student"] * 2
@@ -324,7 +323,7 @@ def test_ie_kd_checkpoint_holds_split_indices(kd_run):
     assert state["strategy"]["teacher"] == str(Path(kd_run["trainer"].recipe.strategy.params["teacher"]))
 
 
-def test_ie_kd_random_split_saved_and_restored(tmp_path, teacher_run):
+def test_ie_kd_random_split_saved_and_restored(tmp_path, teacher_run, make_recipe):
     kw = _ie_kd(tmp_path, teacher_run, split="random", split_seed=7, epochs=2, max_steps=6)
     tr = Trainer(make_recipe(**kw), recipe_file="<test>")
     tr.fit()
@@ -348,7 +347,7 @@ def test_ie_kd_random_split_saved_and_restored(tmp_path, teacher_run):
     assert torch.equal(again.unwrapped("student.ie").exp_index, other[32:])
 
 
-def test_ie_kd_teacher_model_mismatch(tmp_path, teacher_run):
+def test_ie_kd_teacher_model_mismatch(tmp_path, teacher_run, make_recipe):
     with pytest.raises(CheckpointError) as ei:
         Trainer(make_recipe(**_ie_kd(tmp_path, teacher_run, teacher_model="cifar_resnet56")), recipe_file="r.toml")
     text = str(ei.value)
@@ -356,13 +355,13 @@ def test_ie_kd_teacher_model_mismatch(tmp_path, teacher_run):
     assert not (tmp_path / "kd").exists()
 
 
-def test_ie_kd_teacher_missing(tmp_path):
+def test_ie_kd_teacher_missing(tmp_path, make_recipe):
     with pytest.raises(CheckpointError) as ei:
         Trainer(make_recipe(**_ie_kd(tmp_path, tmp_path / "no_such_run")), recipe_file="r.toml")
     assert "no_such_run" in str(ei.value) and "strategy.teacher" in str(ei.value)
 
 
-def test_ie_kd_teacher_peer_unknown(tmp_path, teacher_run):
+def test_ie_kd_teacher_peer_unknown(tmp_path, teacher_run, make_recipe):
     with pytest.raises(CheckpointError) as ei:
         Trainer(make_recipe(**_ie_kd(tmp_path, teacher_run, teacher_peer="peer9")), recipe_file="r.toml")
     assert "peer9" in str(ei.value) and "peer0" in str(ei.value)
@@ -379,14 +378,14 @@ def _teacher_copy_with_meta(tmp_path, teacher_run, edit):
     return copy
 
 
-def test_ie_kd_teacher_class_count_mismatch(tmp_path, teacher_run):
+def test_ie_kd_teacher_class_count_mismatch(tmp_path, teacher_run, make_recipe):
     copy = _teacher_copy_with_meta(tmp_path, teacher_run, lambda m: m["dataset"].update(num_classes=100))
     with pytest.raises(CheckpointError) as ei:
         Trainer(make_recipe(**_ie_kd(tmp_path, copy)), recipe_file="r.toml")
     assert "100 classes" in str(ei.value) and "10 classes" in str(ei.value)
 
 
-def test_ie_kd_teacher_incompatible_weights(tmp_path, teacher_run):
+def test_ie_kd_teacher_incompatible_weights(tmp_path, teacher_run, make_recipe):
     """A checkpoint whose recorded architecture does not fit its weights is refused."""
     copy = _teacher_copy_with_meta(tmp_path, teacher_run, lambda m: m["peers"]["peer0"].update(model="cifar_wrn_16_1"))
     with pytest.raises(CheckpointError) as ei:
@@ -394,7 +393,7 @@ def test_ie_kd_teacher_incompatible_weights(tmp_path, teacher_run):
     assert "do not fit" in str(ei.value)
 
 
-def test_ie_kd_needs_one_peer(tmp_path, teacher_run):
+def test_ie_kd_needs_one_peer(tmp_path, teacher_run, make_recipe):
     kw = _ie_kd(tmp_path, teacher_run)
     kw["peers"] = ["cifar_resnet20", "cifar_resnet20"]
     with pytest.raises(RecipeError) as ei:
@@ -402,7 +401,7 @@ def test_ie_kd_needs_one_peer(tmp_path, teacher_run):
     assert "exactly 1" in str(ei.value)
 
 
-def test_ie_kd_teacher_is_required(tmp_path):
+def test_ie_kd_teacher_is_required(tmp_path, make_trainer):
     with pytest.raises(UserError) as ei:
         make_trainer(tmp_path, strategy={"name": "ie_kd"}, peers=["cifar_resnet20"])
     assert "strategy.teacher" in str(ei.value)
@@ -412,13 +411,12 @@ def test_ie_kd_teacher_is_required(tmp_path):
 
 
 @pytest.mark.slow
-def test_ie_dml_digits_accuracy(tmp_path):
+def test_ie_dml_digits_accuracy(tmp_path, quickstart_recipe, read_metrics):
     """Two peers trained with IE-DML on digits reach >= 95 % top-1 each."""
-    from _helpers import QUICKSTART
     from mutualkd.config import load_recipe
 
     recipe = load_recipe(
-        QUICKSTART,
+        quickstart_recipe,
         [
             'strategy={name="ie_dml"}',
             "run.epochs=5",
@@ -428,7 +426,7 @@ def test_ie_dml_digits_accuracy(tmp_path):
             f"run.out_dir={json.dumps(str(tmp_path))}",
         ],
     )
-    tr = Trainer(recipe, recipe_file=str(QUICKSTART))
+    tr = Trainer(recipe, recipe_file=str(quickstart_recipe))
     summary = tr.fit()
     recs = read_metrics(tr.run_dir)
     terms = set()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import timm
@@ -13,7 +15,9 @@ from mutualkd.config import OptimizerConfig, SchedulerConfig
 from mutualkd.errors import RecipeError
 from mutualkd.optim import build_optimizer, build_scheduler, check_optimizer, param_groups
 from mutualkd.peers import PeerModule
-from _helpers import make_trainer
+
+#: The factory fixtures of tests/fixtures/ used here (make_trainer).
+Factory = Callable[..., Any]
 
 
 def _peer(name: str = "cifar_resnet20", **kw) -> PeerModule:
@@ -103,7 +107,7 @@ def test_args_are_for_timm_optimizers_only():
     assert opt.param_groups[0]["trust_coeff"] == 0.01
 
 
-def test_a_run_trains_with_a_timm_optimizer(tmp_path: Path):
+def test_a_run_trains_with_a_timm_optimizer(tmp_path: Path, make_trainer: Factory):
     t = make_trainer(tmp_path, name="lamb", max_steps=2, optimizer={"name": "lamb", "lr": 0.01})
     assert all(type(u.optimizer).__name__ == "Lamb" for u in t.units.values())
     t.fit()

@@ -18,21 +18,20 @@ import zipfile
 import pytest
 from packaging.requirements import Requirement
 
-from _helpers import REPO, subprocess_env
 
 STRATEGIES = {"independent", "kl_dml", "ie_kd", "ie_dml"}
 METRICS = {"l1", "l2", "l2_per_sample", "cka", "cka_debiased", "orthogonal", "orthogonal_sq"}
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
+def wheel(tmp_path_factory, repo_root, subprocess_env) -> Path:
     src = tmp_path_factory.mktemp("src")
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build")
     for name in ("pyproject.toml", "README.md", "LICENSE", "MANIFEST.in", "setup.cfg", "setup.py"):
-        if (REPO / name).is_file():
-            shutil.copy2(REPO / name, src / name)
-    shutil.copytree(REPO / "mutualkd", src / "mutualkd", ignore=ignore)
-    shutil.copytree(REPO / "plugins" / "mutualkd_builtins", src / "plugins" / "mutualkd_builtins", ignore=ignore)
+        if (repo_root / name).is_file():
+            shutil.copy2(repo_root / name, src / name)
+    shutil.copytree(repo_root / "mutualkd", src / "mutualkd", ignore=ignore)
+    shutil.copytree(repo_root / "plugins" / "mutualkd_builtins", src / "plugins" / "mutualkd_builtins", ignore=ignore)
     out = tmp_path_factory.mktemp("dist")
     cmd = [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(src)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env())
@@ -118,10 +117,11 @@ def test_layout(names):
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
 
 
-def test_every_source_module_is_packaged(names):
+def test_every_source_module_is_packaged(names, repo_root):
     """No module of mutualkd/ or plugins/mutualkd_builtins/ is left out of the wheel."""
     missing = []
-    for base, prefix in ((REPO / "mutualkd", "mutualkd"), (REPO / "plugins" / "mutualkd_builtins", "mutualkd_builtins")):
+    for base, prefix in ((repo_root / "mutualkd", "mutualkd"),
+                         (repo_root / "plugins" / "mutualkd_builtins", "mutualkd_builtins")):
         for p in base.rglob("*.py"):
             if "__pycache__" in p.parts:
                 continue
@@ -160,11 +160,11 @@ def test_dependencies_have_floors_and_no_caps(wheel, names, tmp_path):
     assert reqs["torchvision"].specifier.contains("0.30.0")
 
 
-def test_timm_floor_has_the_names_the_code_imports(wheel, names, tmp_path):
+def test_timm_floor_has_the_names_the_code_imports(wheel, names, tmp_path, repo_root):
     """timm.layers.get_device_dtype, used by the CIFAR models, first shipped in timm 1.0.29."""
     reqs = {r.name: r for r in _installed_requires(wheel, names, tmp_path)}
     assert not reqs["timm"].specifier.contains("1.0.28") and reqs["timm"].specifier.contains("1.0.29")
-    assert "get_device_dtype" in (REPO / "mutualkd" / "models" / "_common.py").read_text(encoding="utf-8")
+    assert "get_device_dtype" in (repo_root / "mutualkd" / "models" / "_common.py").read_text(encoding="utf-8")
 
 
 def test_python_floor_has_tomllib(wheel, names):
@@ -174,28 +174,30 @@ def test_python_floor_has_tomllib(wheel, names):
     assert floor is not None and floor.group(1).strip() == ">=3.11", meta[:500]
 
 
-def test_dev_constraints_pin_the_tested_torch():
+def test_dev_constraints_pin_the_tested_torch(repo_root):
     """constraints/dev.txt pins what development and CI install, on its own (no site-wide pip
     configuration is needed), and the Makefile hands it to pip."""
     pins = {}
-    for line in (REPO / "constraints" / "dev.txt").read_text(encoding="utf-8").splitlines():
+    for line in (repo_root / "constraints" / "dev.txt").read_text(encoding="utf-8").splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             r = Requirement(line)
             pins[r.name] = str(r.specifier)
     assert pins["torch"] == "==2.14.1" and pins["torchvision"] == "==0.29.1"
-    makefile = (REPO / "Makefile").read_text(encoding="utf-8")
+    makefile = (repo_root / "Makefile").read_text(encoding="utf-8")
     assert "CONSTRAINTS := constraints/dev.txt" in makefile and "pip install --quiet -c $(CONSTRAINTS)" in makefile
 
 
-def test_packages_list_every_subpackage():
+def test_packages_list_every_subpackage(repo_root):
     """Every folder of mutualkd/ and plugins/mutualkd_builtins/ with an __init__.py is in
     [tool.setuptools] packages (a package left out is silently missing from the wheel)."""
     import tomllib
 
-    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"])
+    pyproject = tomllib.loads((repo_root / "pyproject.toml").read_text(encoding="utf-8"))
+    listed = set(pyproject["tool"]["setuptools"]["packages"])
     found = set()
-    for base, name in ((REPO / "mutualkd", "mutualkd"), (REPO / "plugins" / "mutualkd_builtins", "mutualkd_builtins")):
+    for base, name in ((repo_root / "mutualkd", "mutualkd"),
+                       (repo_root / "plugins" / "mutualkd_builtins", "mutualkd_builtins")):
         for p in base.rglob("__init__.py"):
             if "__pycache__" not in p.parts:
                 found.add(".".join((name, *p.parent.relative_to(base).parts)))

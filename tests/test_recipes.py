@@ -24,8 +24,11 @@ from mutualkd.config import load_recipe
 from mutualkd.data import write_idx
 from mutualkd.engine import Trainer
 from mutualkd.weights import WEIGHT_SUFFIXES
-from _helpers import RECIPES, read_metrics, run_cli
 
+#: The factory fixtures of tests/fixtures/ used here (read_metrics).
+Factory = Callable[..., Any]
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # each recipe is a parametrized case (below)
 RECIPE_FILES = sorted(RECIPES.glob("**/*.toml"))
 #: Folders named after a data set that recipes read through a generic source (image folder, tar shards).
 DATA_FOLDERS = {"imagenet": ("image_folder", "image_tar")}
@@ -97,7 +100,8 @@ def _run(path: Path, overrides: list[str]) -> Trainer:
     return tr
 
 
-def _check_run(tr: Trainer, max_steps: int) -> list[dict[str, Any]]:
+def _check_run(read_metrics: Callable[..., list[dict[str, Any]]], tr: Trainer, max_steps: int
+               ) -> list[dict[str, Any]]:
     assert (tr.run_dir / "summary.json").is_file()
     recs = read_metrics(tr.run_dir)
     steps = [r for r in recs if r["kind"] == "step"]
@@ -158,7 +162,7 @@ def test_recipe_paths_named_in_the_docs_exist():
 
 
 @pytest.mark.parametrize("path", RECIPE_FILES, ids=[str(p.relative_to(RECIPES)) for p in RECIPE_FILES])
-def test_recipe_runs(path: Path, tmp_path: Path, write_fake_cifar: Callable[..., Path]):
+def test_recipe_runs(path: Path, tmp_path: Path, write_fake_cifar: Callable[..., Path], read_metrics: Factory):
     raw = _raw(path)
     kind = raw.get("data", {}).get("dataset", "digits")
     data = _fake_data(kind, tmp_path / "data", write_fake_cifar)
@@ -175,7 +179,7 @@ def test_recipe_runs(path: Path, tmp_path: Path, write_fake_cifar: Callable[...,
         # A teacher that is a plain weights file: the test writes one, as any program would.
         overrides.append(f"strategy.teacher={_q(_write_teacher_file(path, raw, overrides, tmp_path))}")
     tr = _run(path, overrides)
-    recs = _check_run(tr, max_steps)
+    recs = _check_run(read_metrics, tr, max_steps)
     if strategy == "ie_kd":
         stages = [r["stage"] for r in recs if r["kind"] == "step"]
         assert stages == ["teacher_ae", "teacher_ae", "student", "student"]
@@ -226,7 +230,7 @@ def _make_teacher(raw: dict[str, Any], data: list[str], tmp_path: Path) -> Path:
     return _run(p, base).run_dir
 
 
-def test_cifar_recipe_without_data_exits_2(tmp_path):
+def test_cifar_recipe_without_data_exits_2(tmp_path, run_cli):
     path = RECIPES / "ie_dml_wrn.toml"
     if not path.exists():
         pytest.skip("recipes/ie_dml_wrn.toml is not written yet")

@@ -7,7 +7,9 @@ The grouping and peer-naming tests at the end work on recipe dicts and train not
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import copy
+import functools
 import json
 from pathlib import Path
 import shutil
@@ -24,13 +26,15 @@ from mutualkd.errors import UserError
 from mutualkd.report import RunData, group_runs, load_run, make_report
 from mutualkd.report.runs import group_key
 from mutualkd.runlog import dump_toml
-from _helpers import make_trainer, recipe_dict, run_cli, subprocess_env
+
+#: The factory fixtures of tests/fixtures/ used here (recipe_dict, run_cli).
+Factory = Callable[..., Any]
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FIGURES = ("losses.png", "losses_steps.png", "top1.png")
 
 
-def _train(out: Path, name: str, seed: int, strategy: str) -> Path:
+def _train(make_trainer: Callable[..., Any], out: Path, name: str, seed: int, strategy: str) -> Path:
     t = make_trainer(
         out, name=name, strategy=strategy, max_steps=None, epochs=2, log_every=2,
         run={"seed": seed}, data={"train_subset": 32, "test_subset": 64, "eval_batch_size": 64},
@@ -40,17 +44,17 @@ def _train(out: Path, name: str, seed: int, strategy: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def runs(tmp_path_factory: pytest.TempPathFactory, make_trainer: Callable[..., Any]) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("runs")
     return {
-        "dml-s0": _train(out, "dml-s0", 0, "kl_dml"),
-        "dml-s1": _train(out, "dml-s1", 1, "kl_dml"),
-        "indep": _train(out, "indep", 0, "independent"),
+        "dml-s0": _train(make_trainer, out, "dml-s0", 0, "kl_dml"),
+        "dml-s1": _train(make_trainer, out, "dml-s1", 1, "kl_dml"),
+        "indep": _train(make_trainer, out, "indep", 0, "independent"),
     }
 
 
 @pytest.fixture(scope="module")
-def cli_report(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+def cli_report(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory, run_cli: Factory):
     out = tmp_path_factory.mktemp("report") / "rep"
     proc = run_cli(["report", *(str(p) for p in runs.values()), "--out", str(out)], timeout=120)
     return proc, out
@@ -108,7 +112,7 @@ def test_rich_tables_are_printed(cli_report):
     assert "dml-s1" in proc.stdout and "report written to" in proc.stdout
 
 
-def test_not_a_run_folder_exits_2_without_traceback(tmp_path: Path, runs):
+def test_not_a_run_folder_exits_2_without_traceback(tmp_path: Path, runs, run_cli: Factory):
     plain = tmp_path / "plain"
     plain.mkdir()
     proc = run_cli(["report", str(plain), "--out", str(tmp_path / "rep")], timeout=60)
@@ -193,7 +197,7 @@ def test_every_run_field_has_another_value_to_try():
 
 
 @pytest.mark.parametrize("field", sorted(RunConfig.model_fields))
-def test_resume_and_report_agree_on_logging_only_fields(field: str, tmp_path: Path):
+def test_resume_and_report_agree_on_logging_only_fields(field: str, tmp_path: Path, recipe_dict: Factory):
     """Changing a logging-only field keeps the recipe hash (a resume is accepted) and the
     report's group; changing any other field changes both, except that ``max_steps`` may
     change on resume and the seed and the name tell the runs of a group apart."""
@@ -218,7 +222,7 @@ def _run_of(recipe: dict[str, Any], path: Path) -> RunData:
 # --------------------------------------------------------------------------- peer names
 
 
-def test_report_names_peers_as_the_recipe_does(tmp_path: Path):
+def test_report_names_peers_as_the_recipe_does(tmp_path: Path, recipe_dict: Factory):
     d = recipe_dict(tmp_path, peers=3)
     d["peers"][1]["name"] = "teacher"
     recipe = parse_recipe(d, file="<test>")
@@ -228,7 +232,7 @@ def test_report_names_peers_as_the_recipe_does(tmp_path: Path):
     assert run.models == {"peer0": "cifar_resnet20", "teacher": "cifar_wrn_16_1", "peer2": "cifar_resnet20"}
 
 
-def test_importing_the_report_draws_in_no_matplotlib():
+def test_importing_the_report_draws_in_no_matplotlib(subprocess_env):
     code = (
         "import sys; import mutualkd.cli; import mutualkd.report;"
         " assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
@@ -240,7 +244,8 @@ def test_importing_the_report_draws_in_no_matplotlib():
 # --------------------------------------------------------------------------- labels, seeds, width, panel order
 
 
-def _fake_run(tmp_path: Path, name: str, seed: int, finals: dict[str, float], **recipe_changes: Any) -> RunData:
+def _fake_run(recipe_dict: Callable[..., dict[str, Any]], tmp_path: Path, name: str, seed: int,
+              finals: dict[str, float], **recipe_changes: Any) -> RunData:
     recipe = parse_recipe(recipe_dict(tmp_path, name=name, run={"seed": seed}), file="<test>").to_dict()
     for k, v in recipe_changes.items():
         section, _, key = k.partition("__")
@@ -249,42 +254,50 @@ def _fake_run(tmp_path: Path, name: str, seed: int, finals: dict[str, float], **
     return RunData(path=tmp_path / name, name=name, recipe=recipe, epochs=epochs, steps=[], summary={"top1": {}})
 
 
-def test_group_labels_keep_digits_that_are_not_the_seed(tmp_path: Path):
-    groups = group_runs([_fake_run(tmp_path, "kl-resnet18", 0, {"peer0": 50.0, "peer1": 60.0}),
-                         _fake_run(tmp_path, "dml-s3", 3, {"peer0": 50.0, "peer1": 60.0}, strategy__name="independent")])
+@pytest.fixture
+def fake_run(recipe_dict: Callable[..., dict[str, Any]]) -> Callable[..., RunData]:
+    """``fake_run(tmp_path, name, seed, finals, **recipe_changes) -> RunData``: a run as the report
+    reads it, trained on nothing: one epoch whose top-1 values are ``finals``; ``recipe_changes``
+    (``section__key=value``) edit the tiny digits recipe."""
+    return functools.partial(_fake_run, recipe_dict)
+
+
+def test_group_labels_keep_digits_that_are_not_the_seed(tmp_path: Path, fake_run: Callable[..., RunData]):
+    groups = group_runs([fake_run(tmp_path, "kl-resnet18", 0, {"peer0": 50.0, "peer1": 60.0}),
+                         fake_run(tmp_path, "dml-s3", 3, {"peer0": 50.0, "peer1": 60.0}, strategy__name="independent")])
     assert [g.label for g in groups] == ["kl-resnet18", "dml"]
 
 
-def test_runs_with_the_same_seed_are_one_experiment(tmp_path: Path):
+def test_runs_with_the_same_seed_are_one_experiment(tmp_path: Path, fake_run: Callable[..., RunData]):
     from mutualkd.report.tables import group_rows
 
-    a = _fake_run(tmp_path, "dml", 0, {"peer0": 50.0, "peer1": 60.0})
-    b = _fake_run(tmp_path, "dml-again", 0, {"peer0": 52.0, "peer1": 62.0})
+    a = fake_run(tmp_path, "dml", 0, {"peer0": 50.0, "peer1": 60.0})
+    b = fake_run(tmp_path, "dml-again", 0, {"peer0": 52.0, "peer1": 62.0})
     (g,) = group_runs([a, b])
     assert g.seeds == [0]
     assert g.peer_mean("final") == (56.0, None, 1)  # averaged, no spread over repeats of one seed
     row = group_rows([g])[0]
     assert row[3] == "0 (2 runs, averaged)" and "±" not in row[5]
-    c = _fake_run(tmp_path, "dml-s1", 1, {"peer0": 40.0, "peer1": 50.0})
+    c = fake_run(tmp_path, "dml-s1", 1, {"peer0": 40.0, "peer1": 50.0})
     (g,) = group_runs([a, b, c])
     assert g.peer_mean("final") == (50.5, pytest.approx(statistics.stdev([56.0, 45.0])), 2)
 
 
-def test_ema_copies_are_not_in_the_peers_mean(tmp_path: Path):
-    r = _fake_run(tmp_path, "e", 0, {"peer0": 50.0, "peer1": 60.0, "ensemble": 61.0, "peer0_ema": 90.0})
+def test_ema_copies_are_not_in_the_peers_mean(tmp_path: Path, fake_run: Callable[..., RunData]):
+    r = fake_run(tmp_path, "e", 0, {"peer0": 50.0, "peer1": 60.0, "ensemble": 61.0, "peer0_ema": 90.0})
     assert r.peer_mean("final") == 55.0
     (g,) = group_runs([r])
     assert g.every_network("final") == (55.0, pytest.approx(statistics.stdev([50.0, 60.0])), 2)
 
 
-def test_terminal_tables_are_readable_at_80_columns(tmp_path: Path):
+def test_terminal_tables_are_readable_at_80_columns(tmp_path: Path, fake_run: Callable[..., RunData]):
     from rich.console import Console
 
     from mutualkd.report.tables import group_table, rich_table, run_rows
 
-    runs = [_fake_run(tmp_path, f"dml-s{s}", s, {"peer0": 50.0 + s, "peer1": 60.25 + s, "ensemble": 61.5,
+    runs = [fake_run(tmp_path, f"dml-s{s}", s, {"peer0": 50.0 + s, "peer1": 60.25 + s, "ensemble": 61.5,
                                                   "peer0_ema": 55.125, "peer1_ema": 58.0}) for s in range(3)]
-    runs.append(_fake_run(tmp_path, "kl-T4-s0", 0, {"peer0": 51.0, "peer1": 61.0}, strategy__temperature=4.0))
+    runs.append(fake_run(tmp_path, "kl-T4-s0", 0, {"peer0": 51.0, "peer1": 61.0}, strategy__temperature=4.0))
     groups = group_runs(runs)
     console = Console(width=80, record=True, color_system=None)
     head, rows = group_table(groups)

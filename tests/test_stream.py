@@ -32,7 +32,11 @@ from mutualkd.data.sources import SplitSource
 from mutualkd.data.stream import ShardSampler, StreamDataset, StreamLoader
 from mutualkd.data.transforms import build_mixup
 from mutualkd.errors import DataError, RecipeError
-from _helpers import REPO, subprocess_env
+
+#: The factory fixtures of tests/fixtures/ used here (recipe_dict, subprocess_env).
+Factory = Callable[..., Any]
+
+REPO = Path(__file__).resolve().parents[1]  # the ImageNet recipes are parametrized over (below)
 
 torch.set_num_threads(1)
 
@@ -286,9 +290,7 @@ def test_gradient_clipping_goes_through_precision() -> None:
     assert float(p.grad.norm()) == pytest.approx(100 * 10**0.5, rel=1e-5)
 
 
-def test_feature_stage_gives_a_timm_resnet_a_map_at_32px(tmp_path: Path) -> None:
-    from _helpers import recipe_dict
-
+def test_feature_stage_gives_a_timm_resnet_a_map_at_32px(tmp_path: Path, recipe_dict: Factory) -> None:
     from mutualkd.config import parse_recipe
     from mutualkd.engine.build import check_recipe
 
@@ -400,10 +402,10 @@ def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(60)
 
 
-def _start(recipe: Path, log: Path, nproc: int, *extra: str) -> subprocess.Popen[bytes]:
+def _start(recipe: Path, log: Path, nproc: int, *extra: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
     with open(log, "wb") as out:
         return subprocess.Popen(_command(nproc, "run", str(recipe), *extra), stdout=out, stderr=subprocess.STDOUT,
-                                cwd=REPO, env=subprocess_env(), start_new_session=True)
+                                cwd=REPO, env=env, start_new_session=True)
 
 
 def _finish(proc: subprocess.Popen[bytes], log: Path, timeout: float = 240) -> str:
@@ -425,7 +427,7 @@ def _metrics(run_dir: Path) -> list[dict[str, Any]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_ie_dml_resnet18_streams_a_jpeg_folder_and_resumes_exactly_after_sigkill(
-    nproc: int, tmp_path: Path, write_image_folder: ImageFolder
+    nproc: int, tmp_path: Path, write_image_folder: ImageFolder, subprocess_env: Factory
 ) -> None:
     """Two timm resnet18 peers, IE-DML, RandomResizedCrop + RandAugment + mixup/cutmix, 2 epochs of
     4 (one process) or 2 (two) steps; killed (SIGKILL: launcher, ranks, workers) right after the
@@ -443,9 +445,9 @@ def test_ie_dml_resnet18_streams_a_jpeg_folder_and_resumes_exactly_after_sigkill
         return path
 
     ref_recipe, kill_recipe = recipe("reference"), recipe("killed")
-    reference = _start(ref_recipe, tmp_path / "reference.log", nproc)
+    reference = _start(ref_recipe, tmp_path / "reference.log", nproc, env=subprocess_env())
     killed_dir = kill_recipe.parent / "runs" / "stream"
-    killed = _start(kill_recipe, tmp_path / "killed.log", nproc)
+    killed = _start(kill_recipe, tmp_path / "killed.log", nproc, env=subprocess_env())
     marker = killed_dir / "checkpoints" / "step-00000003" / "COMPLETE"
     deadline = time.monotonic() + 240
     while not marker.exists():
@@ -458,7 +460,7 @@ def test_ie_dml_resnet18_streams_a_jpeg_folder_and_resumes_exactly_after_sigkill
     ref_text = _finish(reference, tmp_path / "reference.log")
     assert "data: stream pipeline" in ref_text and f"global batch {16 * nproc}" in ref_text
 
-    resumed = _start(kill_recipe, tmp_path / "resumed.log", nproc, "--resume", str(killed_dir))
+    resumed = _start(kill_recipe, tmp_path / "resumed.log", nproc, "--resume", str(killed_dir), env=subprocess_env())
     _finish(resumed, tmp_path / "resumed.log")
     ref_dir = ref_recipe.parent / "runs" / "stream"
     got, want = _metrics(killed_dir), _metrics(ref_dir)

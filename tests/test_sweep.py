@@ -3,14 +3,18 @@ ones resumed; the report grouped by the swept values."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 import shlex
+from typing import Any
 
 import pytest
 
 from mutualkd.errors import RecipeError
 from mutualkd.sweep import plan_sweep, print_commands, run_state
-from _helpers import run_cli, sets
+
+#: The factory fixtures of tests/fixtures/ used here (run_cli, set_options).
+Factory = Callable[..., Any]
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "recipes" / "quickstart.toml"
@@ -50,14 +54,14 @@ def test_bad_grids_are_refused_before_any_run(tmp_path: Path, grid: list[str], m
     assert not any(tmp_path.iterdir())
 
 
-def test_nothing_to_sweep(tmp_path: Path):
+def test_nothing_to_sweep(tmp_path: Path, run_cli: Factory):
     proc = run_cli(["sweep", str(QUICKSTART), "--out-dir", str(tmp_path)], timeout=120)
     assert proc.returncode == 2 and "nothing to sweep" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow
-def test_sweep_runs_skips_resumes_and_reports_by_swept_value(tmp_path: Path):
-    tiny = sets("run.epochs=1", "data.train_subset=64", "data.test_subset=64", "run.progress=false")
+def test_sweep_runs_skips_resumes_and_reports_by_swept_value(tmp_path: Path, run_cli: Factory, set_options: Factory):
+    tiny = set_options("run.epochs=1", "data.train_subset=64", "data.test_subset=64", "run.progress=false")
     args = ["sweep", str(QUICKSTART), "--grid", "strategy.weight=0.5,1", "--seeds", "0,1", "--out-dir", str(tmp_path), *tiny]
     proc = run_cli(args, timeout=400)
     assert proc.returncode == 0, proc.stderr + proc.stdout

@@ -6,6 +6,7 @@ store with ``MlflowClient``; every scalar of metrics.jsonl must be there, at its
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import math
 from pathlib import Path
 import shutil
@@ -14,7 +15,9 @@ from typing import Any
 import pytest
 
 from mutualkd.engine.tracking import recipe_config, scalars
-from _helpers import make_trainer, read_metrics, run_cli, sets
+
+#: The factory fixtures of tests/fixtures/ used here (make_trainer, read_metrics, run_cli, set_options, ...).
+Factory = Callable[..., Any]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +63,7 @@ def _mlflow_scalars(client: Any, run: Any, tags: set[str]) -> dict[str, dict[int
     return out
 
 
-def _expected(run_dir: Path) -> dict[str, dict[int, float]]:
+def _expected(read_metrics: Callable[..., list[dict[str, Any]]], run_dir: Path) -> dict[str, dict[int, float]]:
     """metrics.jsonl's records as tracker scalars: tag -> {global step: value}."""
     out: dict[str, dict[int, float]] = {}
     for rec in read_metrics(run_dir):
@@ -95,19 +98,18 @@ def test_recipe_config_is_flat():
     assert cfg == {"run.seed": 1, "run.block_plugins": '["a"]', "peers.0.model": "m", "peers.0.kwargs.x": 2}
 
 
-def test_a_tracker_that_is_not_installed_exits_2_naming_the_extra(tmp_path: Path):
+def test_a_tracker_that_is_not_installed_exits_2_naming_the_extra(tmp_path: Path, run_cli: Factory,
+                                                                  set_options: Factory):
     proc = run_cli(["validate", str(REPO / "recipes" / "quickstart.toml"), "--no-data",
-                    *sets('run.log_with=["comet_ml"]')], timeout=120)
+                    *set_options('run.log_with=["comet_ml"]')], timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "pip install 'mutualkd[comet_ml]'" in proc.stderr and "run.log_with[0]" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
-def test_an_unknown_tracker_name_is_refused(tmp_path: Path):
+def test_an_unknown_tracker_name_is_refused(tmp_path: Path, recipe_dict: Factory):
     from mutualkd.config import parse_recipe
     from mutualkd.errors import RecipeError
-    from _helpers import recipe_dict
-
     with pytest.raises(RecipeError) as e:
         parse_recipe(recipe_dict(tmp_path, run={"log_with": ["tensorbord"]}), file="<test>")
     assert "run.log_with[0]" in str(e.value) and "'tensorboard'" in str(e.value)
@@ -117,13 +119,14 @@ def test_an_unknown_tracker_name_is_refused(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_quickstart_scalars_in_tensorboard_and_mlflow_equal_metrics_jsonl(tmp_path: Path):
+def test_quickstart_scalars_in_tensorboard_and_mlflow_equal_metrics_jsonl(tmp_path: Path, read_metrics: Factory,
+                                                                          run_cli: Factory, set_options: Factory):
     proc = run_cli(["run", str(REPO / "recipes" / "quickstart.toml"),
-                    *sets('run.log_with=["tensorboard","mlflow"]', f"run.out_dir={tmp_path}", "run.epochs=2",
+                    *set_options('run.log_with=["tensorboard","mlflow"]', f"run.out_dir={tmp_path}", "run.epochs=2",
                           "data.train_subset=256", "run.log_every=3", "run.progress=false")], timeout=300)
     assert proc.returncode == 0, proc.stderr
     run_dir = tmp_path / "quickstart"
-    expected = _expected(run_dir)
+    expected = _expected(read_metrics, run_dir)
     assert "epoch/top1/peer0" in expected and "step/loss/peer1/kl" in expected and "step/lr/peer0" in expected
 
     got = _tb_scalars(run_dir)
@@ -143,7 +146,8 @@ def test_quickstart_scalars_in_tensorboard_and_mlflow_equal_metrics_jsonl(tmp_pa
 
 
 @pytest.mark.slow
-def test_resume_continues_the_same_tracker_runs(tmp_path: Path):
+def test_resume_continues_the_same_tracker_runs(tmp_path: Path, make_recipe: Factory, make_trainer: Factory,
+                                                read_metrics: Factory):
     """Resumed from an earlier checkpoint, the run logs steps 5..6 again: TensorBoard's reader keeps
     the resumed values only (purge_step); MLflow continues its run and keeps both (documented)."""
     kw: dict[str, Any] = dict(name="r", max_steps=6, epochs=1, log_every=1,
@@ -153,14 +157,12 @@ def test_resume_continues_the_same_tracker_runs(tmp_path: Path):
     _, first = _mlflow_run(run_dir)
     shutil.rmtree(run_dir / "checkpoints" / "step-00000006")  # the run resumes from step 4
     from mutualkd.engine import Trainer
-    from _helpers import make_recipe
-
     t = Trainer(make_recipe(tmp_path, **kw), recipe_file="<test>", resume=run_dir)
     assert t.resumed_from is not None and t.resumed_from.name == "step-00000004"
     t.fit()
     client, again = _mlflow_run(run_dir)
     assert again.info.run_id == first.info.run_id
-    expected = _expected(run_dir)
+    expected = _expected(read_metrics, run_dir)
     got = _tb_scalars(run_dir)  # asserts no step twice
     for tag, by_step in expected.items():
         if tag.endswith(("images_per_s", "train_seconds", "data_wait_share")):
@@ -171,7 +173,7 @@ def test_resume_continues_the_same_tracker_runs(tmp_path: Path):
     assert {s: vs[-1] for s, vs in ml.items()} == expected["step/loss/peer0/ce"]
 
 
-def test_trackers_log_from_the_main_process_only(tmp_path: Path):
+def test_trackers_log_from_the_main_process_only(tmp_path: Path, make_trainer: Factory):
     """A non-main process starts no tracker (Accelerate's trackers are never created there)."""
     t = make_trainer(tmp_path, name="m", max_steps=1, run={"log_with": ["tensorboard"]})
     t.is_main = False

@@ -12,6 +12,7 @@ have put there (a path, an ``argparse.Namespace``) is refused the same way, and
 from __future__ import annotations
 
 from argparse import Namespace
+from collections.abc import Callable
 import hashlib
 import io
 import json
@@ -29,9 +30,11 @@ from mutualkd.config import parse_recipe
 from mutualkd.engine import Trainer
 from mutualkd.trust import UnsafeFileError, safe_load
 from mutualkd.weights import load_network
-from _helpers import recipe_dict
 
 import mutualkd.models  # noqa: F401
+
+#: The factory fixtures of tests/fixtures/ used here (recipe_dict).
+Factory = Callable[..., Any]
 
 
 class Payload:
@@ -82,7 +85,8 @@ def test_planted_resume_checkpoint_is_refused(tiny_run: Path, tmp_path: Path, mo
     assert not target.exists()
 
 
-def test_planted_teacher_run_is_refused(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_planted_teacher_run_is_refused(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        recipe_dict: Factory) -> None:
     target = tmp_path / "pwned-teacher"
     run, files = _planted_run(tiny_run, tmp_path, {"x": Payload(target)})
     d = recipe_dict(tmp_path / "runs", peers=["cifar_resnet20"],
@@ -96,7 +100,7 @@ def test_planted_teacher_run_is_refused(tiny_run: Path, tmp_path: Path, monkeypa
     assert not target.exists() and not (tmp_path / "runs" / "t").exists()
 
 
-def test_planted_pth_teacher_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_planted_pth_teacher_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recipe_dict: Factory) -> None:
     target = tmp_path / "pwned-pth"
     sd = __import__("timm").create_model("cifar_resnet20", num_classes=10, in_chans=1).state_dict()
     path = tmp_path / "teacher.pth"
@@ -125,7 +129,7 @@ def test_planted_run_is_not_exported(tiny_run: Path, tmp_path: Path, monkeypatch
 
 
 def test_objects_of_an_older_writer_are_refused_then_converted_when_trusted(
-        tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recipe_dict: Factory) -> None:
     extra = {"strategy": {"where": PurePosixPath("/data/runs"), "args": Namespace(lr=0.1)}}
     run, files = _planted_run(tiny_run, tmp_path, extra)
     result, err = _cli(["run", "--resume", str(run), "--set", "run.max_steps=3"], tmp_path, monkeypatch)

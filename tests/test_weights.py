@@ -28,9 +28,11 @@ from mutualkd.engine import Trainer, check_recipe
 from mutualkd.errors import CheckpointError, RecipeError, UserError
 from mutualkd.peers import InputNorm, input_norm
 from mutualkd.weights import load_network, parse_source
-from _helpers import recipe_dict, subprocess_env
 
 import mutualkd.models  # noqa: F401  (the CIFAR families in timm)
+
+#: The factory fixtures of tests/fixtures/ used here (recipe_dict, subprocess_env).
+Factory = Callable[..., Any]
 
 DIGITS = {"num_classes": 10, "in_chans": 1}
 
@@ -270,7 +272,8 @@ def test_hf_hub_repository_from_the_cache(hub_cache: Path, write_hub_entry: Call
     ({"model": "resnet18", "pretrained": True, "weights": "x.pth"}, "keep one of them"),
     ({"model": "resnet18", "weights_peer": "peer1"}, "weights_peer"),
 ])
-def test_weights_keys_that_would_do_nothing_are_refused(tmp_path: Path, peer: dict[str, Any], says: str) -> None:
+def test_weights_keys_that_would_do_nothing_are_refused(tmp_path: Path, peer: dict[str, Any], says: str,
+                                                        recipe_dict: Factory) -> None:
     d = recipe_dict(tmp_path)
     d["peers"][1] = peer
     with pytest.raises(RecipeError, match="peers") as e:
@@ -278,14 +281,15 @@ def test_weights_keys_that_would_do_nothing_are_refused(tmp_path: Path, peer: di
     assert says in str(e.value)
 
 
-def _kd_recipe(tmp_path: Path, teacher: dict[str, Any], **kw: Any) -> dict[str, Any]:
+def _kd_recipe(recipe_dict: Callable[..., dict[str, Any]], tmp_path: Path, teacher: dict[str, Any], **kw: Any
+               ) -> dict[str, Any]:
     d = recipe_dict(tmp_path, **{"max_steps": 4, **kw})
     d["peers"] = [{"model": "cifar_resnet20", "name": "student"}, {"name": "teacher", **teacher}]
     return d
 
 
-def test_ie_dml_refuses_a_frozen_peer(tmp_path: Path, resnet18_file) -> None:
-    d = _kd_recipe(tmp_path, {"model": "resnet18", "weights": str(resnet18_file[0]), "frozen": True},
+def test_ie_dml_refuses_a_frozen_peer(tmp_path: Path, resnet18_file, recipe_dict: Factory) -> None:
+    d = _kd_recipe(recipe_dict, tmp_path, {"model": "resnet18", "weights": str(resnet18_file[0]), "frozen": True},
                    strategy="ie_dml")
     with pytest.raises(RecipeError) as e:
         check_recipe(parse_recipe(d, file="r.toml"), recipe_file="r.toml", data=False)
@@ -293,20 +297,20 @@ def test_ie_dml_refuses_a_frozen_peer(tmp_path: Path, resnet18_file) -> None:
     assert "takes no frozen peer" in text and "[peers[1].frozen]" in text and "kl_dml" in text and "ie_kd" in text
 
 
-def test_kl_dml_refuses_a_frozen_peer_with_a_new_head(tmp_path: Path) -> None:
+def test_kl_dml_refuses_a_frozen_peer_with_a_new_head(tmp_path: Path, recipe_dict: Factory) -> None:
     sd = timm.create_model("cifar_resnet20", num_classes=7, in_chans=1).state_dict()
     save_file(sd, str(tmp_path / "seven.safetensors"))
-    d = _kd_recipe(tmp_path, {"model": "cifar_resnet20", "weights": str(tmp_path / "seven.safetensors"), "frozen": True,
-                              "reset_head": True})
+    d = _kd_recipe(recipe_dict, tmp_path, {"model": "cifar_resnet20", "weights": str(tmp_path / "seven.safetensors"),
+                                           "frozen": True, "reset_head": True})
     with pytest.raises(RecipeError, match="predictions, the other peers' targets, would be random"):
         check_recipe(parse_recipe(d, file="r.toml"), recipe_file="r.toml")
 
 
 # --------------------------------------------------------------------------- frozen peers in a run
-def test_frozen_kl_dml_peer_is_classic_kd(tmp_path: Path, resnet18_file) -> None:
+def test_frozen_kl_dml_peer_is_classic_kd(tmp_path: Path, resnet18_file, recipe_dict: Factory) -> None:
     """A frozen file-weights teacher: no unit, eval mode, unchanged, one forward pass per batch."""
     path, sd = resnet18_file
-    d = _kd_recipe(tmp_path, {"model": "resnet18", "weights": str(path), "frozen": True}, max_steps=3)
+    d = _kd_recipe(recipe_dict, tmp_path, {"model": "resnet18", "weights": str(path), "frozen": True}, max_steps=3)
     tr = Trainer(parse_recipe(d, file="r.toml"), recipe_file="r.toml")
     assert list(tr.units) == ["student"] and "teacher" in tr.frozen_modules
     assert [s.updates for s in tr.stages[0].steps] == [("student",)]
@@ -321,8 +325,10 @@ def test_frozen_kl_dml_peer_is_classic_kd(tmp_path: Path, resnet18_file) -> None
     assert summary["global_steps"] == 3 and "teacher" in summary["top1"]
 
 
-def test_three_peers_with_one_frozen_alternate_over_the_trainable_ones(tmp_path: Path, resnet18_file) -> None:
-    d = _kd_recipe(tmp_path, {"model": "resnet18", "weights": str(resnet18_file[0]), "frozen": True}, max_steps=1)
+def test_three_peers_with_one_frozen_alternate_over_the_trainable_ones(tmp_path: Path, resnet18_file,
+                                                                       recipe_dict: Factory) -> None:
+    d = _kd_recipe(recipe_dict, tmp_path, {"model": "resnet18", "weights": str(resnet18_file[0]), "frozen": True},
+                   max_steps=1)
     d["peers"].insert(1, {"model": "cifar_wrn_16_1", "name": "other"})
     tr = Trainer(parse_recipe(d, file="r.toml"), recipe_file="r.toml")
     assert [s.updates for s in tr.stages[0].steps] == [("student",), ("other",)]
@@ -331,7 +337,7 @@ def test_three_peers_with_one_frozen_alternate_over_the_trainable_ones(tmp_path:
     assert tr.last_forward_passes == 4
 
 
-def test_ie_kd_teacher_from_a_folder_gets_its_own_normalisation(tmp_path: Path) -> None:
+def test_ie_kd_teacher_from_a_folder_gets_its_own_normalisation(tmp_path: Path, recipe_dict: Factory) -> None:
     from timm.models import save_for_hf
 
     save_for_hf(timm.create_model("cifar_resnet20", **DIGITS), str(tmp_path / "tf"), safe_serialization=True,
@@ -345,7 +351,7 @@ def test_ie_kd_teacher_from_a_folder_gets_its_own_normalisation(tmp_path: Path) 
 
 
 def test_ie_kd_with_a_pretrained_teacher_from_the_cache(hub_cache: Path, write_hub_entry: Callable[..., Path],
-                                                       tmp_path: Path) -> None:
+                                                       tmp_path: Path, recipe_dict: Factory) -> None:
     """IE-KD's teacher as a timm tag (features only: a new head), on digits, loaded by timm from the cache."""
     sd = _write_imagenet_resnet18(hub_cache, write_hub_entry)
     d = recipe_dict(tmp_path, peers=["cifar_resnet20"], max_steps=2,
@@ -360,7 +366,8 @@ def test_ie_kd_with_a_pretrained_teacher_from_the_cache(hub_cache: Path, write_h
 
 # --------------------------------------------------------------------------- as a new user would, with the CLI
 @pytest.mark.slow
-def test_new_user_teachers_with_no_mutualkd_run_anywhere(tmp_path: Path, resnet18_file) -> None:
+def test_new_user_teachers_with_no_mutualkd_run_anywhere(tmp_path: Path, resnet18_file,
+                                                         subprocess_env: Factory) -> None:
     """A safetensors resnet18 as IE-KD teacher and as frozen KL-DML peer; pretrained = true offline exits 2."""
     import subprocess
     import sys
@@ -395,7 +402,7 @@ def test_new_user_teachers_with_no_mutualkd_run_anywhere(tmp_path: Path, resnet1
         assert "weights from weights file" in " ".join(proc.stdout.split())
 
 
-def test_validate_names_a_missing_weights_file_without_data(tmp_path: Path) -> None:
+def test_validate_names_a_missing_weights_file_without_data(tmp_path: Path, recipe_dict: Factory) -> None:
     d = recipe_dict(tmp_path)
     d["peers"][1] = {"model": "resnet18", "weights": "teachers/none.safetensors", "frozen": True}
     (tmp_path / "r.toml").write_text(_toml(d))
