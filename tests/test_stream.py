@@ -380,23 +380,11 @@ def _command(nproc: int, *args: str) -> list[str]:
             "mutualkd", *args]
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
+def _kill_tree(proc: subprocess.Popen[bytes], descendants: Callable[[int], list[int]]) -> None:
+    """SIGKILL the launcher, every rank and every data-loading worker at once (like a lost node).
 
-
-def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the launcher, every rank and every data-loading worker at once (like a lost node)."""
-    for pid in [proc.pid, *_descendants(proc.pid)]:
+    ``descendants`` is the process-tree walk of the launch kit (``launch_kit.descendants``)."""
+    for pid in [proc.pid, *descendants(proc.pid)]:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
     proc.wait(60)
@@ -408,11 +396,11 @@ def _start(recipe: Path, log: Path, nproc: int, *extra: str, env: dict[str, str]
                                 cwd=REPO, env=env, start_new_session=True)
 
 
-def _finish(proc: subprocess.Popen[bytes], log: Path, timeout: float = 240) -> str:
+def _finish(proc: subprocess.Popen[bytes], log: Path, descendants: Callable[[int], list[int]], timeout: float = 240) -> str:
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        _kill_tree(proc)
+        _kill_tree(proc, descendants)
         pytest.fail(f"the run did not end within {timeout} s\n{log.read_text()[-3000:]}")
     text = log.read_text(errors="replace")
     assert proc.returncode == 0, text[-3000:]
@@ -427,7 +415,7 @@ def _metrics(run_dir: Path) -> list[dict[str, Any]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_ie_dml_resnet18_streams_a_jpeg_folder_and_resumes_exactly_after_sigkill(
-    nproc: int, tmp_path: Path, write_image_folder: ImageFolder, subprocess_env: Factory
+    nproc: int, tmp_path: Path, write_image_folder: ImageFolder, subprocess_env: Factory, launch_kit: Any
 ) -> None:
     """Two timm resnet18 peers, IE-DML, RandomResizedCrop + RandAugment + mixup/cutmix, 2 epochs of
     4 (one process) or 2 (two) steps; killed (SIGKILL: launcher, ranks, workers) right after the
@@ -452,16 +440,16 @@ def test_ie_dml_resnet18_streams_a_jpeg_folder_and_resumes_exactly_after_sigkill
     deadline = time.monotonic() + 240
     while not marker.exists():
         if killed.poll() is not None or time.monotonic() > deadline:
-            _kill_tree(killed)
+            _kill_tree(killed, launch_kit.descendants)
             pytest.fail(f"no checkpoint at step 3\n{(tmp_path / 'killed.log').read_text()[-3000:]}")
         time.sleep(0.01)
-    _kill_tree(killed)
+    _kill_tree(killed, launch_kit.descendants)
     assert not (killed_dir / "summary.json").exists()
-    ref_text = _finish(reference, tmp_path / "reference.log")
+    ref_text = _finish(reference, tmp_path / "reference.log", launch_kit.descendants)
     assert "data: stream pipeline" in ref_text and f"global batch {16 * nproc}" in ref_text
 
     resumed = _start(kill_recipe, tmp_path / "resumed.log", nproc, "--resume", str(killed_dir), env=subprocess_env())
-    _finish(resumed, tmp_path / "resumed.log")
+    _finish(resumed, tmp_path / "resumed.log", launch_kit.descendants)
     ref_dir = ref_recipe.parent / "runs" / "stream"
     got, want = _metrics(killed_dir), _metrics(ref_dir)
     assert len(want) == sum(1 for r in want if r["kind"] == "step") + 2
