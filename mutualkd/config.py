@@ -196,7 +196,11 @@ class DataConfig(_Strict):
         True, description="the data set's training augmentation (random crop with padding, and flip where it fits)"
     )
     train_subset: PositiveInt | None = Field(
-        None, description="train on a class-stratified subset of this many images, chosen with run.seed; unset: all"
+        None, description="train on a class-stratified subset of this many images, chosen with run.seed (or"
+        " subset_seed); unset: all"
+    )
+    subset_seed: int | None = Field(
+        None, description="seed of the train_subset draw, to keep one subset across run seeds; unset: run.seed"
     )
     test_subset: PositiveInt | None = Field(
         None, description="evaluate on a class-stratified subset of this many images (fixed seed 0); unset: all"

@@ -91,6 +91,17 @@ def test_subsets_are_stratified_and_deterministic() -> None:
     assert len(full) == 1347
 
 
+def test_subset_seed_fixes_the_train_subset_across_run_seeds() -> None:
+    fixed = DataConfig(dataset="digits", train_subset=200, subset_seed=11)
+    a, _, _ = load_dataset(fixed, seed=3)
+    b, _, _ = load_dataset(fixed, seed=4)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    # it is the subset that run seed 11 would draw, and not the one of run seed 3
+    own, _, _ = load_dataset(DataConfig(dataset="digits", train_subset=200), seed=11)
+    other, _, _ = load_dataset(DataConfig(dataset="digits", train_subset=200), seed=3)
+    assert torch.equal(a.images, own.images) and not torch.equal(a.images, other.images)
+
+
 def test_image_size_resizes_and_scales_padding() -> None:
     train, test, info = load_dataset(DataConfig(dataset="digits", image_size=16, test_subset=20))
     assert train.images.shape[1:] == (1, 16, 16) and test.images.shape == (20, 1, 16, 16)

@@ -46,7 +46,8 @@ def split_indices(labels: torch.Tensor, cfg: DataConfig, *, seed: int) -> tuple[
     """``(train, val)`` indices into a train split of ``labels``: the held-out share, then the subset.
 
     ``val_fraction`` holds out a class-stratified share (fixed seed 0, so it is the same
-    for every run seed); ``train_subset`` is then taken from the rest with ``seed``.
+    for every run seed); ``train_subset`` is then taken from the rest with ``cfg.subset_seed``,
+    or with ``seed`` when that is unset.
     ``train`` is None when the whole split trains; ``val`` is None without ``val_fraction``.
     """
     n = int(labels.shape[0])
@@ -64,7 +65,7 @@ def split_indices(labels: torch.Tensor, cfg: DataConfig, *, seed: int) -> tuple[
         rest = torch.nonzero(keep).flatten()
     if cfg.train_subset is not None:
         pool = labels if rest is None else labels[rest]
-        sub = stratified_subset(pool, cfg.train_subset, seed=seed)
+        sub = stratified_subset(pool, cfg.train_subset, seed=seed if cfg.subset_seed is None else cfg.subset_seed)
         if sub is not None:
             rest = sub if rest is None else rest[sub]
     return rest, val
