@@ -9,17 +9,18 @@ Arms (one run folder per arm and seed, ``DIR/<arm>-s<seed>``):
   mutual-learning claims and, at the cpu scale, the "student alone" of the KD claims);
 * ``kl_dml``: Deep Mutual Learning between two WRN-16-1 (T = 1, weight 1, alternating);
 * ``ie_dml``: IE-DML between two WRN-16-1 (L1, lambda 50 / 50, the four-step schedule);
-* ``teacher``: one WRN-40-2 alone (the KD teacher of the same seed);
+* ``teacher``: one WRN-40-2 alone: at the cpu scale one teacher (seed 0) teaches the students of
+  every seed, as a released pretrained teacher would; at the paper scale each seed has its own;
 * ``student`` (paper scale only): one WRN-16-1 alone with the KD arms' schedule;
 * ``hinton_kd``: WRN-40-2 -> WRN-16-1, Hinton KD (the mutualkd-hinton-kd example plugin);
 * ``ie_kd``: WRN-40-2 -> WRN-16-1, IE-KD (L1, lambda 50 / 50).
 
-Scales: ``cpu`` (the design of docs/results.md: Fashion-MNIST at 16 px, a stratified
-10 000-image training subset drawn with each seed, the full 10 000-image test split, 15 epochs,
-cosine schedule), ``paper`` (the papers' budgets, for a GPU: CIFAR-100 or CIFAR-10 when present
+Scales: ``cpu`` (the design of docs/results.md: Fashion-MNIST at 16 px, one class-stratified
+5 000-image training subset shared by every arm and seed, the full 10 000-image test split,
+40 epochs, cosine schedule), ``paper`` (the papers' budgets, for a GPU: CIFAR-100 or CIFAR-10 when present
 under ``--data-root``, else Fashion-MNIST at full size), ``tiny`` (a minutes-long end-to-end
 check of the pipeline; its numbers mean nothing). Runs go one after another (``--jobs N``: N at a
-time, each seed's teacher before its students); a finished run is skipped and an interrupted
+time; a student waits for its teacher); a finished run is skipped and an interrupted
 one resumed, so the same command continues the study. At the end
 the script runs ``mutualkd analyze`` on the KD students, compares the arms (scripts/study_stats.py)
 and writes ``DIR/study.md`` and ``DIR/study.json``.
@@ -67,6 +68,7 @@ class Scale:
     teacher_data: dict[str, Any] = field(default_factory=dict)
     separate_student: bool = False
     convergence_factor: int = 2  # the independent check run trains this many times longer
+    teacher_seed: int | None = None  # one teacher, trained with this seed, for every seed; None: one per seed
 
 
 def _cifar(root: Path) -> str | None:
@@ -77,18 +79,25 @@ def _cifar(root: Path) -> str | None:
     return None
 
 
+CPU_SUBSET, CPU_EPOCHS = 5000, 40  # the cpu scale's budget: docs/results.md, "Budget, and why a subset"
+
+
 def make_scale(name: str, data_root: Path | None) -> Scale:
     if name == "cpu":
-        data = {"dataset": "fashion_mnist", "image_size": 16, "train_subset": 10000, "eval_batch_size": 1000}
+        # One fixed subset (subset_seed): the seeds vary initialisation, data order and
+        # augmentation, and the one teacher has seen exactly the students' training images.
+        data = {"dataset": "fashion_mnist", "image_size": 16, "train_subset": CPU_SUBSET, "subset_seed": 0,
+                "eval_batch_size": 1000}
         cosine = {"name": "cosine"}
         # The teacher's own evaluation uses 2000 test images (its full-split accuracy is
         # measured by `mutualkd analyze`): WRN-40-2 evaluation would cost more than its training.
-        return Scale("cpu", data, 15, 15, 15, 3, cosine, cosine, 128, 128, teacher_data={"test_subset": 2000})
+        return Scale("cpu", data, CPU_EPOCHS, CPU_EPOCHS, CPU_EPOCHS, 3, cosine, cosine, 128, 128,
+                     teacher_data={"test_subset": 2000}, teacher_seed=0)
     if name == "tiny":
-        data = {"dataset": "fashion_mnist", "image_size": 16, "train_subset": 640, "test_subset": 500,
-                "eval_batch_size": 500}
+        data = {"dataset": "fashion_mnist", "image_size": 16, "train_subset": 640, "subset_seed": 0,
+                "test_subset": 500, "eval_batch_size": 500}
         cosine = {"name": "cosine"}
-        return Scale("tiny", data, 1, 1, 1, 1, cosine, cosine, 64, 64, convergence_factor=2)
+        return Scale("tiny", data, 1, 1, 1, 1, cosine, cosine, 64, 64, convergence_factor=2, teacher_seed=0)
     if name == "paper":
         root = data_root or REPO / "data"
         cifar = _cifar(root)
@@ -118,10 +127,24 @@ def _recipe(scale: Scale, out: Path, name: str, seed: int, peers: Sequence[str],
     }
 
 
-def arms(scale: Scale, out: Path, seed: int) -> list[tuple[str, dict[str, Any]]]:
-    """The arms of one seed, in the order they must run (each teacher before its students)."""
+def teacher_seed(scale: Scale, seed: int) -> int:
+    """The seed of the teacher that teaches the students of ``seed``."""
+    return seed if scale.teacher_seed is None else scale.teacher_seed
+
+
+def teacher_arm(scale: Scale, out: Path, seed: int) -> dict[str, Any]:
     s = scale
-    teacher = out / f"teacher-s{seed}"
+    return _recipe(s, out, f"teacher-s{seed}", seed, [TEACHER], {"name": "independent"}, epochs=s.teacher_epochs,
+                   schedule=s.kd_schedule, batch=s.kd_batch, extra_data=s.teacher_data)
+
+
+def arms(scale: Scale, out: Path, seed: int) -> list[tuple[str, dict[str, Any]]]:
+    """The arms of one seed, in the order they must run (a teacher before its students).
+
+    With a shared teacher (``scale.teacher_seed``) the teacher is an arm of its own seed only.
+    """
+    s = scale
+    teacher = out / f"teacher-s{teacher_seed(s, seed)}"
     kd = dict(epochs=s.kd_epochs, schedule=s.kd_schedule, batch=s.kd_batch, peer_names=["student"])
     mutual = dict(epochs=s.mutual_epochs, schedule=s.mutual_schedule, batch=s.mutual_batch)
     plan: list[tuple[str, dict[str, Any]]] = [
@@ -129,9 +152,9 @@ def arms(scale: Scale, out: Path, seed: int) -> list[tuple[str, dict[str, Any]]]
         ("kl_dml", _recipe(s, out, f"kl_dml-s{seed}", seed, [PAIR, PAIR],
                            {"name": "kl_dml", "temperature": 1.0, "weight": 1.0}, **mutual)),
         ("ie_dml", _recipe(s, out, f"ie_dml-s{seed}", seed, [PAIR, PAIR], {"name": "ie_dml", **IE}, **mutual)),
-        ("teacher", _recipe(s, out, f"teacher-s{seed}", seed, [TEACHER], {"name": "independent"}, epochs=s.teacher_epochs,
-                            schedule=s.kd_schedule, batch=s.kd_batch, extra_data=s.teacher_data)),
     ]
+    if teacher_seed(s, seed) == seed:
+        plan.append(("teacher", teacher_arm(s, out, seed)))
     if s.separate_student:
         plan.append(("student", _recipe(s, out, f"student-s{seed}", seed, [STUDENT], {"name": "independent"}, **kd)))
     plan += [
@@ -146,9 +169,20 @@ def arms(scale: Scale, out: Path, seed: int) -> list[tuple[str, dict[str, Any]]]
 
 
 def chains(scale: Scale, out: Path, seeds: Sequence[int], convergence: bool) -> list[list[dict[str, Any]]]:
-    """The runs as chains that must run in order (a teacher, then its students); chains are
-    independent of each other. Longest first: each seed's teacher chain, then the other arms."""
+    """The runs as chains that must run in order; a chain's students may also wait for a
+    teacher of another chain (see ``main``). Per-seed teachers: each seed's chain of teacher and
+    students first, longest first, then the other arms. One shared teacher: the teacher, the
+    convergence run, then seed by seed the mutual arms and the KD students (the students of the
+    first seed start about when the teacher is done)."""
     kd_chain = {"teacher", "student", "hinton_kd", "ie_kd"}
+    if scale.teacher_seed is not None:
+        todo = [[teacher_arm(scale, out, scale.teacher_seed)]]
+        if convergence:
+            todo.append([convergence_arm(scale, out, seeds[0])[1]])
+        for seed in seeds:
+            plan = [(a, r) for a, r in arms(scale, out, seed) if a != "teacher"]
+            todo += [[r] for a, r in plan if a not in kd_chain] + [[r] for a, r in plan if a in kd_chain]
+        return todo
     first, rest = [], []
     for seed in seeds:
         plan = arms(scale, out, seed)
@@ -277,6 +311,10 @@ def collect(out: Path, scale: Scale, seeds: Sequence[int]) -> dict[str, Any]:
             per_seed.setdefault(arm, {})[seed] = sum(acc.values()) / len(acc)
             if arm in ("hinton_kd", "ie_kd"):
                 cka.setdefault(arm, {})[seed] = analyze(folder)
+    if scale.teacher_seed is not None and scale.teacher_seed not in seeds:
+        folder = out / f"teacher-s{scale.teacher_seed}"
+        if (folder / "summary.json").exists():
+            per_seed["teacher"] = {scale.teacher_seed: top1(folder)["peer0"]}
     if not scale.separate_student and "independent" in per_seed:
         per_seed["student"] = dict(per_seed["independent"])  # same network, data and schedule
     arms_iv = {arm: mean_interval(list(v.values())).as_dict() | {"per_seed": v} for arm, v in per_seed.items()}
@@ -299,6 +337,8 @@ def collect(out: Path, scale: Scale, seeds: Sequence[int]) -> dict[str, Any]:
                 "independent_peers": base, "longer_run": longer,
                 "gain_of_longer_training": longer - sum(base.values()) / len(base),
                 "independent_seed_sd": arms_iv.get("independent", {}).get("sd")}
+        # converged: twice the budget gains less than the smallest effect a claim counts
+        conv["converged"] = conv["gain_of_longer_training"] < MIN_EFFECT
     return {"scale": scale.name, "seeds": list(seeds), "arms": arms_iv, "student_is_independent": not scale.separate_student, "networks": networks, "claims": claims,
             "feature_similarity": {"per_run": cka, "claims": feature_claims}, "convergence": conv,
             "min_effect_top1": MIN_EFFECT, "min_effect_cka": CKA_MIN_EFFECT}
@@ -344,7 +384,9 @@ def markdown(res: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
                   f"Seed {conv['seed']}: {conv['epochs']} epochs gave peers {conv['independent_peers']}; one network"
                   f" trained {conv['longer_epochs']} epochs reached {conv['longer_run']:.2f} % (gain"
                   f" {conv['gain_of_longer_training']:+.2f} points; seed sd of the independent arm"
-                  f" {_f(conv['independent_seed_sd'])})."]
+                  f" {_f(conv['independent_seed_sd'])}): "
+                  + ("converged" if conv["converged"] else "not converged")
+                  + f" (converged = a gain below {res['min_effect_top1']} points, the smallest effect a claim counts)."]
     return "\n".join(lines) + "\n"
 
 
@@ -389,10 +431,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                     run_one(recipe, out, log, args.print_only)
         else:
             from concurrent.futures import ThreadPoolExecutor
+            import threading
+
+            finished = {r["run"]["name"]: threading.Event() for chain in todo for r in chain}
 
             def run_chain(chain: list[dict[str, Any]]) -> None:
                 for recipe in chain:
-                    run_one(recipe, out, log, False, quiet=True)
+                    try:
+                        teacher = recipe["strategy"].get("teacher")
+                        if teacher and Path(teacher).name in finished:
+                            finished[Path(teacher).name].wait()
+                            if not (Path(teacher) / "summary.json").exists():
+                                raise RuntimeError(f"{recipe['run']['name']}: its teacher {teacher} did not finish")
+                        run_one(recipe, out, log, False, quiet=True)
+                    finally:
+                        finished[recipe["run"]["name"]].set()
 
             with ThreadPoolExecutor(max_workers=args.jobs) as pool:
                 for _ in pool.map(run_chain, todo):  # re-raises the first failure

@@ -55,19 +55,39 @@ def test_every_arm_is_a_valid_recipe_and_teachers_come_first(scale: str, tmp_pat
     from mutualkd.config import parse_recipe
 
     sc = study.make_scale(scale, tmp_path)  # no CIFAR under tmp_path: paper scale falls back to Fashion-MNIST
-    plan = study.arms(sc, tmp_path, seed=2)
+    seed = 2 if scale == "paper" else 0  # the cpu and tiny scales' one teacher is an arm of seed 0
+    plan = study.arms(sc, tmp_path, seed=seed)
     names = [arm for arm, _ in plan]
     assert names.index("teacher") < names.index("hinton_kd") < names.index("ie_kd")
     assert ("student" in names) == (scale == "paper")
-    for arm, recipe in plan + [study.convergence_arm(sc, tmp_path, 2)]:
+    for arm, recipe in plan + [study.convergence_arm(sc, tmp_path, seed)]:
         rec = parse_recipe(recipe, file=f"<{arm}>")
-        assert rec.run.seed == 2 and rec.run.name.endswith("-s2")
+        assert rec.run.seed == seed and rec.run.name.endswith(f"-s{seed}")
     by = dict(plan)
-    assert by["ie_kd"]["strategy"]["teacher"] == str(tmp_path / "teacher-s2")
+    assert by["ie_kd"]["strategy"]["teacher"] == str(tmp_path / f"teacher-s{seed}")
     assert by["teacher"]["peers"][0]["model"] == "cifar_wrn_40_2" and by["ie_kd"]["peers"][0]["model"] == "cifar_wrn_16_1"
     if scale == "cpu":
-        assert by["independent"]["data"]["train_subset"] == 10000 and "test_subset" not in by["ie_kd"]["data"]
-        assert by["independent"]["run"]["epochs"] == by["ie_kd"]["run"]["epochs"] == 15
+        d = by["independent"]["data"]
+        assert (d["train_subset"], d["subset_seed"]) == (5000, 0) and "test_subset" not in by["ie_kd"]["data"]
+        assert by["independent"]["run"]["epochs"] == by["ie_kd"]["run"]["epochs"] == 40
+        assert by["ie_kd"]["data"]["subset_seed"] == by["teacher"]["data"]["subset_seed"] == 0
+
+
+def test_cpu_scale_shares_one_teacher_and_runs_it_first(tmp_path: Path) -> None:
+    sc = study.make_scale("cpu", tmp_path)
+    other = dict(study.arms(sc, tmp_path, seed=2))
+    assert "teacher" not in other and other["hinton_kd"]["strategy"]["teacher"] == str(tmp_path / "teacher-s0")
+    todo = study.chains(sc, tmp_path, [0, 1, 2], convergence=True)
+    order = [r["run"]["name"] for chain in todo for r in chain]
+    assert order[0] == "teacher-s0" and len(todo[0]) == 1 and order.count("teacher-s0") == 1
+    expected = {f"{a}-s{s}" for a in ("independent", "kl_dml", "ie_dml", "hinton_kd", "ie_kd") for s in (0, 1, 2)}
+    assert set(order) == expected | {"teacher-s0", "convergence-x2-s0"} and len(order) == len(set(order))
+    # the first student comes after enough other runs that a second worker is not left waiting long
+    assert order.index("hinton_kd-s0") > order.index("ie_dml-s0")
+    # per-seed teachers (paper scale): each seed's students follow their own teacher in one chain
+    paper = study.chains(study.make_scale("paper", tmp_path), tmp_path, [0, 1, 2], convergence=False)
+    for seed, chain in zip((0, 1, 2), paper):
+        assert [r["run"]["name"] for r in chain][0] == f"teacher-s{seed}"
 
 
 def test_paper_scale_uses_cifar_when_present(tmp_path: Path) -> None:
