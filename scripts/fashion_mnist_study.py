@@ -90,7 +90,7 @@ def make_scale(name: str, data_root: Path | None) -> Scale:
                 "eval_batch_size": 1000}
         cosine = {"name": "cosine"}
         # The teacher's own evaluation uses 2000 test images (its full-split accuracy is
-        # measured by `mutualkd analyze`): WRN-40-2 evaluation would cost more than its training.
+        # measured by `mutualkd analyze`): all 10 000 would add about half an epoch of its training.
         return Scale("cpu", data, CPU_EPOCHS, CPU_EPOCHS, CPU_EPOCHS, 3, cosine, cosine, 128, 128,
                      teacher_data={"test_subset": 2000}, teacher_seed=0)
     if name == "tiny":
