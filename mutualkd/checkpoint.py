@@ -412,6 +412,25 @@ def resolve_checkpoint(path: Path, where: str | None = None) -> Path:
     return latest
 
 
+def peer_weights(state: Mapping[str, Any], spec: Mapping[str, Any], name: str, *, mean: bool = False
+                 ) -> dict[str, Any] | None:
+    """Peer ``name``'s timm state dict from a checkpoint's state (``spec``: its entry in meta.json's peers).
+
+    A whole network's weights are the module named after it; a branch's are assembled from
+    its branched network's (the shared trunk and its own modules). ``mean``: the strategy's
+    temporal mean (EMA copy) of it instead. None when the checkpoint holds no such weights.
+    """
+    from mutualkd.branching import branch_state_dict
+
+    key = spec.get("mean_module") if mean else spec.get("network", name)
+    weights = state.get("modules", {}).get(key) if key is not None else None
+    if not isinstance(weights, Mapping):
+        return None
+    if spec.get("branch") is not None:
+        return branch_state_dict(weights, int(spec["branch"]))
+    return dict(weights)
+
+
 def load_peer_model(
     path: str | Path, peer: str | int, *, num_classes: int, in_chans: int, where: str | None = None
 ) -> tuple[torch.nn.Module, str]:
@@ -443,7 +462,10 @@ def load_peer_model(
     model = create_peer(spec["model"], num_classes=num_classes, in_chans=in_chans, kwargs=spec.get("kwargs", {}))
     state = load_checkpoint(folder)
     try:
-        model.load_state_dict(state["modules"][name])
+        weights = peer_weights(state, spec, name)
+        if weights is None:
+            raise KeyError(name)
+        model.load_state_dict(weights)
     except (KeyError, RuntimeError) as e:
         raise CheckpointError(
             f"the weights of peer '{name}' do not fit model '{spec['model']}': {str(e)[:300]}",

@@ -110,6 +110,12 @@ class RunConfig(_Strict):
     )
     compile: bool = Field(False, description="torch.compile each peer")
     progress: bool = Field(True, description="show a progress bar and one line per epoch on the console")
+    best_output: Annotated[str, Field(min_length=1)] | None = Field(
+        None,
+        description="the evaluated output whose top-1 chooses the best epoch and best/: a peer, <peer>_ema, a"
+        " strategy's declared output (e.g. gated), ensemble, or peers (their mean top-1); unset: the output the"
+        " method's authors report (the strategy's default), else peers",
+    )
     sync_bn: bool = Field(
         False, description="with several processes, synchronise the peers' BatchNorm statistics across them"
     )
@@ -443,6 +449,40 @@ class PeerConfig(_Strict):
     ema: EmaConfig | None = Field(
         None, description="an EMA copy of this peer, evaluated and saved next to it; unset: the shared [ema]"
     )
+    branches: Annotated[int, Field(ge=2, le=64)] | None = Field(
+        None,
+        description="split this network into a shared trunk and this many branches (with split_after); each branch"
+        " is a peer named <name>_b<k> (name: the table's name, else peer<i>); unset: one whole network",
+    )
+    split_after: str | None = Field(
+        None,
+        description="the stage after which the branches start (e.g. layer2 of a CIFAR ResNet or WRN, or of a timm"
+        " resnet): the stages up to it are the shared trunk, the rest and the classifier are per branch",
+    )
+    ilr: bool = Field(
+        False,
+        description="internal layer rescaling (CL-ILR): divide the gradient flowing back into the trunk at the"
+        " split by the number of branches that share it",
+    )
+
+    @model_validator(mode="after")
+    def _branches_fit(self) -> PeerConfig:
+        if (self.branches is None) != (self.split_after is None):
+            raise ValueError("branches and split_after go together: set both (e.g. branches = 3, split_after ="
+                             " \"layer2\") or neither")
+        if self.branches is not None:
+            if self.frozen:
+                raise ValueError("a branched network cannot be frozen: its branches are peers that train")
+            if self.feature_stage is not None:
+                raise ValueError("feature_stage is not supported for a branched network: each branch's features are"
+                                 " its last stage's map")
+        elif self.ilr:
+            raise ValueError("ilr = true rescales the gradient at a split; set branches and split_after too")
+        return self
+
+    def branch_names(self, base: str) -> list[str]:
+        """The peers this table makes: ``[base]``, or ``<base>_b<k>`` for each of its branches."""
+        return [base] if self.branches is None else [f"{base}_b{k}" for k in range(self.branches)]
 
     @field_validator("kwargs")
     @classmethod
@@ -533,8 +573,25 @@ class Recipe(_Strict):
     def peer_scheduler(self, i: int) -> SchedulerConfig:
         return self.peers[i].scheduler or self.scheduler
 
-    def peer_names(self) -> list[str]:
+    def network_names(self) -> list[str]:
+        """One name per ``[[peers]]`` table: its ``name``, else ``peer<i>`` (a unit and a checkpoint module each)."""
         return peer_names_of(p.name for p in self.peers)
+
+    def peer_names(self) -> list[str]:
+        """Every peer, in table order: a whole network is one peer, a branched one a peer per branch."""
+        return [n for base, pc in zip(self.network_names(), self.peers) for n in pc.branch_names(base)]
+
+    def peer_tables(self) -> list[tuple[str, int, int | None]]:
+        """``(peer name, table index, branch index or None)`` for each peer, in :meth:`peer_names` order."""
+        out: list[tuple[str, int, int | None]] = []
+        for i, (base, pc) in enumerate(zip(self.network_names(), self.peers)):
+            names = pc.branch_names(base)
+            out += [(n, i, None if pc.branches is None else k) for k, n in enumerate(names)]
+        return out
+
+    def table_of(self, peer: str) -> int:
+        """The index of the ``[[peers]]`` table that makes ``peer``."""
+        return next(i for n, i, _ in self.peer_tables() if n == peer)
 
     def peer_ema(self, i: int) -> EmaConfig | None:
         return self.peers[i].ema or self.ema
@@ -542,7 +599,8 @@ class Recipe(_Strict):
     @field_validator("peers")
     @classmethod
     def _unique_peer_names(cls, peers: list[PeerConfig]) -> list[PeerConfig]:
-        names = peer_names_of(p.name for p in peers)
+        bases = peer_names_of(p.name for p in peers)
+        names = bases + [n for base, pc in zip(bases, peers) if pc.branches for n in pc.branch_names(base)]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"peer names must be unique; {', '.join(dupes)} appears more than once")

@@ -119,6 +119,8 @@ def export_peer(run_or_checkpoint: str | Path, out: str | Path, *, peer: str | N
     meta = ckpt.read_meta(folder)
     peers: dict[str, Any] = meta.get("peers", {})
     name = peer or next(iter(peers), "")
+    if name not in peers and name.endswith("_ema") and name.removesuffix("_ema") in peers:
+        name, ema = name.removesuffix("_ema"), True  # <peer>_ema: the EMA copy, as it is named in metrics
     if name not in peers:
         raise UserError(f"the run has no peer {name!r}", where=str(folder), hint=unknown_name_hint("peer", name, list(peers)))
     state = ckpt.load_checkpoint(folder)  # weights_only: a checkpoint that asks to run code is refused
@@ -147,20 +149,25 @@ def _write(folder: Path, meta: dict[str, Any], state: dict[str, Any], name: str,
     import torch
 
     import mutualkd.models  # noqa: F401  (the CIFAR families are timm models)
+    from mutualkd import checkpoint as ckpt
 
+    spec = meta["peers"][name]
     if ema:
         saved = state.get("callbacks", {}).get("ema", {})
-        if name not in saved:
-            have = ", ".join(saved) or "none"
+        mean = ckpt.peer_weights(state, spec, name, mean=True)  # a strategy's temporal mean (e.g. PCL's)
+        if name not in saved and mean is None:
+            have = ", ".join([*saved, *(n for n, sp in meta["peers"].items() if sp.get("mean_module"))]) or "none"
             raise UserError(f"peer '{name}' has no EMA copy in this checkpoint (EMA peers: {have})", where=str(folder),
                             hint="train with [ema] (or [peers.ema]) in the recipe, or export without --ema")
-        weights = saved[name]["module"]
+        weights = saved[name]["module"] if name in saved else mean
     else:
-        weights = state["modules"][name]
+        weights = ckpt.peer_weights(state, spec, name)
+        if weights is None:
+            raise CheckpointError(f"the checkpoint holds no weights for peer '{name}'", where=str(folder),
+                                  hint="export another checkpoint of the run")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError("the export folder exists and is not empty", where=str(out_dir),
                         hint="choose another --out, or remove the folder")
-    spec = meta["peers"][name]
     ds = _data_config(meta, folder)
     arch, kwargs = spec["model"], dict(spec.get("kwargs", {}))
     model = timm.create_model(arch, pretrained=False, num_classes=ds["num_classes"], in_chans=ds["in_chans"], **kwargs)

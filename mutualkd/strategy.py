@@ -23,6 +23,28 @@ taken from other peers must be detached by the strategy.
 Strategies never see the engine's wrappers (DistributedDataParallel, ``torch.compile``):
 :meth:`StepContext.module` hands out the module as the strategy built it, and calling it
 runs the forward pass through whatever wrapper the engine put around it.
+
+Online distillation widens the contract (each piece optional, each off by default):
+
+* **topologies**: peers are whole networks (``"independent"``) or the branches of a network
+  split into a shared trunk and K branches (``"branched"``, a ``[[peers]]`` table with
+  ``branches``/``split_after``). A branched network is one *unit* named after its table
+  (``self.networks`` maps each unit to its peers); its trunk runs once per batch and view.
+  ``topologies`` lists those a strategy accepts;
+* **temporal means**: :meth:`Strategy.temporal_means` asks for an EMA copy of a peer's
+  network, updated after every optimizer step of its unit with the strategy's decay; its
+  peers are ``<peer>_ema``, readable in a step with ``ctx.output`` (no graph), evaluated,
+  checkpointed and exportable;
+* **views**: :meth:`Strategy.views` gives each peer its own augmentation of the batch's
+  images (both data pipelines draw them); ``ctx.output`` feeds each peer its view;
+* **declared outputs**: :meth:`Strategy.outputs` names extra predictions (a gated
+  ensemble, a fused head) that :meth:`Strategy.compute_outputs` builds at evaluation;
+  they are evaluated, logged and may choose ``best/`` (:meth:`Strategy.reported_output`
+  is the default choice, ``run.best_output`` the recipe's);
+* **per-batch updates**: ``ctx.skip_update(unit)`` leaves a unit of the step untouched on
+  this batch, its optimizer state included;
+* ``ctx.log(name, value)`` records a scalar (its epoch mean goes to metrics.jsonl) and
+  ``ctx.warn(message)`` prints a note once.
 """
 
 from __future__ import annotations
@@ -36,8 +58,10 @@ from pydantic import BaseModel, ConfigDict
 import torch
 from torch import Tensor, nn
 
+from mutualkd.config import OptimizerConfig, Recipe, SchedulerConfig
+from mutualkd.errors import RecipeError
+
 if TYPE_CHECKING:
-    from mutualkd.config import OptimizerConfig, Recipe, SchedulerConfig
     from mutualkd.data import DatasetInfo
 
 __all__ = [
@@ -51,7 +75,15 @@ __all__ = [
     "StepContext",
     "LossTerms",
     "LoadedModel",
+    "TemporalMean",
+    "OptimizerConfig",
+    "SchedulerConfig",
+    "RecipeError",
+    "EMA_SUFFIX",
 ]
+
+#: ``<peer><EMA_SUFFIX>`` names the EMA (temporal-mean) copy of a peer in steps, metrics and checkpoints.
+EMA_SUFFIX = "_ema"
 
 #: Loss terms of one step, grouped by peer name: ``{"peer0": {"ce": t, "kl": t}}``.
 LossTerms = dict[str, dict[str, Tensor]]
@@ -96,10 +128,30 @@ P = TypeVar("P", bound=StrategyParams)
 
 @dataclass(frozen=True)
 class PeerOutput:
-    """A peer's forward pass on the current batch: feature map and logits."""
+    """A peer's forward pass on the current batch: feature map and logits.
+
+    ``trunk`` is the shared trunk's output map this branch was fed (branched peers only;
+    the same tensor for every branch on the same view), ``None`` for a whole network.
+    """
 
     features: Tensor
     logits: Tensor
+    trunk: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class TemporalMean:
+    """An EMA (temporal-mean) copy of the network of peer ``peer``, requested by a strategy.
+
+    After each optimizer step of the network's unit, ``ema = d * ema + (1 - d) * net`` with
+    ``d = decay(n)``, ``n`` the number of earlier updates (0 at the first: ``decay(0) = 0``
+    copies the network). Parameters and floating-point buffers (BatchNorm statistics) are
+    averaged; integer buffers are copied. The copy is in eval mode, has no gradient, and
+    its peers are named ``<peer>_ema``.
+    """
+
+    peer: str
+    decay: Callable[[int], float]
 
 
 @dataclass(frozen=True)
@@ -136,6 +188,9 @@ class PeerInfo:
     model: nn.Module  # the unwrapped timm model (read-only use at set-up)
     frozen: bool = False  # never trained: no unit, no optimizer (its weights came from a source)
     head_reset: bool = False  # its classifier is new and untrained (reset_head): its logits mean nothing yet
+    network: str = ""  # the unit (and checkpoint module) it belongs to: its own name, or its branched network's
+    branch: int | None = None  # its index among the network's branches (None: a whole network)
+    trunk_shape: tuple[int, ...] | None = None  # the shared trunk's output map (C, H, W), branched peers only
 
 
 @dataclass
@@ -155,6 +210,8 @@ class SetupContext:
     load_model: Callable[[str, str | int, str, str | None, bool], LoadedModel]
     #: ``(name, field) -> metric``, with the run's ``run.block_plugins`` applied.
     find_metric: Callable[[str, str], Any]
+    #: ``(message) -> None``: a note printed once on the main process.
+    warn: Callable[[str], None] = print
     _added: list[tuple[str, nn.Module, str, Any, Any, bool]] = field(default_factory=list)
 
     def load_peer(self, source: str, peer: str | int = 0, *, model: str | None = None, reset_head: bool = False,
@@ -223,6 +280,26 @@ class StepContext(ABC):
         through the engine's wrapper (so that several processes synchronise gradients).
         """
 
+    def view(self, k: int) -> Tensor:
+        """View ``k`` of the batch's images (``inputs`` is view 0); see :meth:`Strategy.views`."""
+        if k == 0:
+            return self.inputs
+        raise IndexError(f"this batch has one view; view {k} needs Strategy.views() to ask for it")
+
+    def skip_update(self, *units: str) -> None:
+        """Leave ``units`` of the current step untouched on this batch (no optimizer step, no state change).
+
+        Their schedules still advance with the batch. Loss terms of a skipped unit are still
+        computed and logged; gradients that reach it are discarded.
+        """
+        raise NotImplementedError("this context does not train")
+
+    def log(self, name: str, value: float | Tensor) -> None:
+        """Record a scalar for this batch (the step record, and its mean over the epoch in the epoch record)."""
+
+    def warn(self, message: str) -> None:
+        """Print ``message`` as a note, once per run (main process)."""
+
 
 class Strategy(ABC, Generic[P]):
     """Base class of every distillation strategy plugin.
@@ -244,6 +321,9 @@ class Strategy(ABC, Generic[P]):
     #: strategy's steps must not update it (see :attr:`trainable`); its output on a batch is
     #: computed once and reused by every step (its version never changes).
     accepts_frozen: ClassVar[bool] = False
+    #: The peer topologies accepted: ``"independent"`` (whole networks) and/or ``"branched"``
+    #: (the branches of networks split into a shared trunk and K branches).
+    topologies: ClassVar[tuple[str, ...]] = ("independent",)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -255,12 +335,22 @@ class Strategy(ABC, Generic[P]):
                 cls.Params = args[0]
                 return
 
-    def __init__(self, params: P, *, peers: Sequence[str], mode: Mode, frozen: Sequence[str] = ()) -> None:
+    def __init__(self, params: P, *, peers: Sequence[str], mode: Mode, frozen: Sequence[str] = (),
+                 networks: Mapping[str, Sequence[str]] | None = None) -> None:
         self.params: P = params
         self.peers = list(peers)
         self.mode = mode
         #: Peers the recipe froze (only when :attr:`accepts_frozen`); never in a step's ``updates``.
         self.frozen = [p for p in self.peers if p in set(frozen)]
+        #: Unit (network) name -> its peers: ``{"peer0": ["peer0"]}`` for whole networks,
+        #: ``{"net": ["net_b0", "net_b1", "net_b2"]}`` for a branched one.
+        self.networks: dict[str, list[str]] = (
+            {n: list(ps) for n, ps in networks.items()} if networks is not None else {p: [p] for p in self.peers}
+        )
+
+    def unit_of(self, peer: str) -> str:
+        """The unit (network) whose optimizer updates ``peer``."""
+        return next(n for n, ps in self.networks.items() if peer in ps)
 
     @property
     def trainable(self) -> list[str]:
@@ -278,6 +368,27 @@ class Strategy(ABC, Generic[P]):
     def stages(self) -> Sequence[Stage]:
         """The stages of a run; by default one stage running :meth:`steps`."""
         return [Stage("train", tuple(self.steps()))]
+
+    def temporal_means(self) -> Sequence[TemporalMean]:
+        """EMA copies of networks the strategy reads as teachers and the engine evaluates (default: none)."""
+        return ()
+
+    def views(self) -> Mapping[str, int]:
+        """Which view of the batch each peer sees: ``{peer: k}``; peers left out see view 0 (default: all)."""
+        return {}
+
+    def outputs(self) -> Sequence[str]:
+        """Names of the predictions :meth:`compute_outputs` adds at evaluation (default: none)."""
+        return ()
+
+    def compute_outputs(self, ctx: StepContext) -> Mapping[str, Tensor]:
+        """The logits ``[B, classes]`` of each declared output on an evaluation batch (no graph, eval mode)."""
+        return {}
+
+    def reported_output(self) -> str | None:
+        """The output the method's authors report, which chooses ``best/`` unless ``run.best_output`` says
+        otherwise: a peer, ``<peer>_ema`` or a declared output. None: the mean top-1 of the peers."""
+        return None
 
     # ------------------------------------------------------------------ computation
     @abstractmethod

@@ -280,7 +280,7 @@ def _from_run(src: Source, model: str | None, peer: str | int, num_classes: int,
     except UnsafeFileError as e:
         e.where = e.where or where  # the message names the file; where names the recipe key
         raise
-    weights = state.get("modules", {}).get(name)
+    weights = ckpt.peer_weights(state, peers[name], name)
     if not isinstance(weights, dict):
         raise CheckpointError(f"the checkpoint {folder} holds no weights for peer '{name}'", where=where,
                               hint="name another checkpoint of the run")

@@ -32,6 +32,8 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # each recipe is a pa
 RECIPE_FILES = sorted(RECIPES.glob("**/*.toml"))
 #: Folders named after a data set that recipes read through a generic source (image folder, tar shards).
 DATA_FOLDERS = {"imagenet": ("image_folder", "image_tar")}
+#: Folders that group a family of methods, each holding recipes/<group>/<data set>/ folders.
+GROUPS = {"online"}
 TINY = [
     "run.max_steps=2",
     "run.epochs=1",
@@ -133,8 +135,9 @@ def test_recipe_sits_in_the_folder_of_its_data_set(path: Path):
         assert rel.name in TOP_LEVEL, f"move {rel} into recipes/<data set>/ (only {sorted(TOP_LEVEL)} stay on top)"
         return
     dataset = _raw(path).get("data", {}).get("dataset", "digits")
-    folder_ok = rel.parts[0] == dataset or dataset in DATA_FOLDERS.get(rel.parts[0], ())
-    assert len(rel.parts) == 2 and folder_ok, f"{rel} trains on {dataset}: put it in recipes/{dataset}/"
+    parts = rel.parts[1:] if rel.parts[0] in GROUPS else rel.parts
+    folder_ok = parts[0] == dataset or dataset in DATA_FOLDERS.get(parts[0], ())
+    assert len(parts) == 2 and folder_ok, f"{rel} trains on {dataset}: put it in recipes/{dataset}/"
 
 
 def test_one_recipe_per_set_up():

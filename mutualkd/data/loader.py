@@ -140,6 +140,7 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
         channels_last: bool = False,
+        views: int = 1,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, not {batch_size}")
@@ -166,6 +167,7 @@ class BatchLoader:
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.channels_last = bool(channels_last)
+        self.views = int(views) if self.train else 1
         self.epoch = 0
         self.start_batch = 0
 
@@ -241,12 +243,19 @@ class BatchLoader:
         self._order_cache = (self.epoch, order)
         return order
 
-    def _aug_generator(self, batch_index: int) -> torch.Generator:
-        words = [self.seed % 2**64, self.epoch, batch_index, self.rank, _AUG_TAG]
+    def _aug_generator(self, batch_index: int, view: int = 0) -> torch.Generator:
+        # View 0 draws exactly what a single-view run draws; view v > 0 its own stream.
+        words = [self.seed % 2**64, self.epoch, batch_index, self.rank, _AUG_TAG] + ([view] if view else [])
         state = np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0]
         return torch.Generator().manual_seed(int(state) >> 1)
 
     def _batch(self, idx: torch.Tensor, batch_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.views == 1:
+            return self._view(idx, batch_index, 0), self.labels[idx]
+        # Several views: [V, B, C, H, W], each an independent augmentation of the same images.
+        return torch.stack([self._view(idx, batch_index, v) for v in range(self.views)]), self.labels[idx]
+
+    def _view(self, idx: torch.Tensor, batch_index: int, view: int) -> torch.Tensor:
         if self.augment:
             raw = augment_batch(
                 self.images,
@@ -254,11 +263,10 @@ class BatchLoader:
                 padding=self.info.padding,
                 flip=self.info.augment == "crop_flip",
                 pad_mode="reflect" if self.info.augment == "crop_flip" else "zeros",
-                generator=self._aug_generator(batch_index),
+                generator=self._aug_generator(batch_index, view),
             )
         else:
             raw = self.images[idx]
         x = raw.to(torch.float32).mul_(self._scale).add_(self._shift)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        x = x.contiguous(memory_format=fmt)
-        return x, self.labels[idx]
+        return x.contiguous(memory_format=fmt)

@@ -143,8 +143,12 @@ def plan_stream(cfg: DataConfig, *, seed: int, peers: Mapping[str, str]) -> Stre
 
 
 def build_pipeline(cfg: DataConfig, *, seed: int, device: torch.device | str, rank: int = 0, world_size: int = 1,
-                   channels_last: bool = False, peers: Mapping[str, str] | None = None) -> Pipeline:
-    """The loaders of the pipeline :func:`choose_pipeline` picks, for process ``rank`` of ``world_size``."""
+                   channels_last: bool = False, peers: Mapping[str, str] | None = None, views: int = 1) -> Pipeline:
+    """The loaders of the pipeline :func:`choose_pipeline` picks, for process ``rank`` of ``world_size``.
+
+    ``views > 1``: the train loader yields ``x`` as ``[views, B, C, H, W]``, each view an
+    independent augmentation of the same images (view 0 is the one a single-view run draws).
+    """
     kind, reason = choose_pipeline(cfg)
     common: dict[str, Any] = dict(device=device, rank=rank, world_size=world_size, channels_last=channels_last)
     if kind == "device":
@@ -152,7 +156,7 @@ def build_pipeline(cfg: DataConfig, *, seed: int, device: torch.device | str, ra
         pipe = Pipeline(
             kind, reason, info,
             BatchLoader(train, info, batch_size=cfg.batch_size, train=True, augment=cfg.augment, seed=seed,
-                        drop_last=cfg.drop_last, **common),
+                        drop_last=cfg.drop_last, views=views, **common),
             BatchLoader(test, info, batch_size=cfg.eval_batch_size, train=False, augment=False, seed=seed, **common),
         )
         if val is not None:
@@ -171,7 +175,7 @@ def build_pipeline(cfg: DataConfig, *, seed: int, device: torch.device | str, ra
         ds = StreamDataset(source, idx, eval_tf, seed=seed, train=False)
         return StreamLoader(ds, batch_size=cfg.eval_batch_size, train=False, **stream)
 
-    train_ds = StreamDataset(plan.train, plan.train_idx, train_tf, seed=seed, train=True)
+    train_ds = StreamDataset(plan.train, plan.train_idx, train_tf, seed=seed, train=True, views=views)
     pipe = Pipeline(
         kind, reason, plan.info,
         StreamLoader(train_ds, batch_size=cfg.batch_size, train=True, drop_last=cfg.drop_last, **stream),

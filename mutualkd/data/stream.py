@@ -67,7 +67,9 @@ class StreamDataset(Dataset[Any]):
     processes hold their own copy of the dataset: no attribute set later reaches them.
     """
 
-    def __init__(self, source: Source, indices: np.ndarray, transform: Any, *, seed: int, train: bool) -> None:
+    def __init__(self, source: Source, indices: np.ndarray, transform: Any, *, seed: int, train: bool,
+                 views: int = 1) -> None:
+        self.views = int(views) if train else 1
         self.source = source
         self.indices = np.asarray(indices, dtype=np.int64)
         self.transform = transform
@@ -89,6 +91,12 @@ class StreamDataset(Dataset[Any]):
         if self.train:
             with seeded([self.seed, epoch, i, _AUG_TAG]):
                 x = self.transform(img)
+            if self.views > 1:  # [V, C, H, W]: view 0 as a single-view run draws it, then one stream per view
+                extra = []
+                for v in range(1, self.views):
+                    with seeded([self.seed, epoch, i, _AUG_TAG, v]):
+                        extra.append(self.transform(img))
+                x = torch.stack([x, *extra])
         else:
             x = self.transform(img)
         return x, int(self.source.labels[i])
@@ -135,6 +143,8 @@ def _collate(samples: Sequence[tuple[Tensor, int] | Unreadable]) -> tuple[Tensor
     if not good:
         return torch.empty(0), torch.empty(0, dtype=torch.int64), bad
     x = torch.stack([s[0] for s in good])
+    if x.ndim == 5:  # several views per sample: [B, V, C, H, W] -> [V, B, C, H, W]
+        x = x.transpose(0, 1)
     y = torch.tensor([s[1] for s in good], dtype=torch.int64)
     return x, y, bad
 
@@ -249,7 +259,7 @@ class StreamLoader:
                 self._unreadable(bad, batch, x.shape[0])
             batch += 1
             x = x.to(self.device, non_blocking=True)
-            if self.channels_last:
+            if self.channels_last and x.ndim == 4:  # (views, [V, B, C, H, W], stay contiguous)
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, y.to(self.device, non_blocking=True)
         self.sampler.start_batch = 0

@@ -7,6 +7,7 @@ the same checks for ``mutualkd validate``, on the CPU and without an Accelerator
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,11 +20,12 @@ from torch import nn
 
 from mutualkd.config import OptimizerConfig, Recipe, SchedulerConfig, format_validation_error
 from mutualkd.data import DatasetInfo, Pipeline, build_pipeline, check_data
-from mutualkd.errors import DataError, RecipeError, UserError, close_matches, in_file
+from mutualkd.errors import DataError, RecipeError, UserError, close_matches, in_file, unknown_name_hint
 from mutualkd.optim import build_optimizer, build_scheduler, check_optimizer
 from mutualkd.peers import PeerModule, input_norm, probe_feature_shape
 from mutualkd.registry import get_metric, get_strategy
-from mutualkd.strategy import LoadedModel, PeerInfo, SetupContext, Stage, Strategy
+from mutualkd.branching import BranchedNet
+from mutualkd.strategy import EMA_SUFFIX, LoadedModel, PeerInfo, SetupContext, Stage, Strategy, TemporalMean
 from mutualkd.weights import announce, load_network, parse_source, peer_network
 
 __all__ = ["Unit", "Slot", "Built", "resolve_strategy", "build_run", "check_recipe"]
@@ -35,7 +37,7 @@ class Unit:
 
     name: str
     modules: list[str]
-    peer: str | None = None  # the peer whose backbone is in this unit
+    network: str | None = None  # the peer network (whole or branched) in this unit, named like it
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
     clip: tuple[float, str] | None = None  # (clip_grad, clip_mode) of the unit's optimizer config
@@ -59,11 +61,16 @@ class Built:
     info: DatasetInfo
     data: Pipeline  # the loaders (train, test, val), the batch mixing, and why this pipeline
     peer_names: list[str]
-    slots: dict[str, Slot]  # peers first, in recipe order, then auxiliary modules
+    slots: dict[str, Slot]  # peer networks first, in recipe order, then auxiliary modules, then temporal means
     units: dict[str, Unit]
     stages: list[Stage]
     stage_epochs: list[int] = field(default_factory=list)
     lr_note: str | None = None  # the linear lr-scaling rule's effect, for the console
+    networks: dict[str, list[str]] = field(default_factory=dict)  # network (slot) -> its peers
+    means: dict[str, TemporalMean] = field(default_factory=dict)  # temporal-mean slot -> what it averages
+    views: dict[str, int] = field(default_factory=dict)  # peer -> the view of the batch it sees
+    num_views: int = 1
+    best_keys: list[str] = field(default_factory=list)  # the outputs whose mean top-1 chooses the best epoch
 
     @property
     def train_loader(self) -> Any:
@@ -90,7 +97,7 @@ def resolve_strategy(recipe: Recipe, recipe_file: str = "<recipe>") -> tuple[typ
                 for k in unknown
             ) + f"; parameters of '{recipe.strategy.name}': {', '.join(known)}"
         raise err from None
-    n = len(recipe.peers)
+    n = len(recipe.peer_names())
     if n < cls.min_peers or (cls.max_peers is not None and n > cls.max_peers):
         if cls.max_peers is None:
             want = f"at least {cls.min_peers}"
@@ -108,7 +115,26 @@ def resolve_strategy(recipe: Recipe, recipe_file: str = "<recipe>") -> tuple[typ
             file=recipe_file, field="schedule.mode", hint=f"use one of: {', '.join(cls.modes)}",
         )
     _check_frozen(recipe, recipe_file, cls)
+    _check_topology(recipe, recipe_file, cls)
     return cls, params
+
+
+def _check_topology(recipe: Recipe, file: str, cls: type[Strategy[Any]]) -> None:
+    """Branched networks only for strategies that accept them."""
+    branched = [i for i, pc in enumerate(recipe.peers) if pc.branches is not None]
+    if branched and "branched" not in cls.topologies:
+        raise RecipeError(
+            f"strategy '{recipe.strategy.name}' trains whole networks and takes no branched peers",
+            file=file, field=f"peers[{branched[0]}].branches",
+            hint="remove branches and split_after, or use a strategy made for branches (e.g. one, cl_ilr, okddip, pcl)",
+        )
+    if len(branched) < len(recipe.peers) and "independent" not in cls.topologies:
+        i = next(i for i, pc in enumerate(recipe.peers) if pc.branches is None)
+        raise RecipeError(
+            f"strategy '{recipe.strategy.name}' trains the branches of a network split into a shared trunk and"
+            " branches", file=file, field=f"peers[{i}]",
+            hint="set branches (e.g. 3) and split_after (e.g. \"layer2\") in the [[peers]] table",
+        )
 
 
 def _check_frozen(recipe: Recipe, file: str, cls: type[Strategy[Any]]) -> None:
@@ -116,7 +142,7 @@ def _check_frozen(recipe: Recipe, file: str, cls: type[Strategy[Any]]) -> None:
     frozen = [i for i, pc in enumerate(recipe.peers) if pc.frozen]
     if not frozen:
         return
-    names = recipe.peer_names()
+    names = recipe.network_names()
     i = frozen[0]
     if not cls.accepts_frozen:
         raise RecipeError(
@@ -132,9 +158,16 @@ def _check_frozen(recipe: Recipe, file: str, cls: type[Strategy[Any]]) -> None:
 
 def _strategy(cls: type[Strategy[Any]], params: Any, recipe: Recipe) -> Strategy[Any]:
     """The strategy object; frozen peer names are handed over only when there are some (older plugins)."""
-    frozen = [n for n, pc in zip(recipe.peer_names(), recipe.peers) if pc.frozen]
+    frozen = [n for n, pc in zip(recipe.network_names(), recipe.peers) if pc.frozen]
     extra: dict[str, Any] = {"frozen": frozen} if frozen else {}
+    if any(pc.branches is not None for pc in recipe.peers):
+        extra["networks"] = _networks(recipe)
     return cls(params, peers=recipe.peer_names(), mode=recipe.schedule.mode, **extra)
+
+
+def _networks(recipe: Recipe) -> dict[str, list[str]]:
+    """Network (unit) name -> its peers, in recipe order."""
+    return {base: pc.branch_names(base) for base, pc in zip(recipe.network_names(), recipe.peers)}
 
 
 # --------------------------------------------------------------------------- peers
@@ -165,30 +198,68 @@ def probe_peer(module: PeerModule, info: DatasetInfo, device: torch.device, *, f
 
 
 def _make_peers(recipe: Recipe, file: str, info: DatasetInfo, feature_map: bool, device: torch.device,
-                channels_last: bool = False) -> tuple[list[PeerModule], list[PeerInfo]]:
-    names = recipe.peer_names()
-    modules: list[PeerModule] = []
+                channels_last: bool = False) -> tuple[list[nn.Module], list[PeerInfo]]:
+    """One module per ``[[peers]]`` table (a :class:`PeerModule`, or a :class:`BranchedNet` for a branched
+    table) and a :class:`PeerInfo` per peer."""
+    names = recipe.network_names()
+    modules: list[nn.Module] = []
     infos: list[PeerInfo] = []
     for i, pc in enumerate(recipe.peers):
+        if pc.branches is not None:
+            module, branch_infos = _make_branched(pc, i, names[i], info, device, channels_last, file)
+            modules.append(module)
+            infos += branch_infos
+            continue
         # Random weights, or weights from a run, a file, a folder or timm's pretrained ones (mutualkd.weights).
         net = peer_network(pc, i, num_classes=info.num_classes, in_chans=info.in_chans, file=file)
         announce(net, f"peer '{names[i]}'" + (" (frozen)" if pc.frozen else ""))
         model = net.model
-        module = PeerModule(model, pc.model, feature_map=feature_map, feature_stage=pc.feature_stage,
-                            file=file, field=f"peers[{i}].feature_stage",
-                            input_norm=input_norm(info.mean, info.std, net.mean, net.std)).to(device)
+        peer = PeerModule(model, pc.model, feature_map=feature_map, feature_stage=pc.feature_stage,
+                          file=file, field=f"peers[{i}].feature_stage",
+                          input_norm=input_norm(info.mean, info.std, net.mean, net.std)).to(device)
         if pc.frozen:  # never trained: no gradient, and eval mode keeps its BatchNorm statistics
-            module.eval().requires_grad_(False)
+            peer.eval().requires_grad_(False)
         if channels_last:
-            module = module.to(memory_format=torch.channels_last)
-        shape = probe_peer(module, info, device, file=file, i=i, name=names[i])
-        infos.append(PeerInfo(i, names[i], pc.model, shape, model, frozen=pc.frozen, head_reset=net.head_reset))
-        modules.append(module)
+            peer = peer.to(memory_format=torch.channels_last)
+        shape = probe_peer(peer, info, device, file=file, i=i, name=names[i])
+        infos.append(PeerInfo(i, names[i], pc.model, shape, model, frozen=pc.frozen, head_reset=net.head_reset,
+                              network=names[i]))
+        modules.append(peer)
     return modules, infos
 
 
+def _make_branched(pc: Any, i: int, base: str, info: DatasetInfo, device: torch.device, channels_last: bool,
+                   file: str) -> tuple[BranchedNet, list[PeerInfo]]:
+    """K independently initialised models of the table's architecture, sharing model 0's trunk."""
+    nets = [peer_network(pc, i, num_classes=info.num_classes, in_chans=info.in_chans, file=file)
+            for _ in range(pc.branches)]
+    announce(nets[0], f"network '{base}' ({pc.branches} branches after {pc.split_after})")
+    module = BranchedNet([n.model for n in nets], pc.model, pc.split_after, ilr=pc.ilr,
+                         input_norm=input_norm(info.mean, info.std, nets[0].mean, nets[0].std),
+                         file=file, field=f"peers[{i}].split_after").to(device)
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    c, (h, w) = info.in_chans, info.image_size
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            trunks, feats, _ = module(torch.zeros(2, c, h, w, device=device))
+    except (RuntimeError, ValueError, AssertionError, TypeError, IndexError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise RecipeError(f"network '{base}' ({pc.model}) cannot take the data's {c}x{h}x{w} images: {first}",
+                          file=file, field=f"peers[{i}]", hint=_input_hint(nets[0].model, info, i)) from None
+    finally:
+        module.train(was_training)
+    infos = [PeerInfo(i, name, pc.model, tuple(feats[k].shape[1:]), nets[k].model, head_reset=nets[k].head_reset,
+                      network=base, branch=k, trunk_shape=tuple(trunks[k].shape[1:]))
+             for k, name in enumerate(pc.branch_names(base))]
+    return module, infos
+
+
 def _setup_strategy(strategy: Strategy[Any], recipe: Recipe, file: str, info: DatasetInfo, infos: Sequence[PeerInfo],
-                    device: torch.device) -> SetupContext:
+                    device: torch.device, warn: Any = None) -> SetupContext:
+    warn = warn or (lambda message: None)
     blocked = tuple(recipe.run.block_plugins or ())
 
     def load_model(source: str, peer: str | int, field: str, model: str | None = None,
@@ -206,26 +277,27 @@ def _setup_strategy(strategy: Strategy[Any], recipe: Recipe, file: str, info: Da
         return get_metric(name, where=f"{file} [{field}]", blocked=blocked)
 
     setup = SetupContext(peers=infos, recipe=recipe, dataset=info, device=device, recipe_file=file,
-                         load_model=load_model, find_metric=find_metric)
+                         load_model=load_model, find_metric=find_metric, warn=warn)
     strategy.setup(setup)
     return setup
 
 
-def _attach(setup: SetupContext, recipe: Recipe, peers: Sequence[PeerModule], device: torch.device
+def _attach(setup: SetupContext, recipe: Recipe, peers: Sequence[nn.Module], device: torch.device
             ) -> tuple[dict[str, Slot], dict[str, Unit], dict[str, tuple[OptimizerConfig, SchedulerConfig]]]:
-    """Slots for the peers and the strategy's modules; the units they train in, with their configs."""
-    names = recipe.peer_names()
+    """Slots for the peer networks and the strategy's modules; the units they train in, with their configs."""
+    names = recipe.network_names()
     # A frozen peer has no unit (no optimizer); its slot's unit None keeps it in eval mode.
     frozen = {n for n, pc in zip(names, recipe.peers) if pc.frozen}
     slots = {name: Slot(name, m, m, None if name in frozen else name) for name, m in zip(names, peers)}
-    units = {name: Unit(name, [name], peer=name) for name in names if name not in frozen}
+    units = {name: Unit(name, [name], network=name) for name in names if name not in frozen}
     unit_cfg = {name: (recipe.peer_optimizer(i), recipe.peer_scheduler(i)) for i, name in enumerate(names)
                 if name not in frozen}
+    frozen_peers = {n for n, i, _ in recipe.peer_tables() if recipe.peers[i].frozen}
     for name, module, unit, opt_cfg, sched_cfg, trainable in setup._added:
         if name in slots or name in units:
             raise UserError(f"strategy '{recipe.strategy.name}' registers module '{name}' twice",
                             hint="this is a bug in the strategy plugin")
-        if trainable and unit in frozen:
+        if trainable and (unit in frozen or unit in frozen_peers):
             raise UserError(f"strategy '{recipe.strategy.name}' trains module '{name}' with peer '{unit}', which is"
                             " frozen", hint="this is a bug in the strategy plugin: frozen peers have no optimizer")
         module = module.to(device)
@@ -239,6 +311,63 @@ def _attach(setup: SetupContext, recipe: Recipe, peers: Sequence[PeerModule], de
         units[unit].modules.append(name)
         slots[name] = Slot(name, module, module, unit)
     return slots, units, unit_cfg
+
+
+def _temporal_means(strategy: Strategy[Any], recipe: Recipe, file: str, slots: dict[str, Slot]
+                    ) -> dict[str, TemporalMean]:
+    """A frozen, eval-mode copy of each network a strategy averages, as slot ``<network>_ema``."""
+    networks = _networks(recipe)
+    for i, pc in enumerate(recipe.peers):
+        if pc.branches is not None and recipe.peer_ema(i) is not None:
+            raise RecipeError(
+                "[ema] keeps EMA copies of whole peers; network '{}' is branched".format(recipe.network_names()[i]),
+                file=file, field="ema" if pc.ema is None else f"peers[{i}].ema",
+                hint="remove [ema] for it (a strategy that needs a temporal mean of the branches, such as pcl, keeps"
+                " its own)",
+            )
+    means: dict[str, TemporalMean] = {}
+    for tm in strategy.temporal_means():
+        net = next((n for n, ps in networks.items() if tm.peer in ps), None)
+        if net is None:
+            raise UserError(f"strategy '{recipe.strategy.name}' asks for a temporal mean of '{tm.peer}', which is not"
+                            " a peer of this run", hint="this is a bug in the strategy plugin")
+        i = recipe.network_names().index(net)
+        if recipe.peer_ema(i) is not None:
+            raise RecipeError(
+                f"strategy '{recipe.strategy.name}' keeps its own EMA (temporal mean) of network '{net}'; the recipe's"
+                " [ema] would be a second one under the same names", file=file,
+                field="ema" if recipe.peers[i].ema is None else f"peers[{i}].ema",
+                hint="remove [ema] (the strategy's copy is evaluated and exported as <peer>_ema)",
+            )
+        name = net + EMA_SUFFIX
+        if name in means:
+            continue
+        if name in slots:
+            raise UserError(f"module name '{name}' is taken; the temporal mean of '{net}' needs it",
+                            hint="rename the strategy's module")
+        copy_ = copy.deepcopy(slots[net].inner).eval().requires_grad_(False)
+        slots[name] = Slot(name, copy_, copy_, None)
+        means[name] = tm
+    return means
+
+
+def _views(strategy: Strategy[Any], recipe: Recipe, file: str) -> tuple[dict[str, int], int]:
+    """Each peer's view, and how many views a batch carries; a branched network's branches may differ."""
+    asked = dict(strategy.views())
+    peers = recipe.peer_names()
+    unknown = sorted(set(asked) - set(peers))
+    if unknown or any(not isinstance(v, int) or v < 0 for v in asked.values()):
+        raise UserError(f"strategy '{recipe.strategy.name}' asks for views of {unknown or 'negative indices'}",
+                        hint="this is a bug in the strategy plugin: views() maps peers to view indices 0, 1, ...")
+    views = {p: int(asked.get(p, 0)) for p in peers}
+    n = max(views.values(), default=0) + 1
+    if n > 1 and (recipe.data.mixup > 0 or recipe.data.cutmix > 0 or recipe.data.cutmix_minmax is not None):
+        raise RecipeError(
+            f"strategy '{recipe.strategy.name}' gives the peers their own views of each batch, which mixup / cutmix"
+            " would mix differently", file=file, field="data.mixup" if recipe.data.mixup > 0 else "data.cutmix",
+            hint="set mixup = 0 and cutmix = 0, or give every peer the same view (the strategy's views parameter)",
+        )
+    return views, n
 
 
 def _stages(strategy: Strategy[Any], recipe: Recipe, units: dict[str, Unit]) -> tuple[list[Stage], list[int]]:
@@ -293,15 +422,45 @@ def check_recipe(recipe: Recipe, *, recipe_file: str = "<recipe>", data: bool = 
         raise in_file(e, recipe_file) from None
     cpu = torch.device("cpu")
     strategy = _strategy(cls, params, recipe)
+    _views(strategy, recipe, recipe_file)
     peers, infos = _make_peers(recipe, recipe_file, info, cls.needs_feature_maps, cpu)
     setup = _setup_strategy(strategy, recipe, recipe_file, info, infos, cpu)
-    _, units, unit_cfg = _attach(setup, recipe, peers, cpu)
+    slots, units, unit_cfg = _attach(setup, recipe, peers, cpu)
+    means = _temporal_means(strategy, recipe, recipe_file, slots)
     _stages(strategy, recipe, units)
     _check_optimizers(recipe, recipe_file, unit_cfg)
+    check_best_output(recipe, recipe_file, strategy, _evaluated_names(recipe, strategy, means))
 
 
 # --------------------------------------------------------------------------- the whole run
-def build_run(recipe: Recipe, accelerator: Accelerator, *, recipe_file: str = "<recipe>") -> Built:
+def _evaluated_names(recipe: Recipe, strategy: Strategy[Any], means: dict[str, TemporalMean]) -> list[str]:
+    """Every output evaluated after an epoch: peers, the strategy's temporal means and declared outputs, EMA peers."""
+    peers = recipe.peer_names()
+    networks = _networks(recipe)
+    names = list(peers)
+    names += [p + EMA_SUFFIX for m in means for p in networks[m.removesuffix(EMA_SUFFIX)]]
+    names += list(strategy.outputs())
+    names += [p + EMA_SUFFIX for p, i, _ in recipe.peer_tables() if recipe.peer_ema(i) is not None]
+    return names + (["ensemble"] if len(peers) > 1 else [])
+
+
+def check_best_output(recipe: Recipe, file: str, strategy: Strategy[Any], evaluated: Sequence[str]) -> list[str]:
+    """The outputs whose mean top-1 chooses the best epoch (``run.best_output``, else the strategy's choice)."""
+    asked = recipe.run.best_output
+    choice = asked if asked is not None else strategy.reported_output()
+    if choice is None or choice == "peers":
+        return recipe.peer_names()
+    if choice not in evaluated:
+        if asked is None:
+            raise UserError(f"strategy '{recipe.strategy.name}' reports output '{choice}', which is not evaluated",
+                            hint="this is a bug in the strategy plugin")
+        raise RecipeError(f"best_output = \"{asked}\" is not an output of this run", file=file, field="run.best_output",
+                          hint=unknown_name_hint("output", asked, ["peers", *evaluated]))
+    return [choice]
+
+
+def build_run(recipe: Recipe, accelerator: Accelerator, *, recipe_file: str = "<recipe>",
+              warn: Any = None) -> Built:
     """Strategy, data, peers, auxiliary modules and one optimizer per unit, prepared for training."""
     run, acc = recipe.run, accelerator
     device = acc.device
@@ -310,13 +469,14 @@ def build_run(recipe: Recipe, accelerator: Accelerator, *, recipe_file: str = "<
     cls, params = resolve_strategy(recipe, recipe_file)
     peer_names = recipe.peer_names()
     strategy = _strategy(cls, params, recipe)
+    views, num_views = _views(strategy, recipe, recipe_file)
 
     # --- data: held on the training device (device pipeline) or read by worker processes
     # (stream pipeline), see mutualkd.data.pipeline
     try:
         data = build_pipeline(recipe.data, seed=run.seed, device=device, rank=acc.process_index,
                               world_size=acc.num_processes, channels_last=run.channels_last,
-                              peers=_peer_models(recipe))
+                              peers=_peer_models(recipe), views=num_views)
     except DataError as e:
         raise in_file(e, recipe_file) from None
     info, train_loader = data.info, data.train
@@ -326,9 +486,12 @@ def build_run(recipe: Recipe, accelerator: Accelerator, *, recipe_file: str = "<
     peers, infos = _make_peers(recipe, recipe_file, info, cls.needs_feature_maps, device, run.channels_last)
 
     # --- strategy set-up: auxiliary modules and the units they train with
-    setup = _setup_strategy(strategy, recipe, recipe_file, info, infos, device)
+    setup = _setup_strategy(strategy, recipe, recipe_file, info, infos, device, warn)
     slots, units, unit_cfg = _attach(setup, recipe, peers, device)
+    # --- temporal means: copies of the networks a strategy averages (made before DDP wraps anything)
+    means = _temporal_means(strategy, recipe, recipe_file, slots)
     stages, stage_epochs = _stages(strategy, recipe, units)
+    best_keys = check_best_output(recipe, recipe_file, strategy, _evaluated_names(recipe, strategy, means))
 
     # --- one optimizer (mutualkd's sgd / adamw, or timm.optim's) and one per-step schedule per unit
     _check_optimizers(recipe, recipe_file, unit_cfg)
@@ -365,13 +528,13 @@ def build_run(recipe: Recipe, accelerator: Accelerator, *, recipe_file: str = "<
         for s, m in zip(trainable, prepared):
             s.wrapped = m
     if run.compile:
-        for name in peer_names:
+        for name in recipe.network_names():
             slots[name].wrapped = torch.compile(slots[name].wrapped)
     return Built(strategy, info, data, peer_names, slots, units, stages, stage_epochs,
-                 "; ".join(lr_notes) or None)
+                 "; ".join(lr_notes) or None, _networks(recipe), means, views, num_views, best_keys)
 
 
 def _peer_models(recipe: Recipe) -> dict[str, str]:
     """Each peer's recipe name and its timm model (for ``data.config_from``)."""
-    return dict(zip(recipe.peer_names(), (pc.model for pc in recipe.peers)))
+    return dict(zip(recipe.network_names(), (pc.model for pc in recipe.peers)))
 

@@ -56,9 +56,9 @@ class EmaPeers(Callback):
         self.emas: dict[str, ModelEmaV3] = {}
         self.updates: dict[str, int] = {}
         self._restored = False
-        for i, name in enumerate(trainer.peer_names):
+        for i, name in enumerate(trainer.network_names):
             cfg = trainer.recipe.peer_ema(i)
-            if cfg is None:
+            if cfg is None or trainer.recipe.peers[i].branches is not None:  # (refused when the recipe is built)
                 continue
             peer = trainer.unwrapped(name)
             model: nn.Module = peer.model  # type: ignore[assignment]  # the timm model inside the PeerModule

@@ -21,6 +21,7 @@ from mutualkd import checkpoint as ckpt
 from mutualkd.engine.hooks import Callback
 from mutualkd.engine.state import History, Position
 from mutualkd.errors import CheckpointError, UserError
+from mutualkd.peers import PeerModule
 from mutualkd.runlog import console
 
 if TYPE_CHECKING:
@@ -59,12 +60,16 @@ def stateful_callbacks(callbacks: Iterable[Callback]) -> dict[str, Any]:
     return out
 
 
+def _bare(module: torch.nn.Module) -> torch.nn.Module:
+    """What a checkpoint saves of a peer network: a whole peer's timm model without its PeerModule
+    wrapper (input norm, feature hook); a branched network as it is."""
+    return module.model if isinstance(module, PeerModule) else module
+
+
 def capture(tr: Trainer) -> dict[str, Any]:
     """Everything a resume needs. Collective with several processes (it gathers RNG states)."""
-    slots, peers = tr._slots, tr.peer_names
-    # A peer's weights are saved without its PeerModule wrapper (input norm, feature hook).
-    modules = {name: slots[name].inner.model.state_dict() for name in peers}  # type: ignore[union-attr]
-    modules.update({k: s.inner.state_dict() for k, s in slots.items() if k not in peers})
+    slots, nets = tr._slots, tr._batch.nets.peers
+    modules = {k: (_bare(s.inner) if k in nets else s.inner).state_dict() for k, s in slots.items()}
     rng = _rng_state()
     units = tr.units.values()
     return {
@@ -79,7 +84,9 @@ def capture(tr: Trainer) -> dict[str, Any]:
         "data": tr.train_loader.state_dict() if hasattr(tr.train_loader, "state_dict") else {},
         "epoch_acc": {k: float(v) for k, v in tr._epoch_sums.items()},
         "epoch_count": tr._epoch_count,
-        "versions": [tr._batch.versions[n] for n in peers],
+        "epoch_scalars": {k: [float(v), int(n)] for k, (v, n) in tr._scalar_sums.items()},
+        "versions": dict(tr._batch.versions),
+        "mean_updates": dict(tr._batch.mean_updates),
         "rng": gather_object([rng]) if tr.accelerator.num_processes > 1 else [rng],
         "metrics_offset": tr.writer.offset() if tr.is_main else 0,
         "metrics_log": tr.writer.snapshot(),  # metrics.jsonl up to here, compressed (main process)
@@ -90,13 +97,10 @@ def capture(tr: Trainer) -> dict[str, Any]:
 
 def restore(tr: Trainer, state: Mapping[str, Any]) -> None:
     """Put ``state`` (from :func:`capture`) back into ``tr``; a state of other models is a :class:`CheckpointError`."""
-    slots, peers = tr._slots, tr.peer_names
+    slots, nets = tr._slots, tr._batch.nets.peers
     try:
-        for name in peers:
-            slots[name].inner.model.load_state_dict(state["modules"][name])  # type: ignore[union-attr]
         for k, s in slots.items():
-            if k not in peers:
-                s.inner.load_state_dict(state["modules"][k])
+            (_bare(s.inner) if k in nets else s.inner).load_state_dict(state["modules"][k])
         for u in tr.units.values():
             u.optimizer.load_state_dict(state["optimizers"][u.name])  # type: ignore[union-attr]
             u.scheduler.load_state_dict(state["schedulers"][u.name])
@@ -117,9 +121,16 @@ def restore(tr: Trainer, state: Mapping[str, Any]) -> None:
         tr.train_loader.load_state_dict(state.get("data") or {})
     tr._epoch_sums = dict(state.get("epoch_acc", {}))
     tr._epoch_count = int(state.get("epoch_count", 0))
+    tr._scalar_sums = {k: [float(v), int(n)] for k, (v, n) in state.get("epoch_scalars", {}).items()}
     tr.last_eval = dict(state.get("last_eval", {}))
-    for name, v in zip(peers, state.get("versions", [])):
-        tr._batch.versions[name] = int(v)
+    versions = state.get("versions", {})
+    if isinstance(versions, list):  # checkpoints of earlier releases: one per peer, in recipe order
+        versions = dict(zip(tr.peer_names, versions))
+    for name, v in versions.items():
+        if name in tr._batch.versions:
+            tr._batch.versions[name] = int(v)
+    for name, v in state.get("mean_updates", {}).items():
+        tr._batch.mean_updates[name] = int(v)
     rngs, i = state["rng"], tr.accelerator.process_index
     _set_rng_state(rngs[i] if i < len(rngs) else rngs[0])
 
@@ -156,14 +167,42 @@ def checkpoint_meta(tr: Trainer, kind: str) -> dict[str, Any]:
         "recipe_hash": tr.folder.recipe_hash,
         "versions": ckpt.versions(),
         # a peer's own input normalisation (mean, std) when its weights expect another than the data set's
-        "peers": {name: {"model": pc.model, "kwargs": pc.kwargs, **tr.unwrapped(name).norm_meta()}  # type: ignore[operator]
-                  for name, pc in zip(tr.peer_names, tr.recipe.peers)},
+        "peers": _peer_meta(tr),
         # what `mutualkd export` writes into a timm config.json: the input size and normalisation
         "dataset": {"name": info.name, "num_classes": info.num_classes, "in_chans": info.in_chans,
                     "image_size": list(info.image_size), "mean": list(info.mean), "std": list(info.std)},
         "strategy": tr.recipe.strategy.name,
         "num_processes": tr.accelerator.num_processes,
     }
+
+
+def _outputs(tr: Trainer) -> dict[str, list[str]]:
+    """What was evaluated, by kind: the peers, the strategy's temporal means and declared outputs, EMA peers."""
+    nets = tr._batch.nets
+    return {
+        "peers": list(tr.peer_names),
+        "temporal_means": [p for m in nets.means for p in nets.peers[m]],
+        "declared": list(tr.strategy.outputs()),
+        "ema": list(tr.eval_models),
+    }
+
+
+def _peer_meta(tr: Trainer) -> dict[str, Any]:
+    """meta.json's peers: architecture and kwargs, where a branch's weights are (``network``, ``branch``),
+    the module holding its temporal mean (``mean_module``), its own input normalisation."""
+    out: dict[str, Any] = {}
+    recipe, means = tr.recipe, tr._batch.nets.source
+    names = recipe.network_names()
+    for peer, i, k in recipe.peer_tables():
+        pc, net = recipe.peers[i], names[i]
+        spec: dict[str, Any] = {"model": pc.model, "kwargs": pc.kwargs, **tr.unwrapped(net).norm_meta()}  # type: ignore[operator]
+        if k is not None:
+            spec.update(network=net, branch=k)
+        mean = next((m for m, src in means.items() if src == net), None)
+        if mean is not None:
+            spec["mean_module"] = mean
+        out[peer] = spec
+    return out
 
 
 def run_summary(tr: Trainer) -> dict[str, Any]:
@@ -175,13 +214,15 @@ def run_summary(tr: Trainer) -> dict[str, Any]:
     out: dict[str, Any] = {
         "name": tr.recipe.run.name,
         "strategy": tr.recipe.strategy.name,
-        "peers": {n: pc.model for n, pc in zip(tr.peer_names, tr.recipe.peers)},
+        "peers": {n: tr.recipe.peers[i].model for n, i, _ in tr.recipe.peer_tables()},
         "epochs": tr.position.epoch,
         "global_steps": tr.position.global_step,
         "top1": top1,
-        # the epoch whose state checkpoints/best holds (best mean top-1 of the peers)
+        # the epoch whose state checkpoints/best holds (best mean top-1 of best_output)
         "best_epoch": tr.history.best_epoch if tr.history.best_epoch > 0 else None,
         "best_chosen_by": "validation" if tr.val_history is not None else "test",
+        "best_output": tr.best_keys[0] if len(tr.best_keys) == 1 else "peers",
+        "outputs": _outputs(tr),
     }
     if "top5" in tr.last_eval:
         out["top5"] = {name: {"final": v} for name, v in tr.last_eval["top5"].items()}

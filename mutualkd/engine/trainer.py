@@ -83,7 +83,7 @@ class Trainer:
         configure_determinism(run)
 
         # --- everything that can fail on bad input, before anything is written
-        built = build_run(recipe, acc, recipe_file=recipe_file)
+        built = build_run(recipe, acc, recipe_file=recipe_file, warn=self._note)
         self.strategy = built.strategy
         self.info = built.info
         self.train_loader, self.test_loader = built.train_loader, built.test_loader
@@ -92,13 +92,18 @@ class Trainer:
         self.data = built.data  # the pipeline: its kind, why it was chosen, the batch mixing
         self._lr_note = built.lr_note
         self.peer_names = built.peer_names
+        #: Network (one per [[peers]] table, and each temporal mean) -> its peers.
+        self.networks: dict[str, list[str]] = built.networks
+        #: The outputs whose mean top-1 chooses the best epoch and best/ (run.best_output, or the strategy's).
+        self.best_keys: list[str] = built.best_keys
         self.units: dict[str, Unit] = built.units
         self.stages: list[Stage] = built.stages
         self.stage_epochs: list[int] = built.stage_epochs
         self._slots = built.slots
         self._plans: list[StagePlan] = [plan_stage(s, self.units) for s in self.stages]
-        self._batch = BatchStep(self.strategy, self._slots, self.units, self.peer_names, self.precision,
-                                reduce_max=reduce_max if acc.num_processes > 1 else None)
+        self._batch = BatchStep(self.strategy, self._slots, self.units, built.networks, self.precision,
+                                reduce_max=reduce_max if acc.num_processes > 1 else None, means=built.means,
+                                views=built.views, warn=self._note)
         self._mode_plan: StagePlan | None = None
 
         self.position = Position()
@@ -115,6 +120,7 @@ class Trainer:
         self.eval_models: dict[str, nn.Module] = {}
         self._epoch_sums: dict[str, Tensor] = {}  # per-term sums over the epoch, kept on the device
         self._epoch_count = 0
+        self._scalar_sums: dict[str, list[Any]] = {}  # strategy scalars (ctx.log): [sum, batches] over the epoch
         self._stop = StopRequest()
 
         # --- the run folder: refuse to touch an existing run unless resuming it
@@ -141,6 +147,10 @@ class Trainer:
             own.append(TrackerLog(run.log_with))
         own.append(Checkpointing())
         self.callbacks = CallbackList([*own, *callbacks])
+
+    def _note(self, message: str) -> None:
+        if getattr(self, "is_main", True):
+            console.print(f"[yellow]note:[/] {escape(message)}", highlight=False)
 
     def add_callback(self, callback: Callback) -> None:
         """Call ``callback``'s hooks too, after those already registered."""
@@ -235,7 +245,7 @@ class Trainer:
                     result = self.train_step(x, y)
                     pos.batch += 1
                     pos.global_step += 1
-                    self.clock.images += x.shape[0] * world
+                    self.clock.images += y.shape[0] * world
                     self.callbacks.on_batch_end(self, result)  # step log, progress, mid-epoch checkpoints
                     if result.stop_signal is not None:
                         # Every process saw the request in the same batch (step.py reduces it).
@@ -268,6 +278,8 @@ class Trainer:
             "train_seconds": train_time,
             "data_wait_share": clock.data_wait / max(train_time, 1e-9),
         }
+        if self._scalar_sums:  # what the strategy logged (ctx.log), averaged over the batches that logged it
+            record["scalars"] = {k: float(v) / max(n, 1) for k, (v, n) in self._scalar_sums.items()}
         skipped = getattr(self.train_loader, "skipped", None)
         if self.recipe.data.skip_corrupt and skipped is not None:  # unreadable images left out, all processes
             n = torch.tensor([float(skipped)], device=self.device)
@@ -278,16 +290,16 @@ class Trainer:
         if stage.evaluate:
             record["top1"] = self.evaluate()
             record["top5"] = self.last_eval["top5"]
-            self.history.add(pos.epoch + 1, record["top1"], self.peer_names)
+            self.history.add(pos.epoch + 1, record["top1"], self.best_keys)
             if self.val_history is not None:
                 val = self.evaluate_split(self.val_loader)
                 record["val_top1"], record["val_top5"] = val["top1"], val["top5"]
                 self.last_eval.update(val_top1=val["top1"], val_top5=val["top5"])
-                self.val_history.add(pos.epoch + 1, val["top1"], self.peer_names)
+                self.val_history.add(pos.epoch + 1, val["top1"], self.best_keys)
                 # the validation split chooses the best epoch (best/ and the summary follow it)
                 self.history.best_score = self.val_history.best_score
                 self.history.best_epoch = self.val_history.best_epoch
-        self._epoch_sums, self._epoch_count = {}, 0
+        self._epoch_sums, self._epoch_count, self._scalar_sums = {}, 0, {}
         pos.epoch += 1
         pos.stage_epoch += 1
         pos.batch = 0
@@ -313,6 +325,9 @@ class Trainer:
             for key, v in terms.items():
                 self._epoch_sums[key] = self._epoch_sums.get(key, 0.0) + v.float()
         self._epoch_count += 1
+        for key, v in (result.scalars or {}).items():
+            acc = self._scalar_sums.setdefault(key, [0.0, 0])
+            acc[0], acc[1] = acc[0] + v.float(), acc[1] + 1
         self.last_forward_passes = result.forward_passes
         return result
 
@@ -329,8 +344,13 @@ class Trainer:
     # ------------------------------------------------------------------ modules
     @property
     def module_names(self) -> list[str]:
-        """Peers (recipe order), then the strategy's modules (registration order)."""
+        """Peer networks (recipe order), then the strategy's modules (registration order), then temporal means."""
         return list(self._slots)
+
+    @property
+    def network_names(self) -> list[str]:
+        """One per ``[[peers]]`` table (a whole network, or a branched one), in recipe order."""
+        return self.recipe.network_names()
 
     @property
     def frozen_modules(self) -> list[str]:
@@ -348,9 +368,17 @@ class Trainer:
         return self.last_eval["top1"]
 
     def evaluate_split(self, loader: Any) -> dict[str, dict[str, float]]:
-        """``{"top1": ..., "top5": ...}`` (%) of each peer, the ensemble and :attr:`eval_models` on ``loader``."""
-        peers = {name: self._slots[name].inner for name in self.peer_names}
-        return evaluate_split(peers, self.eval_models, loader, self.accelerator, self.precision)
+        """``{"top1": ..., "top5": ...}`` (%) of each peer, the ensemble, the strategy's temporal means and
+        declared outputs, and :attr:`eval_models` on ``loader``."""
+        extra = self.eval_models
+
+        def forward(x: Tensor) -> tuple[dict[str, Tensor], list[str]]:
+            logits, peers = self._batch.eval_outputs(x)
+            logits.update({name: m(x)[1] for name, m in extra.items()})
+            return logits, peers
+
+        modules = [s.inner for s in self._slots.values()] + list(extra.values())
+        return evaluate_split(forward, modules, loader, self.accelerator, self.precision)
 
     # ------------------------------------------------------------------ state and checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -18,10 +18,11 @@ class Independent(Strategy[IndependentParams]):
     """Independent training: each peer minimises its own cross-entropy, no distillation."""
 
     min_peers = 1
+    topologies = ("independent", "branched")
 
     def steps(self) -> Sequence[Step]:
         # The peers do not interact, so one step updating all of them is exact in both modes.
-        return [Step("all", tuple(self.peers))]
+        return [Step("all", tuple(self.networks))]
 
     def compute(self, step: Step, ctx: StepContext) -> LossTerms:
         return {

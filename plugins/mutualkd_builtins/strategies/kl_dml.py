@@ -43,6 +43,10 @@ class KLDML(Strategy[KLDMLParams]):
       sees the predictions of peers 0..k-1 *after* their update on this batch.
     * ``simultaneous``: one step; every peer is updated from the same detached targets.
 
+    The branches of a network split into a shared trunk and K branches are peers too; they
+    share one optimizer, so in ``alternating`` mode they are updated together, in the step of
+    their network (with K branches and no other network, both modes are the same).
+
     Frozen peers (``frozen = true``, with weights from any source) are targets only: they
     get no step and their logits are computed once per batch. Two peers, one of them a
     frozen pretrained teacher, is classic teacher -> student knowledge distillation
@@ -51,6 +55,7 @@ class KLDML(Strategy[KLDMLParams]):
 
     min_peers = 2
     accepts_frozen = True
+    topologies = ("independent", "branched")
 
     def setup(self, ctx: SetupContext) -> None:
         for peer in ctx.peers:
@@ -62,9 +67,10 @@ class KLDML(Strategy[KLDMLParams]):
                 )
 
     def steps(self) -> Sequence[Step]:
+        units = [n for n, peers in self.networks.items() if any(p in self.trainable for p in peers)]
         if self.mode == "simultaneous":
-            return [Step("all", tuple(self.trainable))]
-        return [Step(name, (name,)) for name in self.trainable]
+            return [Step("all", tuple(units))]
+        return [Step(name, (name,)) for name in units]
 
     def compute(self, step: Step, ctx: StepContext) -> LossTerms:
         p = self.params
@@ -73,5 +79,5 @@ class KLDML(Strategy[KLDMLParams]):
         return {
             name: kl_dml_terms(ctx.output(name).logits, [ctx.output(o).logits for o in self.peers if o != name],
                                ctx.labels, temperature=p.temperature, weight=p.weight, reduction=p.reduction)
-            for name in step.updates
+            for unit in step.updates for name in self.networks[unit]
         }
