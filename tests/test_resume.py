@@ -41,6 +41,8 @@ RESUME_CASES = [
     pytest.param("ie_dml", 1, "recipe", id="ie_dml-1proc"),
     pytest.param("kl_dml", 2, "recipe", id="kl_dml-2proc"),
     pytest.param("ie_dml", 2, "auto", id="ie_dml-2proc"),
+    pytest.param("pcl", 1, "dir", id="pcl-1proc"),
+    pytest.param("pcl", 2, "dir", id="pcl-2proc"),
 ]
 
 

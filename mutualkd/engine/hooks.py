@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from mutualkd.runlog import console, summary_table
-from mutualkd.strategy import Stage
+from mutualkd.strategy import LossTerms, Stage, Step, StepContext
 
 if TYPE_CHECKING:
     from mutualkd.engine.step import StepResult
@@ -28,7 +28,7 @@ class Callback:
     """Hooks around the fit loop; every method is optional (the base does nothing).
 
     Order of calls: ``on_fit_start``; for each epoch ``on_epoch_start``, then per batch
-    ``on_batch_start`` and ``on_batch_end``, then ``on_epoch_end``; ``on_checkpoint``
+    ``on_batch_start``, ``on_before_backward`` for each step, and ``on_batch_end``, then ``on_epoch_end``; ``on_checkpoint``
     after each checkpoint is complete on disk; ``on_fit_end`` last, always.
     """
 
@@ -40,6 +40,10 @@ class Callback:
 
     def on_batch_start(self, trainer: Trainer, inputs: Tensor, labels: Tensor) -> None:
         """The batch is loaded; its training step is next."""
+
+    def on_before_backward(self, trainer: Trainer, step: Step, ctx: StepContext, terms: LossTerms) -> None:
+        """A step's loss terms, as the strategy returned them, before the engine sums and backpropagates
+        them; ``ctx`` is the strategy's context (its ``skipped`` units, views, outputs)."""
 
     def on_batch_end(self, trainer: Trainer, result: StepResult) -> None:
         """After the batch's training step; ``result.terms`` are its loss terms (detached)."""
@@ -72,6 +76,10 @@ class CallbackList(Callback):
     def on_batch_start(self, trainer: Trainer, inputs: Tensor, labels: Tensor) -> None:
         for c in self.callbacks:
             c.on_batch_start(trainer, inputs, labels)
+
+    def on_before_backward(self, trainer: Trainer, step: Step, ctx: StepContext, terms: LossTerms) -> None:
+        for c in self.callbacks:
+            c.on_before_backward(trainer, step, ctx, terms)
 
     def on_batch_end(self, trainer: Trainer, result: StepResult) -> None:
         for c in self.callbacks:

@@ -235,7 +235,8 @@ class BatchStep:
     def __init__(self, strategy: Strategy[Any], slots: Mapping[str, Slot], units: Mapping[str, Unit],
                  networks: Mapping[str, Sequence[str]], precision: Precision,
                  reduce_max: Callable[[Tensor], Tensor] | None, *, means: Mapping[str, TemporalMean] | None = None,
-                 views: Mapping[str, int] | None = None, warn: Callable[[str], None] | None = None) -> None:
+                 views: Mapping[str, int] | None = None, warn: Callable[[str], None] | None = None,
+                 on_terms: Callable[[Step, StepContext, Any], None] | None = None) -> None:
         self.strategy = strategy
         self.slots = slots
         self.units = units
@@ -253,6 +254,7 @@ class BatchStep:
         self._means_of = {src: [m for m, s in self.nets.source.items() if s == src] for src in self.nets.source.values()}
         self._warn = warn
         self._warned: set[str] = set()
+        self.on_terms = on_terms  # the callbacks' on_before_backward
 
     def warn(self, message: str) -> None:
         if message not in self._warned:
@@ -270,6 +272,8 @@ class BatchStep:
             ctx.skipped = set()
             with self.precision.autocast():
                 terms = self.strategy.compute(step, ctx)
+            if self.on_terms is not None:
+                self.on_terms(step, ctx, terms)
             flat = {f"{peer}/{name}": v for peer, group in terms.items() for name, v in group.items()}
             if not flat:
                 raise UserError(f"strategy step '{step.name}' returned no loss term", hint="this is a bug in the strategy plugin")

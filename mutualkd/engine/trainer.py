@@ -103,7 +103,8 @@ class Trainer:
         self._plans: list[StagePlan] = [plan_stage(s, self.units) for s in self.stages]
         self._batch = BatchStep(self.strategy, self._slots, self.units, built.networks, self.precision,
                                 reduce_max=reduce_max if acc.num_processes > 1 else None, means=built.means,
-                                views=built.views, warn=self._note)
+                                views=built.views, warn=self._note,
+                                on_terms=lambda step, ctx, terms: self.callbacks.on_before_backward(self, step, ctx, terms))
         self._mode_plan: StagePlan | None = None
 
         self.position = Position()
@@ -346,6 +347,12 @@ class Trainer:
     def module_names(self) -> list[str]:
         """Peer networks (recipe order), then the strategy's modules (registration order), then temporal means."""
         return list(self._slots)
+
+    @property
+    def temporal_means(self) -> dict[str, tuple[str, Any]]:
+        """Each temporal-mean module (``<network>_ema``): the network it averages and the strategy's request."""
+        nets = self._batch.nets
+        return {name: (nets.source[name], nets.means[name]) for name in nets.means}
 
     @property
     def network_names(self) -> list[str]:

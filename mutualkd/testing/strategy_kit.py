@@ -33,22 +33,38 @@ __all__ = ["check_strategy", "make_teacher"]
 # ============================================================================ engine access
 
 
-def _observe_compute(
-    trainer: Trainer,
-    before: Callable[[Step, StepContext], None],
-    after: Callable[[Step, StepContext, LossTerms], None],
-) -> None:  # engine access
-    """Call ``before`` ahead of every ``compute(step, ctx)`` of the trainer's strategy, and
-    ``after`` with its terms, before the engine backpropagates them."""
-    inner = trainer.strategy.compute
+class _Hooks:
+    """The kit's callback (engine hooks, nothing wrapped): each batch's start and end, each step's terms."""
 
-    def compute(step: Step, ctx: StepContext) -> LossTerms:
-        before(step, ctx)
-        terms = inner(step, ctx)
-        after(step, ctx, terms)
-        return terms
+    def __init__(self, on_start: Callable[[], None], on_terms: Callable[[Step, StepContext, LossTerms], None],
+                 on_end: Callable[[], None]) -> None:
+        self.on_start, self.on_terms, self.on_end = on_start, on_terms, on_end
 
-    trainer.strategy.compute = compute  # type: ignore[method-assign]  # an instance attribute shadows the method
+    def on_batch_start(self, trainer: Trainer, inputs: Tensor, labels: Tensor) -> None:  # engine access
+        self.on_start()
+
+    def on_before_backward(self, trainer: Trainer, step: Step, ctx: StepContext, terms: LossTerms) -> None:  # engine access
+        self.on_terms(step, ctx, terms)
+
+    def on_batch_end(self, trainer: Trainer, result: Any) -> None:  # engine access
+        self.on_end()
+
+
+def _observe(trainer: Trainer, hooks: _Hooks) -> None:  # engine access
+    """Call ``hooks`` from the trainer's callbacks (a Callback with the kit's three hooks)."""
+    from mutualkd.engine import Callback
+
+    class KitCallback(Callback):
+        on_batch_start = hooks.on_batch_start  # type: ignore[assignment]
+        on_before_backward = hooks.on_before_backward  # type: ignore[assignment]
+        on_batch_end = hooks.on_batch_end  # type: ignore[assignment]
+
+    trainer.add_callback(KitCallback())
+
+
+def _temporal_means(trainer: Trainer) -> dict[str, tuple[str, Any]]:  # engine access
+    """Each temporal-mean module of the strategy: the network it averages and the request (decay)."""
+    return dict(trainer.temporal_means)
 
 
 def _strategy(trainer: Trainer) -> Strategy[Any]:  # engine access
@@ -62,10 +78,13 @@ def _peer_names(trainer: Trainer) -> list[str]:  # engine access
 
 
 def _modules(trainer: Trainer) -> dict[str, nn.Module]:  # engine access
-    """Every module by checkpoint key, unwrapped: the peers' timm models and the strategy's modules."""
-    peers = set(trainer.peer_names)
+    """Every module by checkpoint key, unwrapped: the peer networks (a whole one is its timm model), the
+    strategy's modules and temporal means."""
+    from mutualkd.peers import PeerModule
+
+    nets = set(trainer.network_names) | set(trainer.temporal_means)
     out = {name: trainer.unwrapped(name) for name in trainer.module_names}
-    return {name: m.model if name in peers else m for name, m in out.items()}  # a peer is its PeerModule
+    return {name: m.model if name in nets and isinstance(m, PeerModule) else m for name, m in out.items()}
 
 
 def _unit_modules(trainer: Trainer) -> dict[str, list[str]]:  # engine access
@@ -74,9 +93,9 @@ def _unit_modules(trainer: Trainer) -> dict[str, list[str]]:  # engine access
 
 
 def _frozen(trainer: Trainer) -> set[str]:  # engine access
-    """The checkpoint keys of the modules registered with ``trainable=False`` (in no unit)."""
+    """The checkpoint keys of the modules registered with ``trainable=False`` (in no unit, not a temporal mean)."""
     trained = {k for unit in trainer.units.values() for k in unit.modules}
-    return set(trainer.module_names) - trained
+    return set(trainer.module_names) - trained - set(trainer.temporal_means)
 
 
 def _stages(trainer: Trainer) -> list[Stage]:  # engine access
@@ -146,7 +165,16 @@ def check_strategy(
     * the checkpoint holds every module (peers and auxiliary) equal to the live ones, and
       the strategy state round-trips: ``state_dict()`` of a fresh instance after
       ``load_state_dict(saved)`` equals ``saved``;
-    * the resumed Trainer starts from exactly the checkpoint's weights and strategy state.
+    * the resumed Trainer starts from exactly the checkpoint's weights and strategy state;
+    * a strategy for branched peers (``topologies`` without ``"independent"``) runs on one
+      network of ``peers`` branches split after ``layer2``;
+    * temporal means (:meth:`Strategy.temporal_means`): each changes only by its update,
+      ``d(0) * initial + (1 - d(0)) * network`` after the first optimizer step;
+    * views (:meth:`Strategy.views`): each view asked for exists, has the batch's shape, and
+      differs from view 0 (the kit trains with augmentation on then);
+    * declared outputs and the reported output are evaluated (in the summary's top-1);
+    * a unit a step skips on a batch (``ctx.skip_update``) is unchanged by that batch;
+      scalars from ``ctx.log`` are finite.
     """
     problem = validate_plugin("strategy", cls)
     label = f"strategy {getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', cls)!s}"
@@ -197,11 +225,14 @@ def _check_run(
     from mutualkd.config import parse_recipe
     from mutualkd.engine import Trainer
 
+    branched = "independent" not in getattr(cls, "topologies", ("independent",))
+    views = _num_views(cls, params, n, branched, mode)
     raw: dict[str, Any] = {
         "run": {"name": "run", "out_dir": str(folder), "epochs": 2, "max_steps": 1, "progress": False,
                 "device": device, "log_every": 1, "seed": 0},
-        "data": _DATA,
-        "peers": [{"model": model} for _ in range(n)],
+        "data": {**_DATA, "augment": views > 1},
+        "peers": ([{"model": model, "name": "net", "branches": n, "split_after": "layer2"}] if branched
+                  else [{"model": model} for _ in range(n)]),
         "optimizer": {"name": "sgd", "lr": 0.01},
         "strategy": {"name": name, **params},
         "schedule": {"mode": mode},
@@ -212,8 +243,9 @@ def _check_run(
     with _failures(label, "first run (1 step)"):
         t1 = Trainer(parse_recipe(raw, file=file), recipe_file=file)
         initial = {k: _clone_state(m) for k, m in _modules(t1).items()}
-        rec1 = _Recorder(t1, label)
+        rec1 = _Recorder(t1, label, views=views)
         t1.fit()
+    _check_means(t1, initial, label)
     run_dir = folder / "run"
     latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
     if latest is None:
@@ -233,7 +265,7 @@ def _check_run(
     if not _equal(saved, _strategy(t1).state_dict()):
         raise AssertionError(f"{label}: state: the saved strategy state differs from state_dict() of the running strategy")
     with _failures(label, "state round trip"):
-        fresh = cls(_strategy(t1).params, peers=_peer_names(t1), mode=mode)
+        fresh = cls(_strategy(t1).params, peers=_peer_names(t1), mode=mode, networks=_strategy(t1).networks)
         fresh.load_state_dict(saved)
         again = fresh.state_dict()
     if not _equal(again, saved):
@@ -257,8 +289,17 @@ def _check_run(
             if not _equal(_strategy(t2).state_dict(), saved):
                 raise AssertionError(f"{label}: resume: the strategy state was not restored from the checkpoint")
 
-        rec2 = _Recorder(t2, label, on_first=starts_from_checkpoint)
+        rec2 = _Recorder(t2, label, on_first=starts_from_checkpoint, views=views)
         summary = t2.fit()
+    evaluated = set(summary.get("top1", {}))
+    strategy = _strategy(t2)
+    wanted = [*strategy.outputs(), *(p for p in [strategy.reported_output()] if p is not None)]
+    if _temporal_means(t2):
+        wanted += list(summary.get("outputs", {}).get("temporal_means", [])) or ["<the temporal means' peers>"]
+    missing_out = sorted(set(wanted) - evaluated)
+    if missing_out:
+        raise AssertionError(f"{label}: outputs: {missing_out} are declared or reported but not evaluated"
+                             f" (evaluated: {sorted(evaluated)})")
     if rec2.calls == 0:
         raise AssertionError(f"{label}: resume: the resumed run did no step (the schedule ended after 1 step?)")
     if summary["global_steps"] <= int(state["position"]["global_step"]):
@@ -280,6 +321,9 @@ def _check_run(
                     f"{label}: updates: module '{k}' of unit '{unit}' never changed although steps {steps} update"
                     " that unit; no loss term reaches it (detached by mistake, or the step names the wrong unit)"
                 )
+    for k in sorted(set(_temporal_means(t2))):
+        if _state_diff(final[k].state_dict(), initial[k]) is None:
+            raise AssertionError(f"{label}: temporal mean: '{k}' never changed although its network trained")
     for k in sorted(_frozen(t2)):
         diff = _state_diff(final[k].state_dict(), initial[k])
         if diff:
@@ -298,20 +342,56 @@ def _failures(label: str, phase: str) -> Iterator[None]:
 
 
 class _Recorder:
-    """Observes every compute of a Trainer's strategy: checks its terms and gradient flow."""
+    """Observes a Trainer through its hooks: checks every step's terms and gradient flow, the views,
+    the units a step skips, the scalars the strategy logs."""
 
-    def __init__(self, trainer: Trainer, label: str, on_first: Callable[[], None] | None = None) -> None:
-        self.trainer, self.label, self.on_first = trainer, label, on_first
+    def __init__(self, trainer: Trainer, label: str, on_first: Callable[[], None] | None = None, views: int = 1) -> None:
+        self.trainer, self.label, self.on_first, self.views = trainer, label, on_first, views
         self.seen: set[tuple[str, str]] = set()
         self.calls = 0
-        _observe_compute(trainer, self.before, self.after)
+        self._skipped: set[str] = set()
+        self._updated: set[str] = set()
+        self._before: dict[str, dict[str, Tensor]] = {}
+        _observe(trainer, _Hooks(self.batch_start, self.terms, self.batch_end))
 
-    def before(self, step: Step, ctx: StepContext) -> None:
+    def batch_start(self) -> None:
         if self.calls == 0 and self.on_first is not None:
             self.on_first()
+        self._skipped, self._updated = set(), set()
+        modules = _modules(self.trainer)
+        self._before = {unit: {f"{k}.{n}": p.detach().clone() for k in keys for n, p in modules[k].named_parameters()}
+                        for unit, keys in _unit_modules(self.trainer).items()}
+
+    def terms(self, step: Step, ctx: StepContext, terms: LossTerms) -> None:
         self.calls += 1
+        skipped = set(getattr(ctx, "skipped", ()))
+        self._skipped |= skipped
+        self._updated |= set(step.updates) - skipped
+        for v in range(1, self.views):
+            view = ctx.view(v)
+            if view.shape != ctx.inputs.shape:
+                raise AssertionError(f"{self.label}: views: view {v} has shape {tuple(view.shape)}, the batch"
+                                     f" {tuple(ctx.inputs.shape)}")
+            if torch.equal(view, ctx.inputs):
+                raise AssertionError(f"{self.label}: views: view {v} equals view 0 (augmentation is on)")
+        for name, value in getattr(ctx, "scalars", {}).items():
+            if not torch.isfinite(torch.as_tensor(value)).all():
+                raise AssertionError(f"{self.label}: ctx.log('{name}') recorded a non-finite value")
+        self.after(step, ctx, terms)
+
+    def batch_end(self) -> None:
+        modules = _modules(self.trainer)
+        for unit in sorted(self._skipped - self._updated):
+            keys = _unit_modules(self.trainer)[unit]
+            now = {f"{k}.{n}": p for k in keys for n, p in modules[k].named_parameters()}
+            changed = [n for n, p in now.items() if not torch.equal(p.detach(), self._before[unit][n])]
+            if changed:
+                raise AssertionError(f"{self.label}: skip_update: unit '{unit}' was skipped on this batch but its"
+                                     f" parameters changed ({changed[:3]})")
 
     def after(self, step: Step, ctx: StepContext, terms: LossTerms) -> None:
+        if not step.updates or set(step.updates) <= set(getattr(ctx, "skipped", ())):
+            return  # a step that updates nothing on this batch (SwitOKD's expert mode for the teacher)
         where = f"{self.label}: terms of step '{step.name}' (stage '{ctx.stage}')"
         if not isinstance(terms, Mapping) or not terms:
             raise AssertionError(f"{where}: compute returned {terms!r}, expected {{peer: {{term: tensor}}}}")
@@ -350,6 +430,30 @@ class _Recorder:
                 f"{where}: the loss sends gradient into unit(s) {leaked}, which the step does not update"
                 f" (it updates {list(step.updates)}); detach targets taken from other peers or modules"
             )
+
+
+def _num_views(cls: type, params: Mapping[str, Any], n: int, branched: bool, mode: str) -> int:
+    """How many views the strategy asks for in the kit's run (from a throwaway instance)."""
+    try:
+        names = [f"net_b{k}" for k in range(n)] if branched else [f"peer{k}" for k in range(n)]
+        networks = {"net": names} if branched else None
+        inst = cls(cls.Params.model_validate(dict(params)), peers=names, mode=mode, networks=networks)
+        return max(dict(inst.views()).values(), default=0) + 1
+    except Exception:  # the run itself reports what is wrong
+        return 1
+
+
+def _check_means(trainer: Trainer, initial: Mapping[str, Mapping[str, Tensor]], label: str) -> None:
+    """After exactly one optimizer step, each temporal mean is ``d(0) * initial + (1 - d(0)) * network``."""
+    modules = _modules(trainer)
+    for name, (src, request) in _temporal_means(trainer).items():
+        d = float(request.decay(0))
+        net = dict(modules[src].named_parameters())
+        for pname, p in modules[name].named_parameters():
+            expected = d * initial[name][pname].float() + (1 - d) * net[pname].detach().cpu().float()
+            if not torch.allclose(p.detach().cpu().float(), expected, rtol=1e-5, atol=1e-6):
+                raise AssertionError(f"{label}: temporal mean: '{name}.{pname}' is not d(0) * initial + (1 - d(0)) *"
+                                     f" network after the first update (d(0) = {d})")
 
 
 def _clone_state(m: nn.Module) -> dict[str, Tensor]:
