@@ -228,6 +228,16 @@ class SetupContext:
         """
         return self.load_model(source, peer, field, model, reset_head)
 
+    def as_peer(self, loaded: LoadedModel) -> tuple[nn.Module, tuple[int, ...]]:
+        """``loaded`` as a peer module on this run's device (its call returns ``(feature map [B, C, H, W],
+        logits)``, behind its input normalisation) and the shape ``(C, H, W)`` of its map on this data."""
+        from mutualkd.peers import PeerModule, probe_feature_shape
+
+        module = PeerModule(loaded.model, loaded.model_name, feature_map=True, input_norm=loaded.input_norm)
+        module = module.to(self.device)
+        shape = probe_feature_shape(module, self.dataset.in_chans, self.dataset.image_size, self.device)
+        return module, shape
+
     def metric(self, name: str, *, field: str) -> Any:
         """The distance metric plugin ``name``, looked up in the registry for this run.
 

@@ -374,3 +374,16 @@ def test_a_third_party_strategy_with_a_gate_ema_teachers_and_views_passes_the_ki
     from gated_mean_plugin import GatedMean  # type: ignore[import-not-found]
 
     check_strategy(GatedMean, peers=2, tmp_path=tmp_path / "kit", modes=["simultaneous"])
+
+
+def test_built_in_strategies_import_only_the_public_plugin_api(repo_root: Path) -> None:
+    import ast
+
+    allowed = {"mutualkd", "mutualkd.strategy"}
+    for path in sorted((repo_root / "plugins" / "mutualkd_builtins").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else (
+                [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            for name in names:
+                if name == "mutualkd" or name.startswith("mutualkd."):
+                    assert name in allowed, f"{path.relative_to(repo_root)} imports {name}; use mutualkd.strategy"

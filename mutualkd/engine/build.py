@@ -24,6 +24,7 @@ from mutualkd.errors import DataError, RecipeError, UserError, close_matches, in
 from mutualkd.optim import build_optimizer, build_scheduler, check_optimizer
 from mutualkd.peers import PeerModule, input_norm, probe_feature_shape
 from mutualkd.registry import get_metric, get_strategy
+from mutualkd.runlog import console
 from mutualkd.branching import BranchedNet
 from mutualkd.strategy import EMA_SUFFIX, LoadedModel, PeerInfo, SetupContext, Stage, Strategy, TemporalMean
 from mutualkd.weights import announce, load_network, parse_source, peer_network
@@ -257,9 +258,18 @@ def _make_branched(pc: Any, i: int, base: str, info: DatasetInfo, device: torch.
     return module, infos
 
 
+def strategy_warning(message: str) -> None:
+    """A strategy's ``ctx.warn``: printed as a warning on the main process (once per process group)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return
+    console.print("[yellow]warning:[/] ", end="")
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
 def _setup_strategy(strategy: Strategy[Any], recipe: Recipe, file: str, info: DatasetInfo, infos: Sequence[PeerInfo],
                     device: torch.device, warn: Any = None) -> SetupContext:
-    warn = warn or (lambda message: None)
+    warn = warn or strategy_warning
     blocked = tuple(recipe.run.block_plugins or ())
 
     def load_model(source: str, peer: str | int, field: str, model: str | None = None,

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from mutualkd import checkpoint as ckpt
 from mutualkd.config import Recipe
-from mutualkd.engine.build import Unit, build_run
+from mutualkd.engine.build import Unit, build_run, strategy_warning
 from mutualkd.engine.ema import EmaPeers
 from mutualkd.engine.evaluate import evaluate_split
 from mutualkd.engine.hooks import Callback, CallbackList, Checkpointing, ConsoleLog, MetricsLog, ProgressBar
@@ -83,7 +83,7 @@ class Trainer:
         configure_determinism(run)
 
         # --- everything that can fail on bad input, before anything is written
-        built = build_run(recipe, acc, recipe_file=recipe_file, warn=self._note)
+        built = build_run(recipe, acc, recipe_file=recipe_file)
         self.strategy = built.strategy
         self.info = built.info
         self.train_loader, self.test_loader = built.train_loader, built.test_loader
@@ -103,7 +103,7 @@ class Trainer:
         self._plans: list[StagePlan] = [plan_stage(s, self.units) for s in self.stages]
         self._batch = BatchStep(self.strategy, self._slots, self.units, built.networks, self.precision,
                                 reduce_max=reduce_max if acc.num_processes > 1 else None, means=built.means,
-                                views=built.views, warn=self._note,
+                                views=built.views, warn=strategy_warning,
                                 on_terms=lambda step, ctx, terms: self.callbacks.on_before_backward(self, step, ctx, terms))
         self._mode_plan: StagePlan | None = None
 
@@ -148,10 +148,6 @@ class Trainer:
             own.append(TrackerLog(run.log_with))
         own.append(Checkpointing())
         self.callbacks = CallbackList([*own, *callbacks])
-
-    def _note(self, message: str) -> None:
-        if getattr(self, "is_main", True):
-            console.print(f"[yellow]note:[/] {escape(message)}", highlight=False)
 
     def add_callback(self, callback: Callback) -> None:
         """Call ``callback``'s hooks too, after those already registered."""

@@ -19,9 +19,7 @@ import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
-from mutualkd.config import OptimizerConfig, SchedulerConfig
-from mutualkd.runlog import console
-from mutualkd.strategy import SetupContext, StrategyParams
+from mutualkd.strategy import OptimizerConfig, SchedulerConfig, SetupContext, StrategyParams
 from mutualkd_builtins.factor import InheritExploreEncoders, Paraphraser
 
 __all__ = [
@@ -179,13 +177,8 @@ def cka_range_note(params: IEParams, batch_size: int, factor_features: Iterable[
     return " ".join(notes) or None
 
 
-def _is_main_process() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
-
-
 def warn_cka_range(params: IEParams, ctx: SetupContext, factor_features: Iterable[int]) -> None:
     """Print :func:`cka_range_note` once, at set-up, on the main process (nothing when it is None)."""
     note = cka_range_note(params, ctx.recipe.data.batch_size, factor_features)
-    if note and _is_main_process():
-        console.print("[yellow]warning:[/] ", end="")
-        console.print(f"{ctx.recipe_file}: {note}", markup=False, highlight=False, soft_wrap=True)
+    if note:
+        ctx.warn(f"{ctx.recipe_file}: {note}")

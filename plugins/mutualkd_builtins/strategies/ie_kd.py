@@ -14,9 +14,7 @@ from pydantic import Field
 import torch
 from torch import Tensor
 
-from mutualkd.config import OptimizerConfig
-from mutualkd.peers import PeerModule, probe_feature_shape
-from mutualkd.strategy import LossTerms, SetupContext, Stage, Step, StepContext, Strategy
+from mutualkd.strategy import LossTerms, OptimizerConfig, SetupContext, Stage, Step, StepContext, Strategy
 from mutualkd_builtins.strategies._ie import (
     CONSTANT,
     IEParams,
@@ -70,10 +68,8 @@ class IEKD(Strategy[IEKDParams]):
         # Any weights source; the architecture is checked against teacher_model (or named by it, for a bare file).
         loaded = ctx.load_peer(p.teacher, p.teacher_peer, model=p.teacher_model, reset_head=p.teacher_reset_head,
                                field="strategy.teacher")
-        teacher = PeerModule(loaded.model, loaded.model_name, feature_map=True, input_norm=loaded.input_norm)
-        teacher = teacher.to(ctx.device)
+        teacher, t_shape = ctx.as_peer(loaded)  # (feature map, logits) per call, like a peer
         ctx.add_module(self.TEACHER, teacher, unit=self.TEACHER, trainable=False)
-        t_shape = probe_feature_shape(teacher, ctx.dataset.in_chans, ctx.dataset.image_size, ctx.device)
         ae = make_paraphraser(p, t_shape[0])
         ctx.add_module(self.TEACHER_AE, ae, unit=self.TEACHER_AE, optimizer=p.ae_optimizer, scheduler=CONSTANT)
         student = ctx.peers[0]

@@ -9,8 +9,7 @@ from pydantic import Field
 from torch import Tensor
 import torch.nn.functional as F
 
-from mutualkd.errors import RecipeError
-from mutualkd.strategy import LossTerms, SetupContext, Step, StepContext, Strategy, StrategyParams
+from mutualkd.strategy import LossTerms, RecipeError, SetupContext, Step, StepContext, Strategy, StrategyParams
 from mutualkd_builtins.losses import kl_to_peers
 
 
