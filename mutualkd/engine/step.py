@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from mutualkd.branching import BranchedNet
-from mutualkd.engine.build import Slot, Unit
+from mutualkd.engine.networks import Slot, Unit
 from mutualkd.engine.precision import Precision
 from mutualkd.errors import NonFiniteLossError, UserError
 from mutualkd.strategy import EMA_SUFFIX, PeerOutput, Stage, Step, StepContext, Strategy, TemporalMean
