@@ -217,6 +217,11 @@ class DataConfig(_Strict):
         " native size",
     )
     drop_last: bool = Field(True, description="drop the last, incomplete training batch of each epoch")
+    images_per_class: Annotated[int, Field(ge=2)] | None = Field(
+        None,
+        description="class-balanced training batches: each holds this many images of each of its batch_size /"
+        " images_per_class classes (MCL's sampler, m = 2 there), drawn with run.seed per epoch; unset: shuffled",
+    )
     # --- the pipeline (see docs/data.md)
     pipeline: Literal["auto", "device", "stream"] = Field(
         "auto",

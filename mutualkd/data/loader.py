@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from mutualkd.data._base import DatasetInfo, Split
+from mutualkd.data.sampling import balanced_order, num_balanced_batches
 from mutualkd.errors import DataError
 
 __all__ = ["BatchLoader", "augment_batch"]
@@ -141,6 +142,7 @@ class BatchLoader:
         world_size: int = 1,
         channels_last: bool = False,
         views: int = 1,
+        per_class: int | None = None,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, not {batch_size}")
@@ -168,6 +170,7 @@ class BatchLoader:
         self.world_size = int(world_size)
         self.channels_last = bool(channels_last)
         self.views = int(views) if self.train else 1
+        self.per_class = per_class if self.train else None  # class-balanced batches (mutualkd.data.sampling)
         self.epoch = 0
         self.start_batch = 0
 
@@ -181,7 +184,13 @@ class BatchLoader:
 
         n = int(labels.shape[0])
         self._total = n
-        if self.train:
+        if self.per_class is not None:
+            per_rank = num_balanced_batches(labels.numpy(), self.batch_size, self.per_class, self.world_size)
+            if per_rank == 0:
+                raise DataError(f"the train split has {n} samples: not one class-balanced batch per process",
+                                field="data.images_per_class", hint="lower batch_size or images_per_class")
+            self.num_samples = per_rank * self.batch_size
+        elif self.train:
             per = n // self.world_size
             if self.drop_last:
                 per = per // self.batch_size * self.batch_size
@@ -232,7 +241,10 @@ class BatchLoader:
     def _order(self) -> torch.Tensor:
         if self._order_cache is not None and self._order_cache[0] == self.epoch:
             return self._order_cache[1]
-        if self.train:
+        if self.per_class is not None:
+            order = balanced_order(self.labels.cpu().numpy(), self.batch_size, self.per_class, seed=self.seed,
+                                   epoch=self.epoch, rank=self.rank, world_size=self.world_size)
+        elif self.train:
             gen = torch.Generator().manual_seed(self.seed * _PERM_MULT + self.epoch)
             perm = torch.randperm(self._total, generator=gen)
             perm = perm[: self._total // self.world_size * self.world_size]

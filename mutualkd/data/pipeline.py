@@ -156,7 +156,7 @@ def build_pipeline(cfg: DataConfig, *, seed: int, device: torch.device | str, ra
         pipe = Pipeline(
             kind, reason, info,
             BatchLoader(train, info, batch_size=cfg.batch_size, train=True, augment=cfg.augment, seed=seed,
-                        drop_last=cfg.drop_last, views=views, **common),
+                        drop_last=cfg.drop_last, views=views, per_class=cfg.images_per_class, **common),
             BatchLoader(test, info, batch_size=cfg.eval_batch_size, train=False, augment=False, seed=seed, **common),
         )
         if val is not None:
@@ -178,7 +178,8 @@ def build_pipeline(cfg: DataConfig, *, seed: int, device: torch.device | str, ra
     train_ds = StreamDataset(plan.train, plan.train_idx, train_tf, seed=seed, train=True, views=views)
     pipe = Pipeline(
         kind, reason, plan.info,
-        StreamLoader(train_ds, batch_size=cfg.batch_size, train=True, drop_last=cfg.drop_last, **stream),
+        StreamLoader(train_ds, batch_size=cfg.batch_size, train=True, drop_last=cfg.drop_last,
+                     per_class=cfg.images_per_class, **stream),
         eval_loader(plan.test, plan.test_idx),
         input=plan.input,
     )

@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mutualkd.data.sources import Source
 from mutualkd.data.transforms import seeded
+from mutualkd.data.sampling import balanced_order, num_balanced_batches
 from mutualkd.errors import DataError
 
 __all__ = ["ShardSampler", "StreamDataset", "StreamLoader", "Unreadable"]
@@ -106,12 +107,17 @@ class ShardSampler:
     """Batches of ``(epoch, position)`` keys: this process's share of an epoch, from ``start_batch`` on."""
 
     def __init__(self, n: int, *, batch_size: int, train: bool, seed: int, drop_last: bool, rank: int,
-                 world_size: int) -> None:
+                 world_size: int, labels: np.ndarray | None = None, per_class: int | None = None) -> None:
         self.n, self.batch_size, self.train, self.seed = int(n), int(batch_size), bool(train), int(seed)
         self.drop_last, self.rank, self.world_size = bool(drop_last), int(rank), int(world_size)
         self.epoch = 0
         self.start_batch = 0
-        if self.train:
+        self.per_class = per_class if train else None  # class-balanced batches (mutualkd.data.sampling)
+        self.labels = labels
+        if self.per_class is not None:
+            assert labels is not None
+            self.num_samples = num_balanced_batches(labels, batch_size, self.per_class, world_size) * self.batch_size
+        elif self.train:
             per = self.n // self.world_size
             self.num_samples = per // self.batch_size * self.batch_size if self.drop_last else per
         else:
@@ -126,6 +132,9 @@ class ShardSampler:
         """Positions (into the dataset) this process visits in the current epoch, in order."""
         if not self.train:
             return np.arange(self.rank, self.n, self.world_size, dtype=np.int64)
+        if self.per_class is not None:
+            return balanced_order(self.labels, self.batch_size, self.per_class, seed=self.seed, epoch=self.epoch,
+                                  rank=self.rank, world_size=self.world_size).numpy()
         gen = torch.Generator().manual_seed(self.seed * _PERM_MULT + self.epoch)
         perm = torch.randperm(self.n, generator=gen)[: self.n // self.world_size * self.world_size]
         return perm[self.rank :: self.world_size][: self.num_samples].numpy()
@@ -165,7 +174,8 @@ class StreamLoader:
 
     def __init__(self, dataset: StreamDataset, *, batch_size: int, device: torch.device | str, train: bool,
                  seed: int, drop_last: bool = True, rank: int = 0, world_size: int = 1, channels_last: bool = False,
-                 num_workers: int = 2, prefetch_factor: int = 2, skip_corrupt: bool = False) -> None:
+                 num_workers: int = 2, prefetch_factor: int = 2, skip_corrupt: bool = False,
+                 per_class: int | None = None) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, not {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -179,8 +189,9 @@ class StreamLoader:
         self.num_workers = int(num_workers)
         #: Unreadable images left out since the counter was last reset (``skip_corrupt``).
         self.skipped = 0
+        labels = np.asarray(dataset.source.labels)[dataset.indices] if per_class is not None and train else None
         self.sampler = ShardSampler(len(dataset), batch_size=batch_size, train=train, seed=seed, drop_last=drop_last,
-                                    rank=rank, world_size=world_size)
+                                    rank=rank, world_size=world_size, labels=labels, per_class=per_class)
         if self.train and drop_last and self.sampler.num_samples == 0:
             n = len(dataset)
             raise DataError(

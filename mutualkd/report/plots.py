@@ -1,5 +1,6 @@
 """The report's figures: loss terms and test top-1 of each run, top-1 across groups of runs.
 
+- ``<run>/scalars.png``: the scalars a strategy logged (``ctx.log``), mean per epoch, when there are any;
 - ``<run>/losses.png``: the per-epoch mean of every loss term, one panel per peer (or other
   owner of terms, e.g. the IE-KD teacher's autoencoder), one line per term;
 - ``<run>/losses_steps.png``: the same terms at every logged step;
@@ -179,7 +180,27 @@ def plot_run(run: RunData, out_dir: Path) -> list[Path]:
     written.append(_save(fig, out_dir / "losses_steps.png", plt))
 
     written.append(_save(_top1_figure(plt, run), out_dir / "top1.png", plt))
+    if any(r.get("scalars") for r in run.epochs):
+        written.append(_save(_scalars_figure(plt, run), out_dir / "scalars.png", plt))
     return written
+
+
+def _scalars_figure(plt: Any, run: RunData) -> Any:
+    """What the strategy logged with ``ctx.log``, its mean per epoch (e.g. SwitOKD's share of expert batches)."""
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    names = sorted({k for r in run.epochs for k in (r.get("scalars") or {})})
+    for n in names:
+        pts = [(float(r["epoch"]), num(r["scalars"][n])) for r in run.epochs if n in (r.get("scalars") or {})]
+        px, py = zip(*pts)
+        ax.plot(px, py, marker="o", ms=4, lw=1.6, label=f"{n} (last {py[-1]:.3f})")
+    ax.legend(fontsize=8)
+    ax.xaxis.set_major_locator(_integer_locator())
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("mean over the epoch's batches")
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{run.name}: what {run.strategy} logged per batch, mean per epoch", fontsize=11)
+    fig.tight_layout()
+    return fig
 
 
 # --------------------------------------------------------------------------- across runs

@@ -8,13 +8,16 @@ into a fused classifier, which teaches the branches and learns from their mean.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+from pydantic import Field
 import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
-from mutualkd_builtins.losses import kd_div
+from mutualkd.strategy import LossTerms, SetupContext, Step, StepContext, Strategy, StrategyParams
+from mutualkd_builtins.losses import kd_div, sigmoid_rampup
+from mutualkd_builtins.strategies.one import one_network
 
 KD_EPS = 1e-7  # added to the target probabilities, not renormalised (the authors' KLLoss)
 
@@ -79,3 +82,58 @@ def ffl_terms(
         "kd": weight * kd_div(fused_logits, mean_target, temperature, eps=KD_EPS),
     }
     return branches, fused
+
+
+# --------------------------------------------------------------------------- the strategy
+
+
+class FFLParams(StrategyParams):
+    temperature: float = Field(3.0, ge=0.05, le=100.0, description="softmax temperature T of the distillation (3)")
+    rampup_epochs: int = Field(
+        80, ge=0, description="length L of the ramp exp(-5 (1 - e/L)^2) on the distillation weight (authors: 80 of 300"
+        " epochs; 0: full weight from the start)"
+    )
+    fusion_weight_decay: float = Field(
+        1e-5, ge=0.0, description="weight decay of the fusion module's optimizer (authors: 1e-5); its other settings"
+        " are the recipe's [optimizer]"
+    )
+
+
+class FFL(Strategy[FFLParams]):
+    """FFL: two branches and a fusion of their maps teach each other (Kim et al., ICPR 2020).
+
+    One ``[[peers]]`` table with 2 ``branches`` split after ``layer2``. The fusion module
+    (depthwise and pointwise convolutions over the concatenated un-pooled branch maps, then a
+    classifier) has its own optimizer (weight decay 1e-5). ``L = CE(z_1) + CE(z_2) + CE(z_f) +
+    ramp(e; L) [KD_3^eps(z_1, sg z_f) + KD_3^eps(z_2, sg z_f) + KD_3^eps(z_f, sg mean(z_1, z_2))]``;
+    CE(z_f) also trains the branches and the trunk. The fused classifier is evaluated as the
+    declared output ``fused``; the authors report branches and fusion alike, and the best epoch
+    is chosen on the branches' mean top-1.
+    """
+
+    min_peers = 2
+    topologies = ("branched",)
+
+    def setup(self, ctx: SetupContext) -> None:
+        self.net = one_network(self, ctx)
+        channels = ctx.peers[0].feature_shape[0]
+        fusion = FusionModule(channels, ctx.dataset.num_classes, branches=len(self.peers))
+        optimizer = ctx.recipe.optimizer.model_copy(update={"weight_decay": self.params.fusion_weight_decay})
+        ctx.add_module("fusion", fusion, unit="fusion", optimizer=optimizer)
+
+    def steps(self) -> Sequence[Step]:
+        return [Step("all", (self.net, "fusion"))]
+
+    def compute(self, step: Step, ctx: StepContext) -> LossTerms:
+        p = self.params
+        outs = [ctx.output(name) for name in self.peers]
+        fused = ctx.module("fusion")([o.features for o in outs])
+        branches, fused_terms = ffl_terms([o.logits for o in outs], fused, ctx.labels, temperature=p.temperature,
+                                          weight=sigmoid_rampup(ctx.epoch, p.rampup_epochs))
+        return {**dict(zip(self.peers, branches)), "fused": fused_terms}
+
+    def outputs(self) -> Sequence[str]:
+        return ("fused",)
+
+    def compute_outputs(self, ctx: StepContext) -> Mapping[str, Tensor]:
+        return {"fused": ctx.module("fusion")([ctx.output(name).features for name in self.peers])}

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pydantic import Field
 import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
+from mutualkd.strategy import LossTerms, SetupContext, Step, StepContext, Strategy, StrategyParams
 from mutualkd_builtins.losses import kd_div
 
 
@@ -115,3 +117,50 @@ def mcl_terms(
             "soft_icl": w_soft_icl * soft_icl,
         })
     return terms
+
+
+# --------------------------------------------------------------------------- the strategy
+
+
+class MCLParams(StrategyParams):
+    tau: float = Field(0.1, ge=0.01, le=10.0, description="temperature of the embedding similarities (0.1)")
+    temperature: float = Field(3.0, ge=0.05, le=100.0, description="softmax temperature T of the soft terms (3)")
+    w_vcl: float = Field(0.1, ge=0.0, description="weight of the vanilla contrastive term VCL (0.1)")
+    w_soft_vcl: float = Field(1.0, ge=0.0, description="weight of SoftVCL (1)")
+    w_icl: float = Field(0.1, ge=0.0, description="weight of the interactive contrastive term ICL (0.1)")
+    w_soft_icl: float = Field(1.0, ge=0.0, description="weight of SoftICL (1)")
+    embedding_dim: int = Field(128, ge=2, description="size of the projection heads' output (128)")
+
+
+class MCL(Strategy[MCLParams]):
+    """MCL: mutual contrastive learning of the networks' embeddings (Yang et al., AAAI 2022).
+
+    N whole networks (authors: 2), each with a projection head owned by the strategy
+    (``Linear -> ReLU -> Linear -> L2 normalise``, trained with its network). ``L = sum_i CE(z_i)
+    + 0.1 VCL + SoftVCL + 0.1 ICL + SoftICL`` over the supervised-contrastive similarities of the
+    embeddings (tau = 0.1, T = 3). Positives are the other images of a sample's class: set
+    ``data.images_per_class`` (authors: 2) so that every batch has them; an anchor without one
+    is left out of the mean (and said once). Every network is evaluated; the paper reports the
+    best one.
+    """
+
+    min_peers = 2
+
+    def setup(self, ctx: SetupContext) -> None:
+        if ctx.recipe.data.images_per_class is None:
+            ctx.warn("mcl: data.images_per_class is unset, so a batch may hold a single image of a class, which has"
+                     " no positive and is left out of the contrastive terms; set it (the authors: 2)")
+        for peer in ctx.peers:
+            head = ProjectionHead(peer.feature_shape[0], out_dim=self.params.embedding_dim)
+            ctx.add_module(f"{peer.name}.proj", head, unit=peer.network)
+
+    def steps(self) -> Sequence[Step]:
+        return [Step("all", tuple(self.networks))]
+
+    def compute(self, step: Step, ctx: StepContext) -> LossTerms:
+        p = self.params
+        outs = [ctx.output(name) for name in self.peers]
+        embeddings = [ctx.module(f"{name}.proj")(o.features.mean(dim=(2, 3))) for name, o in zip(self.peers, outs)]
+        terms = mcl_terms(embeddings, [o.logits for o in outs], ctx.labels, tau=p.tau, temperature=p.temperature,
+                          w_vcl=p.w_vcl, w_soft_vcl=p.w_soft_vcl, w_icl=p.w_icl, w_soft_icl=p.w_soft_icl)
+        return dict(zip(self.peers, terms))

@@ -8,10 +8,13 @@ other as in Deep Mutual Learning.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 import torch.nn.functional as F
 
+from mutualkd.strategy import LossTerms, Step, StepContext, Strategy, StrategyParams
 from mutualkd_builtins.losses import kd_div
 
 
@@ -70,3 +73,42 @@ def switokd_terms(
         "kl": kd_div(teacher_logits, student_logits.detach(), 1.0),
     }
     return student, teacher
+
+
+# --------------------------------------------------------------------------- the strategy
+
+
+class SwitOKDParams(StrategyParams):
+    pass
+
+
+class SwitOKD(Strategy[SwitOKDParams]):
+    """SwitOKD: per batch, the student alone learns from the teacher (expert) or both learn (Qian et al., ECCV 2022).
+
+    Two whole networks: the first ``[[peers]]`` table is the (larger) teacher, the second the
+    student; each has its own optimizer settings (``[peers.optimizer]``; the authors: teacher
+    lr 0.1, student lr 0.01). Per batch, from detached statistics at T = 1 (``d_s``, ``d_t``,
+    ``G``, ``delta = d_s - exp(-d_t / (d_t + d_s)) d_t``): **expert mode** when ``G > delta``
+    and ``d_t < d_s``: only the student steps, ``CE + KL(sg p_t || p_s)``, the teacher is left
+    untouched (its optimizer state too); otherwise **learning mode**: both step, DML with KL.
+    The mode is logged per batch as the scalar ``expert`` (1 or 0): its epoch mean in
+    metrics.jsonl is the share of expert batches.
+    """
+
+    min_peers = 2
+    max_peers = 2
+
+    def steps(self) -> Sequence[Step]:
+        return [Step("all", tuple(self.networks))]
+
+    def compute(self, step: Step, ctx: StepContext) -> LossTerms:
+        teacher, student = self.peers
+        z_t, z_s = ctx.output(teacher).logits, ctx.output(student).logits
+        stats = switch_statistics(z_s, z_t, ctx.labels)
+        expert = bool(stats["expert"])  # one host sync per batch: the mode decides which units step
+        ctx.log("expert", float(expert))
+        s_terms, t_terms = switokd_terms(z_s, z_t, ctx.labels, expert=expert)
+        if t_terms is None:
+            ctx.skip_update(self.unit_of(teacher))
+            return {student: s_terms}
+        return {student: s_terms, teacher: t_terms}
