@@ -30,6 +30,7 @@ from mutualkd.data._base import DatasetInfo, dataset_entrypoint, stratified_subs
 from mutualkd.data.datasets import load_splits, split_indices
 from mutualkd.data.loader import BatchLoader
 from mutualkd.data.sources import Source, SplitSource, count_folder_images, folder_sources, tar_sources
+from mutualkd.data.sampling import check_balanced
 from mutualkd.data.stream import StreamDataset, StreamLoader
 from mutualkd.data.transforms import BatchMixup, InputConfig, build_mixup, build_transform, resolve_input
 
@@ -193,8 +194,12 @@ def check_data(cfg: DataConfig, *, seed: int, peers: Mapping[str, str]) -> tuple
     """What ``mutualkd validate`` checks of the data: ``(info, kind, reason)``, building no loader."""
     kind, reason = choose_pipeline(cfg)
     if kind == "device":
-        _, _, _, info = load_splits(cfg, seed=seed)
-        return info, kind, reason
-    plan = plan_stream(cfg, seed=seed, peers=peers)
-    build_transform(cfg, plan.input, dataset=plan.info.name, train=True)
-    return plan.info, kind, reason
+        train, _, _, info = load_splits(cfg, seed=seed)
+        labels = train.labels.numpy()
+    else:
+        plan = plan_stream(cfg, seed=seed, peers=peers)
+        build_transform(cfg, plan.input, dataset=plan.info.name, train=True)
+        info, labels = plan.info, np.asarray(plan.train.labels)[plan.train_idx]
+    if cfg.images_per_class is not None:  # the loaders' own check, without building them
+        check_balanced(labels, cfg.batch_size, cfg.images_per_class)
+    return info, kind, reason

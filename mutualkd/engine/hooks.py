@@ -116,6 +116,7 @@ def step_record(trainer: Trainer, result: StepResult) -> dict[str, Any]:
         "lr": trainer.learning_rates(),
         "images_per_s": trainer.clock.images_per_s(),
         "forward_passes": result.forward_passes,
+        **({"scalars": {k: float(v) for k, v in result.scalars.items()}} if result.scalars else {}),
     }
 
 

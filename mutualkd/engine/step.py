@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+import warnings
 from typing import Any
 
 import torch
@@ -296,7 +297,9 @@ class BatchStep:
                                   clip={u.name: u.clip for u in units if u.clip is not None})
             for u in held:
                 u.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
-                u.scheduler.step()  # the schedule follows the batches, whether or not the unit stepped
+                with warnings.catch_warnings():  # torch's "scheduler before optimizer" note: on purpose here
+                    warnings.simplefilter("ignore", UserWarning)
+                    u.scheduler.step()  # the schedule follows the batches, whether or not the unit stepped
             for u in units:
                 u.scheduler.step()
                 if u.network is not None:
