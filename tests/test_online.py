@@ -387,3 +387,23 @@ def test_built_in_strategies_import_only_the_public_plugin_api(repo_root: Path) 
             for name in names:
                 if name == "mutualkd" or name.startswith("mutualkd."):
                     assert name in allowed, f"{path.relative_to(repo_root)} imports {name}; use mutualkd.strategy"
+
+
+def test_the_benchmark_hand_loop_does_the_engines_work(tmp_path: Path, repo_root: Path) -> None:
+    """benchmarks/bench_online.py: one batch of the hand-written ONE leaves the same weights as the engine's."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_online", repo_root / "benchmarks" / "bench_online.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tr = _trainer(bench.recipe(tmp_path, "one", 16, "cpu"))
+    hand = bench.HandONE(tr)
+    x, y = next(iter(tr.train_loader))
+    tr.train_step(x, y)
+    hand.step(x, y)
+    engine = dict(tr.unwrapped("net").named_parameters()) | {f"gate.{k}": v for k, v in tr.unwrapped("gate").named_parameters()}
+    mine = dict(hand.net.named_parameters()) | {f"gate.{k}": v for k, v in hand.gate.named_parameters()}
+    assert set(engine) == set(mine)
+    for k in engine:
+        torch.testing.assert_close(mine[k], engine[k], rtol=1e-4, atol=1e-6, msg=k)
