@@ -86,6 +86,20 @@ def test_branches_share_one_trunk_and_each_is_a_whole_timm_model() -> None:
         torch.testing.assert_close(fresh(x), logits[2])
 
 
+@pytest.mark.parametrize("model, split", [("resnet18", "layer3"), ("cifar_wrn_16_1", "layer1")])
+def test_timm_resnets_and_cifar_wrns_split_too(model: str, split: str) -> None:
+    import timm
+
+    models = [timm.create_model(model, num_classes=5) for _ in range(2)]
+    net = BranchedNet(models, model, split).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        _, feats, logits = net(x)
+        for k, m in enumerate(models):
+            torch.testing.assert_close(logits[k], m(x))
+            torch.testing.assert_close(feats[k], m.forward_features(x))
+
+
 def test_ilr_divides_the_gradient_into_the_trunk_by_the_number_of_branches() -> None:
     import timm
 
