@@ -19,7 +19,8 @@ import pytest
 from packaging.requirements import Requirement
 
 
-STRATEGIES = {"independent", "kl_dml", "ie_kd", "ie_dml"}
+STRATEGIES = {"independent", "kl_dml", "ie_kd", "ie_dml", "one", "cl_ilr", "okddip", "pcl", "kdcl", "ffl", "mcl",
+              "switokd"}
 METRICS = {"l1", "l2", "l2_per_sample", "cka", "cka_debiased", "orthogonal", "orthogonal_sq"}
 
 

@@ -187,6 +187,7 @@ OTHER_VALUE: dict[str, Any] = {
     "tracker_project": "other",
     "collective_timeout": 60.0,
     "sync_bn": True,
+    "best_output": "ensemble",
 }
 
 

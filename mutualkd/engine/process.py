@@ -50,3 +50,15 @@ def reduce_max(t: Tensor) -> Tensor:
     """All-reduce ``t`` with max across the processes (the per-batch finiteness check and stop request)."""
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return t
+
+
+def broadcast_from_main(tensors: list[Tensor]) -> None:
+    """Overwrite ``tensors`` (in place) with the main process's values, in one collective."""
+    if not tensors:
+        return
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    flat = _flatten_dense_tensors(tensors)
+    torch.distributed.broadcast(flat, src=0)
+    for t, v in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+        t.copy_(v)

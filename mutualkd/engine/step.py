@@ -104,8 +104,14 @@ class Networks:
         return {peers[0]: PeerOutput(feats, logits)}
 
     @torch.no_grad()
-    def update_mean(self, name: str, n: int) -> None:
-        """The ``n``-th update (0-based) of temporal mean ``name`` from its network's current weights."""
+    def update_mean(self, name: str, n: int, broadcast: Callable[[list[Tensor]], None] | None = None) -> None:
+        """The ``n``-th update (0-based) of temporal mean ``name`` from its network's current weights.
+
+        With several processes the parameters are the same everywhere (DDP), but each process's
+        BatchNorm statistics moved on its own share of the batch: ``broadcast`` then makes every
+        process's averaged buffers the main process's (the ones a checkpoint saves), so that a
+        resumed run goes on exactly as an uninterrupted one.
+        """
         d = float(self.means[name].decay(n))
         if not 0.0 <= d <= 1.0:
             raise UserError(f"temporal mean '{name}': decay({n}) = {d} is not in [0, 1]",
@@ -118,6 +124,8 @@ class Networks:
                 b_ema.lerp_(b_net, 1.0 - d)
             else:  # counters (num_batches_tracked): the network's own
                 b_ema.copy_(b_net)
+        if broadcast is not None:
+            broadcast([b for b in dst.buffers() if b.is_floating_point()])
 
 
 class _Handle:
@@ -237,7 +245,8 @@ class BatchStep:
                  networks: Mapping[str, Sequence[str]], precision: Precision,
                  reduce_max: Callable[[Tensor], Tensor] | None, *, means: Mapping[str, TemporalMean] | None = None,
                  views: Mapping[str, int] | None = None, warn: Callable[[str], None] | None = None,
-                 on_terms: Callable[[Step, StepContext, Any], None] | None = None) -> None:
+                 on_terms: Callable[[Step, StepContext, Any], None] | None = None,
+                 broadcast: Callable[[list[Tensor]], None] | None = None) -> None:
         self.strategy = strategy
         self.slots = slots
         self.units = units
@@ -256,6 +265,7 @@ class BatchStep:
         self._warn = warn
         self._warned: set[str] = set()
         self.on_terms = on_terms  # the callbacks' on_before_backward
+        self.broadcast = broadcast  # from the main process, several processes only (temporal means' buffers)
 
     def warn(self, message: str) -> None:
         if message not in self._warned:
@@ -306,7 +316,7 @@ class BatchStep:
                     # This network changed: its cached outputs are stale for later steps.
                     self.versions[u.network] += 1
                     for mean in self._means_of.get(u.network, ()):
-                        self.nets.update_mean(mean, self.mean_updates[mean])
+                        self.nets.update_mean(mean, self.mean_updates[mean], self.broadcast)
                         self.mean_updates[mean] += 1
                         self.versions[mean] += 1
             logged[step.name] = {key: v.detach() for key, v in flat.items()}

@@ -29,7 +29,9 @@ from mutualkd.engine.evaluate import evaluate_split
 from mutualkd.engine.hooks import Callback, CallbackList, Checkpointing, ConsoleLog, MetricsLog, ProgressBar
 from mutualkd.engine import snapshot
 from mutualkd.engine.precision import Precision, launcher_note
-from mutualkd.engine.process import configure_determinism, has_gpu, make_accelerator, reduce_max
+from mutualkd.engine.process import (
+    broadcast_from_main, configure_determinism, has_gpu, make_accelerator, reduce_max,
+)
 from mutualkd.engine.signals import RunInterrupted, StopRequest
 from mutualkd.engine.state import EpochClock, History, Position, RunFolder, resume_folder
 from mutualkd.engine.step import BatchStep, StagePlan, StepResult, plan_stage
@@ -104,7 +106,8 @@ class Trainer:
         self._batch = BatchStep(self.strategy, self._slots, self.units, built.networks, self.precision,
                                 reduce_max=reduce_max if acc.num_processes > 1 else None, means=built.means,
                                 views=built.views, warn=strategy_warning,
-                                on_terms=lambda step, ctx, terms: self.callbacks.on_before_backward(self, step, ctx, terms))
+                                on_terms=lambda step, ctx, terms: self.callbacks.on_before_backward(self, step, ctx, terms),
+                                broadcast=broadcast_from_main if acc.num_processes > 1 else None)
         self._mode_plan: StagePlan | None = None
 
         self.position = Position()

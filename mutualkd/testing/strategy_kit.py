@@ -265,7 +265,9 @@ def _check_run(
     if not _equal(saved, _strategy(t1).state_dict()):
         raise AssertionError(f"{label}: state: the saved strategy state differs from state_dict() of the running strategy")
     with _failures(label, "state round trip"):
-        fresh = cls(_strategy(t1).params, peers=_peer_names(t1), mode=mode, networks=_strategy(t1).networks)
+        nets = _strategy(t1).networks  # handed over only for branched networks, as the engine does
+        extra = {"networks": nets} if any(ps != [n] for n, ps in nets.items()) else {}
+        fresh = cls(_strategy(t1).params, peers=_peer_names(t1), mode=mode, **extra)
         fresh.load_state_dict(saved)
         again = fresh.state_dict()
     if not _equal(again, saved):
@@ -437,7 +439,8 @@ def _num_views(cls: type, params: Mapping[str, Any], n: int, branched: bool, mod
     try:
         names = [f"net_b{k}" for k in range(n)] if branched else [f"peer{k}" for k in range(n)]
         networks = {"net": names} if branched else None
-        inst = cls(cls.Params.model_validate(dict(params)), peers=names, mode=mode, networks=networks)
+        inst = cls(cls.Params.model_validate(dict(params)), peers=names, mode=mode,
+                   **({"networks": networks} if networks else {}))
         return max(dict(inst.views()).values(), default=0) + 1
     except Exception:  # the run itself reports what is wrong
         return 1
