@@ -217,7 +217,9 @@ def tar_sources(root: str | None) -> tuple[ReaderSource, ReaderSource]:
         # create_dataset takes a single .tar file to timm's ReaderImageInTar but a folder to
         # the folder reader, so a folder of shards gets ReaderImageInTar as its reader.
         def dataset(at: Path, class_map: dict[str, int] | None = None) -> Any:
-            return ImageDataset(str(at), reader=ReaderImageInTar(str(at), class_map=class_map or ""))
+            # cache_tarinfo=False: no index pickle is read from (or written into) the data folder.
+            return ImageDataset(str(at), reader=ReaderImageInTar(str(at), class_map=class_map or "",
+                                                                 cache_tarinfo=False))
 
         train_ds = dataset(train_at)
         classes = dict(train_ds.reader.class_name_to_idx)
