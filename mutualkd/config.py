@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mutualkd.errors import RecipeError
+from mutualkd.names import check_name, look_alikes
 
 __all__ = [
     "Recipe",
@@ -135,18 +136,12 @@ class RunConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _one_folder_name(cls, v: str) -> str:
-        problem = _path_problem(v)
-        if not v:
-            problem = "is empty"
-        elif "/" in v or "\\" in v:
-            problem = "holds a path separator (it names one folder under run.out_dir)"
-        elif v in (".", ".."):
-            problem = f"is {v!r}, which is not a folder of its own"
-        elif (n := len(v.encode("utf-8", "surrogatepass"))) > MAX_NAME_BYTES:
-            problem = f"is {n} bytes long, more than a folder name may be ({MAX_NAME_BYTES})"
-        if problem:
-            raise ValueError(f"run.name {problem}; use a plain folder name such as \"dml-resnet20-s0\"")
-        return v
+        return check_name(v, "run.name", example="dml-resnet20-s0")
+
+    @field_validator("tracker_project")
+    @classmethod
+    def _project_folder_name(cls, v: str | None) -> str | None:
+        return v if v is None else check_name(v, "run.tracker_project", example="mutualkd")
 
     @field_validator("out_dir")
     @classmethod
@@ -463,6 +458,11 @@ class PeerConfig(_Strict):
                 )
         return v
 
+    @field_validator("name")
+    @classmethod
+    def _one_folder_name(cls, v: str | None) -> str | None:
+        return v if v is None else check_name(v, "the peer's name", example="peer0")
+
     @model_validator(mode="after")
     def _weights_fit(self) -> PeerConfig:
         if self.pretrained and self.weights is not None:
@@ -546,6 +546,11 @@ class Recipe(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"peer names must be unique; {', '.join(dupes)} appears more than once")
+        similar = look_alikes(names)
+        if similar:
+            a, b = similar[0]
+            raise ValueError(f"peer names must be unique; {a!r} and {b!r} look alike (the same folder on a"
+                             " case-insensitive disk, the same to a reader); rename one of them")
         return peers
 
     def to_dict(self) -> dict[str, Any]:

@@ -31,6 +31,7 @@ import sys
 from typing import Any
 
 from mutualkd.errors import RecipeError
+from mutualkd.names import inside
 
 __all__ = ["SweepRun", "Sweep", "parse_grid", "plan_sweep", "run_state", "run_sweep"]
 
@@ -133,6 +134,7 @@ def plan_sweep(recipe: str | Path, grid_items: Sequence[str] = (), seeds: Sequen
             rec = parse_recipe(apply_overrides(raw, sets, file=str(path)), file=str(path))
             check_recipe(rec, recipe_file=str(path), data=False)  # every run checked before any starts
             values = {k: _lookup(rec.to_dict(), k) for k in keys}
+            inside(folder, folder / name, what="the sweep's run folder", hint="give run.name a plain folder name")
             sweep.runs.append(SweepRun(values, seed, name, folder / name, sets))
     return sweep
 

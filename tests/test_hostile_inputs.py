@@ -126,3 +126,86 @@ def test_a_planted_cifar_payload_never_runs(tmp_path: Path, kind: str, write_fak
         refused(args, str(victim), says=("could run code",))
         assert not target.exists()
     assert folder_snapshot(tmp_path) == before and not (tmp_path / "runs").exists()
+
+
+# =========================================================================== item: names that become paths
+
+BAD_NAMES = {
+    "a/b": "path separator", "a\\b": "path separator", "..": "not a folder of its own", ".": "not a folder of its own",
+    "": "is empty", "x" * 101: "101 characters", "\U0001f98a" * 70: "280 bytes", "tab\tbed": "control character",
+    "zero\u200bwidth": "invisible format character", "rtl\u202eoverride": "invisible format character",
+    "two words": "a space", "no\u00a0break": "a space", "nul\x00": "NUL",
+}
+GOOD_NAMES = ["net", "peer0", "one_b0", "ResNet-20.v2", "fox-\U0001f98a", "élève"]
+
+
+@pytest.mark.parametrize("value", list(BAD_NAMES), ids=[repr(v)[:20] for v in BAD_NAMES])
+def test_a_name_that_is_not_one_plain_folder_name_is_refused(value: str) -> None:
+    from mutualkd.config import parse_recipe
+    from mutualkd.errors import RecipeError
+
+    peers = [{"model": "cifar_resnet20"}, {"model": "cifar_resnet20", "name": "other"}]
+    for field, raw in (("peers[0].name", {"peers": [{**peers[0], "name": value}, peers[1]]}),
+                       ("run.name", {"run": {"name": value}, "peers": peers}),
+                       ("run.tracker_project", {"run": {"tracker_project": value}, "peers": peers})):
+        with pytest.raises(RecipeError) as ei:
+            parse_recipe(raw, file="r.toml")
+        text = str(ei.value)
+        assert f"r.toml [{field}]" in text and BAD_NAMES[value] in text and "plain name" in text, text
+
+
+def _recipe_with_peer_names(names: list[Any]) -> Any:
+    from mutualkd.config import parse_recipe
+
+    raw = {"peers": [{"model": "cifar_resnet20", **({"name": n} if n is not None else {})} for n in names]}
+    return parse_recipe(raw, file="r.toml")
+
+
+def test_plain_names_are_accepted_and_look_alikes_refused() -> None:
+    from mutualkd.errors import RecipeError
+
+    rec = _recipe_with_peer_names([*GOOD_NAMES, None])
+    assert rec.peer_names() == [*GOOD_NAMES, f"peer{len(GOOD_NAMES)}"]
+    for a, b in (("peer0", "\uff50\uff45\uff45\uff52\uff10"), ("Net", "net"), ("ﬁne", "fine")):
+        with pytest.raises(RecipeError) as ei:
+            _recipe_with_peer_names([a, b])
+        assert "[peers]" in str(ei.value) and "look alike" in str(ei.value) and repr(b) in str(ei.value)
+
+
+def test_a_hostile_peer_name_exits_2_and_writes_nothing(tmp_path: Path, recipe_dict: Factory,
+                                                       folder_snapshot: Factory) -> None:
+    d = recipe_dict(tmp_path / "runs", max_steps=1)
+    d["peers"][1]["name"] = "../../escaped"
+    recipe = write_recipe(tmp_path / "r.toml", d)
+    before = folder_snapshot(tmp_path)
+    refused(["run", str(recipe)], str(recipe), field="peers[1].name", says=("path separator",))
+    assert folder_snapshot(tmp_path) == before and not (tmp_path / "runs").exists()
+
+
+def test_writers_keep_their_paths_under_their_root(tmp_path: Path) -> None:
+    from mutualkd.errors import UserError
+    from mutualkd.names import inside
+
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "link").symlink_to(tmp_path)  # a link inside the root that points out of it
+    assert inside(root, root / "sub" / "x", what="t", hint="h") == root / "sub" / "x"
+    for escape in (root / ".." / "x", root / "link" / "x", Path("/etc")):
+        with pytest.raises(UserError) as ei:
+            inside(root, escape, what="the folder", hint="h")
+        assert str(escape) in str(ei.value) and "outside" in str(ei.value)
+
+
+def test_export_refuses_a_peer_name_from_meta_json_that_leaves_the_folder(tiny_run: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from mutualkd import checkpoint as ckpt
+
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    folder = ckpt.latest_checkpoint(run / "checkpoints")
+    meta = json.loads((folder / ckpt.META).read_text())
+    meta["peers"] = {"../../evil": meta["peers"]["peer0"], **meta["peers"]}
+    (folder / ckpt.META).write_text(json.dumps(meta))
+    refused(["export", str(folder), "--out", str(tmp_path / "out" / "x")], str(folder / ckpt.META), says=("path separator",))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "evil").exists()

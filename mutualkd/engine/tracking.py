@@ -32,6 +32,7 @@ import uuid
 
 from mutualkd.engine.hooks import Callback, _is_log_step, step_record
 from mutualkd.errors import RecipeError
+from mutualkd.names import inside
 
 if TYPE_CHECKING:
     from mutualkd.engine.step import StepResult
@@ -160,6 +161,8 @@ class TrackerLog(Callback):
 
         acc, run = trainer.accelerator, trainer.recipe.run
         logdir = tracking_dir(trainer.run_dir)
+        inside(trainer.run_dir, logdir / project_name(trainer), what="the trackers' folder",
+               hint="set run.tracker_project to a plain folder name")
         logdir.mkdir(parents=True, exist_ok=True)
         acc.project_configuration.logging_dir = str(logdir)
         if not acc.log_with:  # an Accelerator made by the caller, without log_with

@@ -192,7 +192,7 @@ def assign_labels(runs: Sequence[RunData]) -> None:
     """A unique, file-system safe folder name per run for its plots."""
     used: set[str] = set()
     for r in runs:
-        base = re.sub(r"[^A-Za-z0-9._-]+", "_", r.path.name) or "run"
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", r.path.name).strip(".") or "run"  # never "." or ".."
         label = base
         if label in used:
             label = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{r.path.parent.name}-{base}")
