@@ -314,7 +314,7 @@ def sweep(
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()] if seeds else None
     except ValueError:
-        _fail(UserError(f"--seeds {seeds!r} is not a list of integers", hint="write e.g. --seeds 0,1,2"))
+        _fail(UserError(f"--seeds {seeds[:100]!r} is not a list of integers", hint="write e.g. --seeds 0,1,2"))
     try:
         plan = plan_sweep(recipe, grid or [], seed_list, set_ or [], out_dir)
     except UserError as e:

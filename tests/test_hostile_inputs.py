@@ -9,9 +9,12 @@ interpreter can show the exit code or the absence of a traceback.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+import contextlib
+import os
 from pathlib import Path
 import pickle
+import subprocess
 from typing import Any
 
 import numpy as np
@@ -209,3 +212,203 @@ def test_export_refuses_a_peer_name_from_meta_json_that_leaves_the_folder(tiny_r
     (folder / ckpt.META).write_text(json.dumps(meta))
     refused(["export", str(folder), "--out", str(tmp_path / "out" / "x")], str(folder / ckpt.META), says=("path separator",))
     assert not (tmp_path / "out").exists() and not (tmp_path / "evil").exists()
+
+
+# =========================================================================== item: values torch or the OS cannot take
+
+
+def _recipe_case(edit: Callable[[dict[str, Any]], Any], field: str, says: str) -> Any:
+    def build(t: Path, tools: Any) -> tuple[list[str], str | None, tuple[str, ...]]:
+        d = tools.recipe_dict(t / "runs", max_steps=1)
+        edit(d)
+        path = write_recipe(t / "r.toml", d)
+        return ["run", str(path)], field, (str(path), says)
+
+    return build
+
+
+def _text_case(text: str, says: str) -> Any:
+    def build(t: Path, tools: Any) -> tuple[list[str], str | None, tuple[str, ...]]:
+        d = dump_toml(tools.recipe_dict(t / "runs", max_steps=1)).replace("seed = 0", text)
+        path = t / "r.toml"
+        path.write_text(d)
+        return ["validate", str(path)], None, (str(path), says)
+
+    return build
+
+
+def _sweep_seeds(value: str, says: str) -> Any:
+    def build(t: Path, tools: Any) -> tuple[list[str], str | None, tuple[str, ...]]:
+        path = t / "r.toml"
+        path.write_text(dump_toml(tools.recipe_dict(t / "runs", max_steps=1)) + f"\n[sweep]\nseeds = {value}\n")
+        return ["sweep", str(path), "--print"], "sweep.seeds", (str(path), says)
+
+    return build
+
+
+def _sweep_cli_seeds(value: str, says: str) -> Any:
+    def build(t: Path, tools: Any) -> tuple[list[str], str | None, tuple[str, ...]]:
+        path = write_recipe(t / "r.toml", tools.recipe_dict(t / "runs", max_steps=1))
+        return ["sweep", str(path), "--print", "--seeds", value], None, (str(path), "--seeds", says)
+
+    return build
+
+
+SEED_RANGE = "integer from 0 to 4294967295"
+VALUES = [
+    pytest.param(_recipe_case(lambda d: d["run"].update(seed=-1), "run.seed", SEED_RANGE), id="seed--1"),
+    pytest.param(_recipe_case(lambda d: d["run"].update(seed=2**32), "run.seed", SEED_RANGE), id="seed-2**32"),
+    pytest.param(_recipe_case(lambda d: d["run"].update(seed=1e20), "run.seed", SEED_RANGE), id="seed-1e20"),
+    pytest.param(_text_case("seed = " + "9" * 5000, "4300 digits"), id="seed-5000-digits"),
+    pytest.param(_recipe_case(lambda d: d["optimizer"].update(lr=float("inf")), "optimizer.lr", "finite"), id="lr-inf"),
+    pytest.param(_recipe_case(lambda d: d["optimizer"].update(lr=1e308), "optimizer.lr", "less than or equal to 1000"),
+                 id="lr-1e308"),
+    pytest.param(_recipe_case(lambda d: d["data"].update(cutmix=1.0, cutmix_minmax=[2, -1]), "data.cutmix_minmax",
+                              "0 < min < max <= 1"), id="cutmix_minmax-2,-1"),
+    pytest.param(_recipe_case(lambda d: d["data"].update(subset_seed=-1e20), "data.subset_seed", SEED_RANGE),
+                 id="subset_seed--1e20"),
+    pytest.param(_recipe_case(lambda d: d["optimizer"].update(name="lamb", args={"nope": 1}), "optimizer.args",
+                              "unexpected keyword argument 'nope'"), id="timm-optimizer-args"),
+    pytest.param(_recipe_case(lambda d: d["peers"][0].update(weights="hf-hub:"), "peers[0].weights",
+                              "does not name a Hugging Face repository"), id="hf-hub-empty"),
+    pytest.param(_recipe_case(lambda d: d["peers"][0].update(weights="hf-hub:../../etc"), "peers[0].weights",
+                              "does not name a Hugging Face repository"), id="hf-hub-dotdot"),
+    pytest.param(_recipe_case(lambda d: d["strategy"].update(temperature=1e-300), "strategy.temperature",
+                              "greater than or equal to 0.01"), id="temperature-1e-300"),
+    pytest.param(_recipe_case(lambda d: d["strategy"].update(weight=float("nan")), "strategy.weight", "finite"),
+                 id="strategy-weight-nan"),
+    pytest.param(_sweep_seeds('["a"]', "holds 'a', not a seed"), id="sweep-seeds-strings"),
+    pytest.param(_sweep_seeds("5", "must be a list of integers, not a int"), id="sweep-seeds-5"),
+    pytest.param(_sweep_seeds("[1, 1]", "names seed 1 more than once"), id="sweep-seeds-duplicate"),
+    pytest.param(_sweep_cli_seeds("0,0", "names seed 0 more than once"), id="sweep--seeds-0,0"),
+    pytest.param(_sweep_cli_seeds("-3", "holds -3, not a seed"), id="sweep--seeds-negative"),
+]
+
+
+class _Tools:
+    def __init__(self, recipe_dict: Factory) -> None:
+        self.recipe_dict = recipe_dict
+
+
+@pytest.mark.parametrize("build", VALUES)
+def test_a_value_out_of_bounds_exits_2_naming_file_and_field(build: Any, tmp_path: Path, recipe_dict: Factory,
+                                                             folder_snapshot: Factory) -> None:
+    args, field, says = build(tmp_path, _Tools(recipe_dict))
+    before = folder_snapshot(tmp_path)
+    refused(args, field=field, says=says)
+    assert folder_snapshot(tmp_path) == before and not (tmp_path / "runs").exists()
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """peer0 of the tiny run, exported as a timm model folder (config.json + model.safetensors)."""
+    from mutualkd.export import export_run
+
+    out = tmp_path_factory.mktemp("exported") / "peer0"
+    export_run(tiny_run, out, peer="peer0")
+    return out
+
+
+@pytest.mark.parametrize("key, value", [("num_classes", '"ten"'), ("num_classes", "null"), ("num_classes", "-3"),
+                                        ("num_classes", "1e400"), ("mean", "null"), ("input_size", '[1, "8", 8]')])
+def test_a_model_folder_whose_config_is_of_the_wrong_kind_exits_2(key: str, value: str, exported: Path,
+                                                                  tmp_path: Path, recipe_dict: Factory,
+                                                                  folder_snapshot: Factory) -> None:
+    import json
+    import re
+    import shutil
+
+    folder = Path(shutil.copytree(exported, tmp_path / "model"))
+    text = json.dumps(json.loads((folder / "config.json").read_text()))
+    text, n = re.subn(rf'"{key}": (\[[^\]]*\]|[0-9.]+)', f'"{key}": {value}', text)
+    assert n >= 1
+    (folder / "config.json").write_text(text)
+    d = recipe_dict(tmp_path / "runs", max_steps=1)
+    d["peers"][0]["weights"] = str(folder)
+    recipe = write_recipe(tmp_path / "r.toml", d)
+    before = folder_snapshot(tmp_path)
+    refused(["run", str(recipe)], str(folder / "config.json"), field="peers[0].weights", says=(f"'{key}' is",))
+    assert folder_snapshot(tmp_path) == before
+
+
+def test_weights_holding_nan_exit_2_naming_the_file(exported: Path, tmp_path: Path, recipe_dict: Factory) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(exported / "model.safetensors")
+    key = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+    state[key][0] = float("nan")
+    path = tmp_path / "nan.safetensors"
+    save_file(state, path)
+    d = recipe_dict(tmp_path / "runs", max_steps=1)
+    d["peers"][0]["weights"] = str(path)
+    refused(["run", str(write_recipe(tmp_path / "r.toml", d))], str(path), field="peers[0].weights",
+            says=("non-finite", key))
+    assert not (tmp_path / "runs").exists()
+
+
+@contextlib.contextmanager
+def read_only_folder(where: Path) -> Iterator[Path]:
+    """``where`` as a folder nobody may write to: chmod for a normal user; for root, a read-only tmpfs."""
+    where.mkdir(parents=True)
+    if os.geteuid() != 0:
+        where.chmod(0o555)
+        try:
+            yield where
+        finally:
+            where.chmod(0o755)
+        return
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(where)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"root may not mount a read-only file system here: {proc.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_export_out_that_is_a_file_or_read_only_exits_2(tiny_run: Path, tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    for extra in ([], ["--peer", "peer0"]):
+        refused(["export", str(tiny_run), "--out", str(tmp_path / "afile"), *extra], str(tmp_path / "afile"),
+                says=("names a file",))
+    assert (tmp_path / "afile").read_text() == "x"
+    with read_only_folder(tmp_path / "ro") as ro:
+        for extra in ([], ["--peer", "peer0"]):
+            refused(["export", str(tiny_run), "--out", str(ro / "out"), *extra], str(ro / "out"),
+                    says=("cannot write the export",))
+        assert list(ro.iterdir()) == []
+
+
+def test_export_of_every_peer_is_whole_or_absent(tiny_run: Path, tmp_path: Path) -> None:
+    """OUT/peer1 not empty: nothing is written, not even OUT/peer0; a free OUT gets every peer at once."""
+    out = tmp_path / "out"
+    (out / "peer1").mkdir(parents=True)
+    (out / "peer1" / "keep").write_text("k")
+    (out / "other").mkdir()
+    refused(["export", str(tiny_run), "--out", str(out)], str(out / "peer1"), says=("not empty",))
+    assert sorted(p.name for p in out.iterdir()) == ["other", "peer1"] and not list(tmp_path.glob(".tmp-*"))
+    (out / "peer1" / "keep").unlink()
+    code, err, _ = invoke(["export", str(tiny_run), "--out", str(out)])
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["other", "peer0", "peer1"]
+    assert all((out / n / "model.safetensors").is_file() for n in ("peer0", "peer1"))
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("line, says", [
+    ('{"kind": "epoch", "stage": "train", "epoch": 1, "top1": {"peer0": [1, 2]}}', "'top1.peer0' is list"),
+    ('{"kind": "epoch", "stage": "train", "epoch": "one", "top1": {"peer0": 5}}', "'epoch' is str"),
+    ('{"kind": "step", "stage": "train", "epoch": 1, "steps": {"peer0": 3}}', "'steps.peer0' is int"),
+    ('{"kind": "epoch", "stage": 7}', "'stage' and 'kind' must be strings"),
+    ('{"kind": "epoch", "stage": "train", "epoch": ' + "9" * 5000 + "}", "4300 digits"),
+])
+def test_report_on_records_of_the_wrong_kind_exits_2(line: str, says: str, tiny_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    metrics = run / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([*lines[:1], line, *lines[1:]]) + "\n")
+    refused(["report", str(run), "--out", str(tmp_path / "report")], str(metrics), says=("line 2", says))
+    assert not (tmp_path / "report").exists()
