@@ -412,3 +412,78 @@ def test_report_on_records_of_the_wrong_kind_exits_2(line: str, says: str, tiny_
     metrics.write_text("\n".join([*lines[:1], line, *lines[1:]]) + "\n")
     refused(["report", str(run), "--out", str(tmp_path / "report")], str(metrics), says=("line 2", says))
     assert not (tmp_path / "report").exists()
+
+
+# =========================================================================== item: damaged tar shards
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory, write_image_folder: Factory) -> Path:
+    """Digits as JPEG tar shards, two per split (read-only: tests copy it)."""
+    from mutualkd.data.export import write_tar_shards
+
+    base = tmp_path_factory.mktemp("shards")
+    folder = write_image_folder(base / "folder", n_train=64, n_test=16, size=16)
+    return write_tar_shards(folder, base / "shards", shards=2)
+
+
+def _tar_recipe(t: Path, recipe_dict: Factory, root: Path, name: str = "t", **data: Any) -> Path:
+    d = recipe_dict(t / "runs", max_steps=None, batch_size=8, epochs=2, name=name)
+    d["data"] = {"dataset": "image_tar", "root": str(root), "pipeline": "stream", "image_size": 16, "batch_size": 8,
+                 "eval_batch_size": 16, "num_workers": 0, **data}
+    return write_recipe(t / "r.toml", d)
+
+
+def test_a_shard_with_3kb_of_ff_in_its_middle_is_never_silent(shards: Path, tmp_path: Path, recipe_dict: Factory,
+                                                             read_metrics: Factory, folder_snapshot: Factory) -> None:
+    import shutil
+    import tarfile
+
+    root = Path(shutil.copytree(shards, tmp_path / "shards"))
+    shard = root / "train" / "shard-0000.tar"
+    data = bytearray(shard.read_bytes())
+    with tarfile.open(shard) as tf:
+        names = [m.name for m in tf.getmembers()]
+    middle = len(data) // 2
+    data[middle:middle + 3072] = b"\xff" * 3072
+    shard.write_bytes(bytes(data))
+    with tarfile.open(shard) as tf:  # what tar alone makes of it: fewer members, and no error
+        listed = len(tf.getmembers())
+    with tarfile.open(shard, ignore_zeros=True) as tf:  # the members beyond the damage
+        beyond = len(tf.getmembers()) - listed
+    assert listed < len(names) and beyond >= 1
+    recipe = _tar_recipe(tmp_path, recipe_dict, root)
+    before = folder_snapshot(tmp_path)
+    for command in ("validate", "run"):
+        err = refused([command, str(recipe)], str(shard), f"{recipe} [data.skip_corrupt]",
+                      says=("damaged after member", "out of reach", "skip_corrupt = true"))
+        assert any(f"member {n} " in err for n in names), err
+    assert folder_snapshot(tmp_path) == before
+    # skip_corrupt: the run goes on, and every epoch record counts what the damage left out
+    recipe = _tar_recipe(tmp_path, recipe_dict, root, skip_corrupt=True)
+    code, err, result = invoke(["run", str(recipe)])
+    assert code == 0, result.output
+    assert str(shard) in " ".join(result.stdout.split())  # said at the start
+    epochs = [r for r in read_metrics(tmp_path / "runs" / "t") if r["kind"] == "epoch"]
+    assert [r["skipped_images"] for r in epochs] == [beyond, beyond], epochs
+
+
+def test_a_damaged_member_is_named_with_its_shard(shards: Path, tmp_path: Path, recipe_dict: Factory,
+                                                  read_metrics: Factory) -> None:
+    import shutil
+    import tarfile
+
+    root = Path(shutil.copytree(shards, tmp_path / "shards"))
+    shard = root / "train" / "shard-0001.tar"
+    with tarfile.open(shard) as tf:
+        member = tf.getmembers()[3]
+    data = bytearray(shard.read_bytes())
+    data[member.offset_data:member.offset_data + member.size] = b"\xff" * member.size  # the header stays whole
+    shard.write_bytes(bytes(data))
+    refused(["run", str(_tar_recipe(tmp_path, recipe_dict, root))], f"{shard} (member {member.name})",
+            "[data.skip_corrupt]", says=("cannot be read as an image",))
+    # found while training (the run folder holds what was trained before it); with skip_corrupt, counted
+    code, err, result = invoke(["run", str(_tar_recipe(tmp_path, recipe_dict, root, "skip", skip_corrupt=True))])
+    assert code == 0, result.output
+    epochs = [r for r in read_metrics(tmp_path / "runs" / "skip") if r["kind"] == "epoch"]
+    assert [r["skipped_images"] for r in epochs] == [1, 1]

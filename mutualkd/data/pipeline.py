@@ -119,7 +119,7 @@ def plan_stream(cfg: DataConfig, *, seed: int, peers: Mapping[str, str]) -> Stre
         train_src, test_src = folder_sources(cfg.root)
         name = "image_folder"
     elif cfg.dataset == "image_tar":
-        train_src, test_src = tar_sources(cfg.root)
+        train_src, test_src = tar_sources(cfg.root, cfg.skip_corrupt)
         name = "image_tar"
     else:
         train, test, base = dataset_entrypoint(cfg.dataset)(cfg)
@@ -172,9 +172,14 @@ def build_pipeline(cfg: DataConfig, *, seed: int, device: torch.device | str, ra
         return StreamLoader(ds, batch_size=cfg.eval_batch_size, train=False, **stream)
 
     train_ds = StreamDataset(plan.train, plan.train_idx, train_tf, seed=seed, train=True)
+    train = StreamLoader(train_ds, batch_size=cfg.batch_size, train=True, drop_last=cfg.drop_last, **stream)
+    notes = getattr(plan.train, "notes", [])
+    if notes:  # damaged tar shards, skip_corrupt: their unreachable members count as skipped every epoch
+        train.lost = int(getattr(plan.train, "lost", 0))
+        reason += f"; data.skip_corrupt: {'; '.join(notes)}"
     pipe = Pipeline(
         kind, reason, plan.info,
-        StreamLoader(train_ds, batch_size=cfg.batch_size, train=True, drop_last=cfg.drop_last, **stream),
+        train,
         eval_loader(plan.test, plan.test_idx),
         input=plan.input,
     )
