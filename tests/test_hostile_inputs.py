@@ -487,3 +487,94 @@ def test_a_damaged_member_is_named_with_its_shard(shards: Path, tmp_path: Path, 
     assert code == 0, result.output
     epochs = [r for r in read_metrics(tmp_path / "runs" / "skip") if r["kind"] == "epoch"]
     assert [r["skipped_images"] for r in epochs] == [1, 1]
+
+
+# =========================================================================== item: faults that end with exit 2
+
+
+def test_a_full_disk_under_metrics_jsonl_is_the_error_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               make_trainer: Factory) -> None:
+    """Every append to metrics.jsonl fails with ENOSPC (/dev/full): the run stops with that error, and closing
+    the file (which fails the same way) does not raise over it."""
+    from mutualkd.errors import UserError
+    from mutualkd.runlog import MetricsWriter
+
+    w = MetricsWriter(Path("/dev/full"))
+    with pytest.raises(UserError) as ei:
+        w.write({"kind": "step"})
+    assert "No space left on device (ENOSPC)" in str(ei.value) and "free space" in str(ei.value)
+    w.close()  # the same bytes fail again: not raised
+    tr = make_trainer(tmp_path, max_steps=2)
+    real_open = MetricsWriter._open
+
+    def full(self: MetricsWriter) -> Any:  # the file is there, and every byte appended to it fails
+        self.path.touch()
+        return open("/dev/full", "a", encoding="utf-8")
+
+    monkeypatch.setattr(MetricsWriter, "_open", full)
+    with pytest.raises(UserError) as ei:
+        tr.fit()
+    monkeypatch.setattr(MetricsWriter, "_open", real_open)
+    assert "cannot write metrics.jsonl: No space left on device (ENOSPC)" in str(ei.value)
+    assert str(tmp_path / "t" / "metrics.jsonl") in str(ei.value)
+
+
+def test_metrics_jsonl_replaced_by_a_folder_says_so(tiny_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").mkdir()
+    err = refused(["run", "--resume", str(run), "--set", "run.max_steps=3"], str(run / "metrics.jsonl"),
+                  says=("Is a directory", "must be a file"))
+    assert "free space" not in err
+
+
+def test_a_tracker_folder_that_becomes_unwritable_ends_the_run_with_exit_2(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recipe_dict: Factory, read_metrics: Factory) -> None:
+    """TensorBoard's writes fail (EROFS) from the third on: exit 2 naming the folder and run.log_with; the
+    checkpoints and metrics.jsonl written before are kept, and closing the tracker does not raise over it."""
+    pytest.importorskip("tensorboard")
+    import errno
+
+    from accelerate.tracking import TensorBoardTracker
+
+    calls = {"n": 0}
+    real = TensorBoardTracker.log
+
+    def log(self: Any, values: dict[str, Any], step: int | None = None, **kw: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise OSError(errno.EROFS, "Read-only file system")
+        real(self, values, step=step, **kw)
+
+    monkeypatch.setattr(TensorBoardTracker, "log", log)
+    d = recipe_dict(tmp_path / "runs", max_steps=6, run={"log_with": ["tensorboard"], "checkpoint_every": 1})
+    recipe = write_recipe(tmp_path / "r.toml", d)
+    refused(["run", str(recipe)], str(tmp_path / "runs" / "t" / "tracking"), f"{recipe} [run.log_with]",
+            says=("Read-only file system (EROFS)", "--resume"))
+    from mutualkd import checkpoint as ckpt
+
+    assert ckpt.latest_checkpoint(tmp_path / "runs" / "t" / "checkpoints") is not None
+    assert [r["global_step"] for r in read_metrics(tmp_path / "runs" / "t") if r["kind"] == "step"][:2] == [1, 2]
+
+
+def test_a_sweep_run_killed_before_its_first_checkpoint_is_run_again(tmp_path: Path, recipe_dict: Factory,
+                                                                     make_recipe: Factory) -> None:
+    from rich.console import Console
+
+    from mutualkd.config import apply_overrides, parse_recipe, read_toml
+    from mutualkd.sweep import plan_sweep, run_sweep
+
+    recipe = write_recipe(tmp_path / "r.toml", recipe_dict(tmp_path / "runs", max_steps=1,
+                                                           data={"train_subset": 32, "test_subset": 20}))
+    plan = plan_sweep(recipe, seeds=[0], out_dir=tmp_path / "sweep")
+    (run,) = plan.runs
+    # what a run killed before its first checkpoint leaves: its own recipe.toml and a line of metrics.jsonl
+    rec = parse_recipe(apply_overrides(read_toml(recipe), run.overrides), file=str(recipe))
+    run.folder.mkdir(parents=True)
+    (run.folder / "recipe.toml").write_text(dump_toml(rec.to_dict()))
+    (run.folder / "metrics.jsonl").write_text('{"kind": "step", "global_step": 1}\n')
+    outcome = run_sweep(plan, console=Console(file=open(os.devnull, "w")))
+    assert outcome["failed"] == [] and [r.name for r in outcome["resumed"]] == [run.name]
+    assert (run.folder / "summary.json").is_file()
