@@ -480,8 +480,9 @@ def test_a_damaged_member_is_named_with_its_shard(shards: Path, tmp_path: Path, 
     data = bytearray(shard.read_bytes())
     data[member.offset_data:member.offset_data + member.size] = b"\xff" * member.size  # the header stays whole
     shard.write_bytes(bytes(data))
-    refused(["run", str(_tar_recipe(tmp_path, recipe_dict, root))], f"{shard} (member {member.name})",
-            "[data.skip_corrupt]", says=("cannot be read as an image",))
+    recipe = _tar_recipe(tmp_path, recipe_dict, root)
+    refused(["run", str(recipe)], f"{shard} (member {member.name})", f"{recipe} [data.skip_corrupt]",
+            says=("cannot be read as an image",))
     # found while training (the run folder holds what was trained before it); with skip_corrupt, counted
     code, err, result = invoke(["run", str(_tar_recipe(tmp_path, recipe_dict, root, "skip", skip_corrupt=True))])
     assert code == 0, result.output
@@ -578,3 +579,21 @@ def test_a_sweep_run_killed_before_its_first_checkpoint_is_run_again(tmp_path: P
     outcome = run_sweep(plan, console=Console(file=open(os.devnull, "w")))
     assert outcome["failed"] == [] and [r.name for r in outcome["resumed"]] == [run.name]
     assert (run.folder / "summary.json").is_file()
+
+
+# =========================================================================== item: smaller ones
+
+
+def test_a_subset_larger_than_the_data_is_said(tmp_path: Path, recipe_dict: Factory) -> None:
+    d = recipe_dict(tmp_path / "runs", max_steps=1, data={"train_subset": 100000, "test_subset": 20})
+    code, err, result = invoke(["run", str(write_recipe(tmp_path / "r.toml", d))])
+    out = " ".join(result.stdout.split())
+    assert code == 0, result.output
+    assert "data.train_subset = 100000 is more than the 1347 images of the train split" in out, out
+    assert "test_subset" not in out
+    from mutualkd.config import DataConfig
+    from mutualkd.data import build_pipeline
+
+    cfg = DataConfig(dataset="digits", pipeline="stream", num_workers=0, batch_size=8, test_subset=10**6)
+    reason = build_pipeline(cfg, seed=0, device="cpu").reason
+    assert "data.test_subset = 1000000 is more than the 450 images of the test split" in reason, reason
