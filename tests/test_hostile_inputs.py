@@ -261,7 +261,8 @@ VALUES = [
     pytest.param(_recipe_case(lambda d: d["run"].update(seed=1e20), "run.seed", SEED_RANGE), id="seed-1e20"),
     pytest.param(_text_case("seed = " + "9" * 5000, "4300 digits"), id="seed-5000-digits"),
     pytest.param(_recipe_case(lambda d: d["optimizer"].update(lr=float("inf")), "optimizer.lr", "finite"), id="lr-inf"),
-    pytest.param(_recipe_case(lambda d: d["optimizer"].update(lr=1e308), "optimizer.lr", "less than or equal to 1000"),
+    pytest.param(_recipe_case(lambda d: d["optimizer"].update(lr=1e308), "optimizer.lr",
+                              "less than or equal to 1000000000000"),
                  id="lr-1e308"),
     pytest.param(_recipe_case(lambda d: d["data"].update(cutmix=1.0, cutmix_minmax=[2, -1]), "data.cutmix_minmax",
                               "0 < min < max <= 1"), id="cutmix_minmax-2,-1"),
@@ -466,6 +467,7 @@ def test_a_shard_with_3kb_of_ff_in_its_middle_is_never_silent(shards: Path, tmp_
     assert str(shard) in " ".join(result.stdout.split())  # said at the start
     epochs = [r for r in read_metrics(tmp_path / "runs" / "t") if r["kind"] == "epoch"]
     assert [r["skipped_images"] for r in epochs] == [beyond, beyond], epochs
+    assert f"{2 * beyond} unreadable image(s) were skipped over the run" in " ".join(result.stdout.split())
 
 
 def test_a_damaged_member_is_named_with_its_shard(shards: Path, tmp_path: Path, recipe_dict: Factory,
@@ -597,3 +599,40 @@ def test_a_subset_larger_than_the_data_is_said(tmp_path: Path, recipe_dict: Fact
     cfg = DataConfig(dataset="digits", pipeline="stream", num_workers=0, batch_size=8, test_subset=10**6)
     reason = build_pipeline(cfg, seed=0, device="cpu").reason
     assert "data.test_subset = 1000000 is more than the 450 images of the test split" in reason, reason
+
+
+def test_run_tracker_and_sweep_folders_that_are_links_out_of_their_root_are_refused(
+        tiny_run: Path, tmp_path: Path, recipe_dict: Factory, make_trainer: Factory) -> None:
+    """A plain name cannot leave its root, but a symbolic link in its place could: each writer refuses it."""
+    import json
+    import shutil
+
+    from mutualkd.config import parse_recipe
+    from mutualkd.engine import Trainer
+    from mutualkd.errors import UserError
+    from mutualkd.sweep import plan_sweep
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "t").symlink_to(elsewhere)
+    with pytest.raises(UserError) as ei:
+        make_trainer(tmp_path / "runs", max_steps=1)
+    assert "the run folder" in str(ei.value) and "outside" in str(ei.value) and "[run.name]" not in str(ei.value)
+    # the trackers' folder of a resumed run
+    run = Path(shutil.copytree(tiny_run, tmp_path / "copy" / "tiny"))
+    (run / "tracking").mkdir()
+    (run / "tracking" / "mutualkd").symlink_to(elsewhere)
+    d = json.loads(json.dumps(recipe_dict(tmp_path / "copy", name="tiny", max_steps=3)))
+    d["run"]["log_with"] = ["tensorboard"]
+    with pytest.raises(UserError) as ei:
+        Trainer(parse_recipe(d), recipe_file="<test>", resume=run).fit()
+    assert "the trackers' folder" in str(ei.value) and "outside" in str(ei.value)
+    # a sweep's run folder
+    recipe = write_recipe(tmp_path / "r.toml", recipe_dict(tmp_path / "runs", max_steps=1))
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "t-s0").symlink_to(elsewhere)
+    with pytest.raises(UserError) as ei:
+        plan_sweep(recipe, seeds=[0], out_dir=tmp_path / "sweep")
+    assert "the sweep's run folder" in str(ei.value) and "outside" in str(ei.value)
+    assert list(elsewhere.iterdir()) == []
