@@ -337,7 +337,9 @@ class OptimizerConfig(_Strict):
         " is timm.optim's (lamb, lars, lion, adopt, ..., see timm.optim.list_optimizers(); timm's own sgd is"
         " called nesterov or momentum there)",
     )
-    lr: Annotated[float, Field(gt=0, le=MAX_LR)] = Field(0.1, description="base learning rate, before the schedule's factor")
+    lr: Annotated[float, Field(gt=0, le=MAX_LR)] = Field(
+        0.1, description="base learning rate, before the schedule's factor"
+    )
     momentum: Annotated[float, Field(ge=0, lt=1)] = Field(
         0.9, description="momentum (sgd, and timm optimizers that take one)"
     )

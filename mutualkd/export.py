@@ -149,7 +149,8 @@ def export_run(run_or_checkpoint: str | Path, out: str | Path, *, peer: str | No
         problem = name_problem(n) if isinstance(n, str) else "is not a string"
         if problem:
             raise CheckpointError(f"the peer name {n!r} in meta.json {problem}, so it cannot name a folder",
-                                  where=str(folder / ckpt.META), hint="export another checkpoint, or one peer with --peer")
+                                  where=str(folder / ckpt.META),
+                                  hint="export another checkpoint, or one peer with --peer")
         _check_out(inside(out, out / n, what="the export folder", hint="export one peer with --peer and --out"))
     tmp = out.with_name(f".tmp-export-{out.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -149,7 +149,8 @@ def load_data_pickle(path: Path, *, fix: str, what: str = "pickle") -> Any:
                         " lists and numbers only, and calling anything else could run code, so it is not read",
                         hint=f"{fix} (do not use files of unknown origin)",
                     ) from None
-                raise DataError(f"{path}: not a readable {what} ({type(e).__name__}: {str(e)[:200]})", hint=fix) from None
+                raise DataError(f"{path}: not a readable {what} ({type(e).__name__}: {str(e)[:200]})",
+                                hint=fix) from None
     except OSError as e:
         raise DataError(f"{path}: cannot be read ({e.strerror or e})", hint=fix) from None
 

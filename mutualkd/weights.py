@@ -102,7 +102,8 @@ def hub_cache() -> Path:
 
 # --------------------------------------------------------------------------- parsing
 #: A Hugging Face repository id as hf-hub: takes it: [ORG/]NAME[@REVISION], each part a plain name.
-_HUB_ID = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}(?:@[A-Za-z0-9._/-]{1,100})?")
+_HUB_ID = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
+                     r"(?:@[A-Za-z0-9._/-]{1,100})?")
 
 
 def _is_run_folder(p: Path) -> bool:
@@ -222,7 +223,8 @@ def _finite(net: Network, where: str) -> Network:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             src = net.source.describe() if net.source is not None else "the weights"
             raise _error(net)(f"{src} holds non-finite values (NaN or Inf) in {name!r}", where=where,
-                              hint="name weights saved before training diverged (an earlier checkpoint), or other weights")
+                              hint="name weights saved before training diverged (an earlier checkpoint),"
+                              " or other weights")
     return net
 
 

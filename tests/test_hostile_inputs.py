@@ -121,7 +121,8 @@ def test_a_planted_cifar_payload_never_runs(tmp_path: Path, kind: str, write_fak
     """validate, run, and the stream pipeline: exit 2 naming the file, and the marker never appears."""
     target = tmp_path / "marker"
     victim = _planted_cifar(tmp_path / "data", write_fake_cifar, kind, target)
-    d = recipe_dict(tmp_path / "runs", max_steps=1, batch_size=2, data={"dataset": kind, "root": str(tmp_path / "data")})
+    d = recipe_dict(tmp_path / "runs", max_steps=1, batch_size=2,
+                    data={"dataset": kind, "root": str(tmp_path / "data")})
     recipe = write_recipe(tmp_path / "r.toml", d)
     before = folder_snapshot(tmp_path)
     for args in (["validate", str(recipe)], ["run", str(recipe)],
@@ -129,6 +130,18 @@ def test_a_planted_cifar_payload_never_runs(tmp_path: Path, kind: str, write_fak
         refused(args, str(victim), says=("could run code",))
         assert not target.exists()
     assert folder_snapshot(tmp_path) == before and not (tmp_path / "runs").exists()
+
+
+def test_a_real_process_refuses_the_planted_payload_without_a_traceback(tmp_path: Path, write_fake_cifar: Factory,
+                                                                       recipe_dict: Factory, run_cli: Factory) -> None:
+    """The same through ``python -m mutualkd`` in a fresh interpreter: exit 2, one message, no marker."""
+    target = tmp_path / "marker"
+    victim = _planted_cifar(tmp_path / "data", write_fake_cifar, "cifar10", target)
+    d = recipe_dict(tmp_path / "runs", max_steps=1, batch_size=2,
+                    data={"dataset": "cifar10", "root": str(tmp_path / "data")})
+    done = run_cli(["run", str(write_recipe(tmp_path / "r.toml", d))], timeout=240)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert str(victim) in " ".join(done.stderr.split()) and not target.exists() and not (tmp_path / "runs").exists()
 
 
 # =========================================================================== item: names that become paths
@@ -210,7 +223,8 @@ def test_export_refuses_a_peer_name_from_meta_json_that_leaves_the_folder(tiny_r
     meta = json.loads((folder / ckpt.META).read_text())
     meta["peers"] = {"../../evil": meta["peers"]["peer0"], **meta["peers"]}
     (folder / ckpt.META).write_text(json.dumps(meta))
-    refused(["export", str(folder), "--out", str(tmp_path / "out" / "x")], str(folder / ckpt.META), says=("path separator",))
+    refused(["export", str(folder), "--out", str(tmp_path / "out" / "x")], str(folder / ckpt.META),
+            says=("path separator",))
     assert not (tmp_path / "out").exists() and not (tmp_path / "evil").exists()
 
 
