@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 import typer
 
-from mutualkd.errors import EXIT_BAD_INPUT, NonFiniteLossError, UserError
+from mutualkd.errors import EXIT_BAD_INPUT, NonFiniteLossError, UserError, in_file
 
 if TYPE_CHECKING:
     from mutualkd.config import Recipe
@@ -110,7 +110,7 @@ def run(
         trainer = Trainer(rec, recipe_file=str(recipe), resume=resume)
         trainer.fit()
     except UserError as e:
-        _fail(e)
+        _fail(in_file(e, str(recipe)))  # e.g. an unreadable image found while training: [data.skip_corrupt]
     except NonFiniteLossError as e:
         err_console.print("[bold red]training stopped:[/] ", end="")
         err_console.print(str(e), markup=False, soft_wrap=True)
@@ -148,7 +148,7 @@ def validate(
         check_recipe(rec, recipe_file=str(recipe), data=data)
         rows = _explain_rows(rec, str(recipe)) if explain else []
     except UserError as e:
-        _fail(e)
+        _fail(in_file(e, str(recipe)))
     if explain:
         out_console.print(_explain_table(str(recipe), rows))
     names = ", ".join(f"{n} ({p.model})" for n, p in zip(rec.peer_names(), rec.peers))
@@ -314,7 +314,7 @@ def sweep(
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()] if seeds else None
     except ValueError:
-        _fail(UserError(f"--seeds {seeds!r} is not a list of integers", hint="write e.g. --seeds 0,1,2"))
+        _fail(UserError(f"--seeds {seeds[:100]!r} is not a list of integers", hint="write e.g. --seeds 0,1,2"))
     try:
         plan = plan_sweep(recipe, grid or [], seed_list, set_ or [], out_dir)
     except UserError as e:

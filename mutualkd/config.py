@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mutualkd.errors import RecipeError
+from mutualkd.names import check_name, look_alikes
 
 __all__ = [
     "Recipe",
@@ -40,7 +41,8 @@ __all__ = [
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No float field of a recipe takes inf or NaN: torch and the OS would take them, and fail later.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -56,6 +58,19 @@ MAX_RECIPE_BYTES = 1 << 20
 MAX_NESTING = 32
 MAX_NAME_BYTES = 255
 MAX_IMAGE_SIZE = 4096
+#: Seeds are what torch, NumPy and Python all take: 0 .. 2**32 - 1 (NumPy's legacy seeding is 32-bit).
+MAX_SEED = 2**32 - 1
+#: The largest base learning rate a recipe may ask for. The optimizers apply it in float32 (largest
+#: value 3.4e38): 1e12 leaves room for the linear scaling rule and large gradients, and still lets a
+#: run diverge on purpose (the non-finite guard's tests do, with 1e12). Published recipes stay below 30.
+MAX_LR = 1e12
+
+
+def _seed_in_range(v: Any, field: str) -> Any:
+    """A seed given as a number outside 0 .. MAX_SEED, refused with a plain message (not pydantic's int parse)."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and not 0 <= v <= MAX_SEED:
+        raise ValueError(f"{field} must be an integer from 0 to {MAX_SEED} (2**32 - 1, what torch and NumPy take)")
+    return v
 
 
 def _path_problem(value: str) -> str | None:
@@ -72,7 +87,9 @@ class RunConfig(_Strict):
     name: str = Field(
         "run", description="name of the run's folder, out_dir/name: one folder name (no / or \\, not . or ..)"
     )
-    seed: int = Field(0, description="seed of weight initialisation, data order, augmentation and train_subset")
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = Field(
+        0, description="seed of weight initialisation, data order, augmentation and train_subset"
+    )
     epochs: PositiveInt = Field(
         1, description="epochs of training (a strategy stage may set its own, e.g. ie_kd's ae_epochs)"
     )
@@ -141,18 +158,17 @@ class RunConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _one_folder_name(cls, v: str) -> str:
-        problem = _path_problem(v)
-        if not v:
-            problem = "is empty"
-        elif "/" in v or "\\" in v:
-            problem = "holds a path separator (it names one folder under run.out_dir)"
-        elif v in (".", ".."):
-            problem = f"is {v!r}, which is not a folder of its own"
-        elif (n := len(v.encode("utf-8", "surrogatepass"))) > MAX_NAME_BYTES:
-            problem = f"is {n} bytes long, more than a folder name may be ({MAX_NAME_BYTES})"
-        if problem:
-            raise ValueError(f"run.name {problem}; use a plain folder name such as \"dml-resnet20-s0\"")
-        return v
+        return check_name(v, "run.name", example="dml-resnet20-s0")
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed_range(cls, v: Any) -> Any:
+        return _seed_in_range(v, "run.seed")
+
+    @field_validator("tracker_project")
+    @classmethod
+    def _project_folder_name(cls, v: str | None) -> str | None:
+        return v if v is None else check_name(v, "run.tracker_project", example="mutualkd")
 
     @field_validator("out_dir")
     @classmethod
@@ -205,7 +221,7 @@ class DataConfig(_Strict):
         None, description="train on a class-stratified subset of this many images, chosen with run.seed (or"
         " subset_seed); unset: all"
     )
-    subset_seed: int | None = Field(
+    subset_seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = Field(
         None, description="seed of the train_subset draw, to keep one subset across run seeds; unset: run.seed"
     )
     test_subset: PositiveInt | None = Field(
@@ -309,6 +325,20 @@ class DataConfig(_Strict):
     )
 
 
+    @field_validator("subset_seed", mode="before")
+    @classmethod
+    def _seed_range(cls, v: Any) -> Any:
+        return _seed_in_range(v, "data.subset_seed")
+
+    @field_validator("cutmix_minmax")
+    @classmethod
+    def _box_ratios(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 < v[0] < v[1] <= 1:
+            raise ValueError(f"cutmix_minmax is the (min, max) share of the image side a cutmix box takes:"
+                             f" 0 < min < max <= 1, e.g. [0.2, 0.8]; got {list(v)}")
+        return v
+
+
 class OptimizerConfig(_Strict):
     """An optimizer: mutualkd's SGD (momentum, Nesterov) or AdamW, or any optimizer of ``timm.optim``."""
 
@@ -318,7 +348,9 @@ class OptimizerConfig(_Strict):
         " is timm.optim's (lamb, lars, lion, adopt, ..., see timm.optim.list_optimizers(); timm's own sgd is"
         " called nesterov or momentum there)",
     )
-    lr: Annotated[float, Field(gt=0)] = Field(0.1, description="base learning rate, before the schedule's factor")
+    lr: Annotated[float, Field(gt=0, le=MAX_LR)] = Field(
+        0.1, description="base learning rate, before the schedule's factor"
+    )
     momentum: Annotated[float, Field(ge=0, lt=1)] = Field(
         0.9, description="momentum (sgd, and timm optimizers that take one)"
     )
@@ -508,6 +540,11 @@ class PeerConfig(_Strict):
                 )
         return v
 
+    @field_validator("name")
+    @classmethod
+    def _one_folder_name(cls, v: str | None) -> str | None:
+        return v if v is None else check_name(v, "the peer's name", example="peer0")
+
     @model_validator(mode="after")
     def _weights_fit(self) -> PeerConfig:
         if self.pretrained and self.weights is not None:
@@ -609,6 +646,11 @@ class Recipe(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"peer names must be unique; {', '.join(dupes)} appears more than once")
+        similar = look_alikes(names)
+        if similar:
+            a, b = similar[0]
+            raise ValueError(f"peer names must be unique; {a!r} and {b!r} look alike (the same folder on a"
+                             " case-insensitive disk, the same to a reader); rename one of them")
         return peers
 
     def to_dict(self) -> dict[str, Any]:
@@ -656,7 +698,11 @@ def format_validation_error(err: ValidationError, file: str, prefix: str = "") -
             expected = e.get("ctx", {}).get("expected", "")
             msg = f"got {e.get('input')!r}, expected one of {expected}"
         elif "input" in e and e["type"] not in ("model_type",) and not isinstance(e["input"], (dict, list)):
-            msg = f"{msg} (got {e['input']!r})"
+            try:
+                shown = repr(e["input"])
+            except ValueError:  # an int of more digits than Python converts to text
+                shown = "a number of over 4300 digits"
+            msg = f"{msg} (got {shown[:200]})"
         lines.append(f"[{field}] {msg}")
     head = lines[0].split("] ", 1)[1] if len(lines) == 1 else f"{len(lines)} fields are invalid:\n  " + "\n  ".join(lines)
     return RecipeError(
@@ -718,7 +764,7 @@ def _coerce_value(text: str) -> Any:
         return text  # a bare word here is meant as a name, not a float
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, ValueError):  # ValueError: an integer of over 4300 digits
         return text
 
 
@@ -812,6 +858,9 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     except RecursionError:
         raise RecipeError(f"arrays or tables nested more than {MAX_NESTING} deep", file=str(p),
                           hint="a recipe's values are flat; remove the nesting") from None
+    except ValueError as e:  # an integer of more digits than Python converts (4300)
+        raise RecipeError(f"a value that cannot be read: {str(e).split(';')[0]}", file=str(p),
+                          hint="write the number with fewer digits") from None
     check_nesting(data, str(p))
     return data
 

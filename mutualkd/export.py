@@ -28,6 +28,7 @@ import shutil
 from typing import Any, Literal
 
 from mutualkd.errors import CheckpointError, UserError, unknown_name_hint
+from mutualkd.names import inside, name_problem
 
 __all__ = ["Exported", "export_peer", "export_run", "LABEL_NAMES"]
 
@@ -129,18 +130,71 @@ def export_peer(run_or_checkpoint: str | Path, out: str | Path, *, peer: str | N
 
 def export_run(run_or_checkpoint: str | Path, out: str | Path, *, peer: str | None = None, ema: bool = False,
                checkpoint: Literal["best", "last"] = "last") -> list[Exported]:
-    """One peer into ``out`` (``peer`` named), or every peer into ``out/<peer>``."""
+    """One peer into ``out`` (``peer`` named), or every peer into ``out/<peer>``.
+
+    Every peer is written into a temporary folder next to ``out`` first and moved into
+    place once all of them are: a refusal or a failure leaves ``out`` as it was.
+    """
     if peer is not None:
         return [export_peer(run_or_checkpoint, out, peer=peer, ema=ema, checkpoint=checkpoint)]
     from mutualkd import checkpoint as ckpt
 
+    out = Path(out)
     folder = _checkpoint_folder(Path(run_or_checkpoint), checkpoint)
     meta = ckpt.read_meta(folder)
     state = ckpt.load_checkpoint(folder)
     names = list(meta.get("peers", {}))
     if ema:
         names = [n for n in names if n in state.get("callbacks", {}).get("ema", {})] or names
-    return [_write(folder, meta, state, n, Path(out) / n, ema) for n in names]
+    _check_out(out, parent=True)
+    for n in names:  # names read from a file: each must be one folder under out, and free there
+        problem = name_problem(n) if isinstance(n, str) else "is not a string"
+        if problem:
+            raise CheckpointError(f"the peer name {n!r} in meta.json {problem}, so it cannot name a folder",
+                                  where=str(folder / ckpt.META),
+                                  hint="export another checkpoint, or one peer with --peer")
+        _check_out(inside(out, out / n, what="the export folder", hint="export one peer with --peer and --out"))
+    tmp = out.with_name(f".tmp-export-{out.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        done = [_write(folder, meta, state, n, tmp / n, ema) for n in names]
+        if not out.exists():
+            os.replace(tmp, out)
+        else:  # out holds other files: each peer's folder (checked free above) is moved in
+            for n in names:
+                if (out / n).exists():
+                    (out / n).rmdir()
+                os.replace(tmp / n, out / n)
+    except OSError as e:
+        raise _cannot_write(out, e) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for d in done:
+        d.folder = out / d.folder.name
+    return done
+
+
+def _cannot_write(out: Path, e: OSError) -> UserError:
+    from mutualkd.checkpoint import os_reason
+
+    return UserError(f"cannot write the export: {os_reason(e)}", where=str(out),
+                     hint="choose an --out on a disk you can write to, with free space")
+
+
+def _check_out(out: Path, parent: bool = False) -> None:
+    """``out`` can become the export: absent or an empty folder (``parent``: any folder), and writable."""
+    if out.exists() and not out.is_dir():
+        raise UserError("--out names a file, not a folder", where=str(out),
+                        hint="choose another --out (a new folder), or move the file away")
+    if out.is_dir() and not parent and any(out.iterdir()):
+        raise UserError("the export folder exists and is not empty", where=str(out),
+                        hint="choose another --out, or remove the folder")
+    at = out.parent if not out.exists() else out
+    while not at.exists() and at != at.parent:
+        at = at.parent
+    if not at.is_dir() or not os.access(at, os.W_OK):
+        raise UserError(f"cannot write the export: {at} is not a folder this user may write to", where=str(out),
+                        hint="choose an --out in a folder you can write to")
 
 
 def _write(folder: Path, meta: dict[str, Any], state: dict[str, Any], name: str, out_dir: Path, ema: bool) -> Exported:
@@ -165,9 +219,7 @@ def _write(folder: Path, meta: dict[str, Any], state: dict[str, Any], name: str,
         if weights is None:
             raise CheckpointError(f"the checkpoint holds no weights for peer '{name}'", where=str(folder),
                                   hint="export another checkpoint of the run")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise UserError("the export folder exists and is not empty", where=str(out_dir),
-                        hint="choose another --out, or remove the folder")
+    _check_out(out_dir)
     ds = _data_config(meta, folder)
     arch, kwargs = spec["model"], dict(spec.get("kwargs", {}))
     model = timm.create_model(arch, pretrained=False, num_classes=ds["num_classes"], in_chans=ds["in_chans"], **kwargs)
@@ -189,7 +241,10 @@ def _write(folder: Path, meta: dict[str, Any], state: dict[str, Any], name: str,
     if labels is not None and len(labels) == model.num_classes:
         model_config["label_names"] = labels
     # Written next to the destination and renamed into place: an export is whole or absent.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _cannot_write(out_dir, e) from None
     tmp = out_dir.with_name(f".tmp-export-{out_dir.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -199,6 +254,8 @@ def _write(folder: Path, meta: dict[str, Any], state: dict[str, Any], name: str,
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above)
         os.replace(tmp, out_dir)
+    except OSError as e:
+        raise _cannot_write(out_dir, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Exported(out_dir, name, arch, ema, folder)

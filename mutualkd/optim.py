@@ -68,6 +68,18 @@ def check_optimizer(cfg: OptimizerConfig, *, file: str = "<recipe>", field: str 
             f"unknown optimizer '{cfg.name}'", file=file, field=f"{field}.name",
             hint=unknown_name_hint("optimizer", cfg.name, known) + "; sgd and adamw are torch's, the rest timm.optim's",
         )
+    # The optimizer is built once on one parameter, so that args it does not take (or values it
+    # refuses) are reported here, naming the field, before any run folder is made.
+    try:
+        build_optimizer(nn.Linear(1, 1), cfg)
+    except (TypeError, ValueError, AssertionError, KeyError) as e:
+        what = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        bad = f"{field}.args" if cfg.args else field
+        raise RecipeError(
+            f"optimizer '{cfg.name}' refuses these settings: {type(e).__name__}: {what}", file=file, field=bad,
+            hint=f"remove or rename what it does not take (args: {sorted(cfg.args or {})}); its keyword arguments"
+            f" are those of timm.optim's {cfg.name} class",
+        ) from None
 
 
 # --------------------------------------------------------------------------- parameter groups

@@ -19,6 +19,7 @@ of the wrong size).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -221,16 +222,39 @@ def _from_hub(src: Source, model: str | None, num_classes: int, in_chans: int, k
     return _finish(net, arch, src, cfg, num_classes, reset_head, in_chans)
 
 
+def _config_problem(cfg: Any, arch: Any, args: Any) -> str | None:
+    """What is of the wrong kind in a model folder's config (None: nothing); read before timm builds anything."""
+    def numbers(v: Any, n: int | None = None) -> bool:
+        return (isinstance(v, (list, tuple)) and bool(v) and (n is None or len(v) == n)
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v))
+
+    if not isinstance(arch, str) or not arch:
+        return f"'architecture' is {arch!r}, expected a timm model name"
+    if not isinstance(args, dict):
+        return f"'model_args' is a {type(args).__name__}, expected a table of keyword arguments"
+    n = cfg.get("num_classes")
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= 1_000_000:
+        return f"'num_classes' is {str(n)[:40]!r} ({type(n).__name__}), expected a positive integer"
+    for key, size in (("mean", None), ("std", None), ("input_size", 3)):
+        if key in cfg and not numbers(cfg[key], size):
+            return f"'{key}' is {str(cfg[key])[:60]!r}, expected a list of {size or 'per-channel'} finite numbers"
+    return None
+
+
 def _from_folder(src: Source, folder: Path, model: str | None, num_classes: int, in_chans: int,
                  kwargs: dict[str, Any] | None, reset_head: bool, where: str, arch_where: str) -> Network:
     from timm.models._hub import load_model_config_from_path
 
     label = f"the timm model folder {folder}"
+    hint = "name a folder written by `mutualkd export` or timm's save_for_hf"
     try:
-        cfg, arch, _ = load_model_config_from_path(folder)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{folder / 'config.json'} is not a timm model config: {type(e).__name__}: {e}", where=where,
-                        hint="name a folder written by `mutualkd export` or timm's save_for_hf") from None
+        cfg, arch, args = load_model_config_from_path(folder)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{folder / 'config.json'} is not a timm model config: {type(e).__name__}: {str(e)[:200]}",
+                        where=where, hint=hint) from None
+    problem = _config_problem(cfg, arch, args)
+    if problem:
+        raise UserError(f"{folder / 'config.json'}: {problem}", where=where, hint=hint)
     weights = next((folder / f for f in FOLDER_WEIGHT_FILES if (folder / f).is_file()), None)
     if weights is None:
         raise UserError(f"{folder} has a config.json but no weights ({', '.join(FOLDER_WEIGHT_FILES)})", where=where,

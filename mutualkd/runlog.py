@@ -9,6 +9,7 @@ file that was deleted, cut short or changed.
 from __future__ import annotations
 
 from collections.abc import Mapping
+import errno
 import json
 import math
 import os
@@ -38,15 +39,18 @@ def _clean(obj: Any) -> Any:
 
 
 def write_failed(path: Path, e: OSError) -> UserError:
-    """A file of the run could not be written (a full disk, a read-only file system)."""
+    """A file of the run could not be written (a full disk, a read-only file system, a folder in its place)."""
     from mutualkd.checkpoint import os_reason
 
-    return UserError(
-        f"cannot write {path.name}: {os_reason(e)}; the checkpoints written so far are kept",
-        where=str(path),
-        hint="free space on that disk (or move the run folder to a disk with room), then continue with"
-        " `mutualkd run --resume RUN_DIR`",
-    )
+    then = "then continue with `mutualkd run --resume RUN_DIR`"
+    if e.errno in (errno.EISDIR, errno.ENOTDIR):
+        hint = f"{path.name} must be a file: move what is at {path} away, {then}"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = f"make the run folder writable again (its permissions, or a file system mounted read-only), {then}"
+    else:
+        hint = f"free space on that disk (or move the run folder to a disk with room), {then}"
+    return UserError(f"cannot write {path.name}: {os_reason(e)}; the checkpoints written so far are kept",
+                     where=str(path), hint=hint)
 
 
 class MetricsWriter:
@@ -55,6 +59,7 @@ class MetricsWriter:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._fh: Any = None
+        self._failed = False  # a write failed (and said so): closing must not raise over that error
         if path is not None:
             self._fh = self._open()
 
@@ -72,6 +77,7 @@ class MetricsWriter:
             self._fh.write(json.dumps(_clean(record), sort_keys=False) + "\n")
             self._fh.flush()
         except OSError as e:
+            self._failed = True
             raise write_failed(self.path, e) from None  # type: ignore[arg-type]
 
     def offset(self) -> int:
@@ -89,6 +95,7 @@ class MetricsWriter:
             self._fh.flush()
             os.fsync(self._fh.fileno())
         except OSError as e:
+            self._failed = True
             raise write_failed(self.path, e) from None  # type: ignore[arg-type]
 
     def snapshot(self) -> bytes:
@@ -147,9 +154,16 @@ class MetricsWriter:
         return f"metrics.jsonl {what}; its first {lines} records were restored from checkpoint {checkpoint}"
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        """Close the file. After a failed write, closing retries the same bytes and fails the same way:
+        that second failure is dropped, so the error the run stops with is the first one."""
+        if self._fh is None:
+            return
+        fh, self._fh = self._fh, None
+        try:
+            fh.close()
+        except OSError as e:
+            if not self._failed:
+                raise write_failed(self.path, e) from None  # type: ignore[arg-type]
 
 
 def dump_toml(data: Mapping[str, Any]) -> str:

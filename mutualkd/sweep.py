@@ -31,6 +31,7 @@ import sys
 from typing import Any
 
 from mutualkd.errors import RecipeError
+from mutualkd.names import inside
 
 __all__ = ["SweepRun", "Sweep", "parse_grid", "plan_sweep", "run_state", "run_sweep"]
 
@@ -99,13 +100,19 @@ def plan_sweep(recipe: str | Path, grid_items: Sequence[str] = (), seeds: Sequen
     if not isinstance(table, Mapping) or set(table) - {"grid", "seeds"}:
         raise RecipeError("[sweep] holds `grid` (a table of key = [values]) and `seeds` (a list) only", file=str(path),
                           field="sweep", hint='e.g. [sweep] seeds = [0, 1] and grid = { "strategy.weight" = [0.5, 1.0] }')
+    if not isinstance(table.get("grid", {}), Mapping):
+        raise RecipeError("[sweep] grid must be a table of key = [values]", file=str(path), field="sweep.grid",
+                          hint='e.g. grid = { "strategy.weight" = [0.5, 1.0] }')
     grid: dict[str, list[str]] = {}
     for key, vals in dict(table.get("grid", {})).items():
         if not isinstance(vals, list) or not vals:
             raise RecipeError(f"[sweep.grid] {key} must be a non-empty list of values", file=str(path), field=f"sweep.grid.{key}")
         grid[str(key)] = [dump_toml({"v": v}).splitlines()[0].removeprefix("v = ") for v in vals]
     grid.update(parse_grid(grid_items, file=str(path)))
-    seed_list = list(seeds) if seeds else [int(s) for s in table.get("seeds", [])]
+    if seeds:
+        seed_list = check_seeds(list(seeds), file=str(path), field="--seeds")
+    else:
+        seed_list = check_seeds(table.get("seeds", []), file=str(path), field="sweep.seeds")
     base = parse_recipe(apply_overrides(raw, list(overrides), file=str(path)), file=str(path))
     if not grid and not seed_list:
         raise RecipeError("nothing to sweep: no --grid, no --seeds and no [sweep] table", file=str(path),
@@ -133,8 +140,29 @@ def plan_sweep(recipe: str | Path, grid_items: Sequence[str] = (), seeds: Sequen
             rec = parse_recipe(apply_overrides(raw, sets, file=str(path)), file=str(path))
             check_recipe(rec, recipe_file=str(path), data=False)  # every run checked before any starts
             values = {k: _lookup(rec.to_dict(), k) for k in keys}
+            inside(folder, folder / name, what="the sweep's run folder", hint="give run.name a plain folder name")
             sweep.runs.append(SweepRun(values, seed, name, folder / name, sets))
     return sweep
+
+
+def check_seeds(seeds: Any, *, file: str, field: str) -> list[int]:
+    """``seeds`` as a list of distinct run seeds (0 .. 2**32 - 1), or a RecipeError naming ``field``."""
+    from mutualkd.config import MAX_SEED
+
+    where = {"file": file, "field": field} if field != "--seeds" else {"file": file}
+    hint = "write the seeds as a list of distinct integers, e.g. seeds = [0, 1, 2] (or --seeds 0,1,2)"
+    if not isinstance(seeds, list):
+        raise RecipeError(f"{field} must be a list of integers, not a {type(seeds).__name__}", hint=hint, **where)
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
+            shown = repr(s)[:40] if not isinstance(s, int) or abs(s) < 10**30 else "a number of over 30 digits"
+            raise RecipeError(f"{field} holds {shown}, not a seed (an integer from 0 to {MAX_SEED})", hint=hint,
+                              **where)
+    dupes = sorted({s for s in seeds if seeds.count(s) > 1})
+    if dupes:
+        raise RecipeError(f"{field} names seed {', '.join(map(str, dupes))} more than once; the runs would be the same"
+                          " run folder", hint=hint, **where)
+    return list(seeds)
 
 
 def _lookup(d: Any, key: str) -> Any:
@@ -169,12 +197,11 @@ def run_sweep(sweep: Sweep, *, console: Any, python: str = sys.executable) -> di
             console.print(f"{head}: finished earlier, skipped", markup=False)
             out["skipped"].append(r)
             continue
-        if state == "stale":
-            console.print(f"{head}: its folder {r.folder} holds a run without a checkpoint; left untouched"
-                          " (delete it to run again)", markup=False)
-            out["failed"].append(r)
-            continue
-        console.print(f"{head}: {'resuming' if state == 'interrupted' else 'running'}", markup=False)
+        # A run stopped before its first checkpoint ("stale") is started again: its command has
+        # run.resume=auto, which restarts such a folder when it holds this very recipe (and refuses
+        # any other folder, which then counts as failed).
+        doing = {"interrupted": "resuming", "stale": "starting again (stopped before its first checkpoint)"}
+        console.print(f"{head}: {doing.get(state, 'running')}", markup=False)
         cmd = [python, "-m", "mutualkd", *r.command(sweep.recipe)[1:]]
         rc = subprocess.run(cmd, check=False).returncode
         if rc in (130, 143) or rc < 0:
@@ -183,7 +210,7 @@ def run_sweep(sweep: Sweep, *, console: Any, python: str = sys.executable) -> di
             console.print(f"{head}: failed (exit code {rc}); the sweep goes on", markup=False)
             out["failed"].append(r)
         else:
-            out["resumed" if state == "interrupted" else "done"].append(r)
+            out["resumed" if state in ("interrupted", "stale") else "done"].append(r)
     return out
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 import os
 from pathlib import Path
+import re
 from typing import Any, Literal
 
 import torch
@@ -100,6 +101,11 @@ def hub_cache() -> Path:
 
 
 # --------------------------------------------------------------------------- parsing
+#: A Hugging Face repository id as hf-hub: takes it: [ORG/]NAME[@REVISION], each part a plain name.
+_HUB_ID = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
+                     r"(?:@[A-Za-z0-9._/-]{1,100})?")
+
+
 def _is_run_folder(p: Path) -> bool:
     return (p / "meta.json").is_file() or (p / "state.pt").is_file() or (p / "checkpoints").is_dir()
 
@@ -112,7 +118,12 @@ def parse_source(text: str, *, where: str) -> Source:
     if not text:
         raise UserError("the weights source is empty", where=where, hint=f"name {kinds}")
     if text.startswith("hf-hub:"):
-        return Source("hf_hub", text.removeprefix("hf-hub:"), text)
+        repo = text.removeprefix("hf-hub:")
+        if not _HUB_ID.fullmatch(repo) or ".." in repo:
+            raise UserError(f"{text!r} does not name a Hugging Face repository", where=where,
+                            hint="write hf-hub:ORG/NAME (letters, digits, '-', '_' and '.', no '..'), optionally"
+                            " with @REVISION, e.g. hf-hub:timm/resnet18.a1_in1k")
+        return Source("hf_hub", repo, text)
     if text.startswith("local-dir:"):
         path = Path(text.removeprefix("local-dir:")).expanduser()
         if not (path / "config.json").is_file():
@@ -190,8 +201,8 @@ def load_network(
         raise UserError(f"a peer ({peer!r}) is named, but {src.describe()} is not a mutualkd run", where=where,
                         hint="leave the peer out, or name a run folder")
     if src.kind == "run":
-        return _from_run(src, model, 0 if peer is None else peer, num_classes, in_chans, kwargs, reset_head,
-                         where, file, model_field, arch_where)
+        return _finite(_from_run(src, model, 0 if peer is None else peer, num_classes, in_chans, kwargs, reset_head,
+                                 where, file, model_field, arch_where), where)
     if src.kind == "file":
         if model is None:
             raise UserError(f"{src.location} is a bare weights file, which does not say which architecture it is",
@@ -200,10 +211,21 @@ def load_network(
         net = create_peer(model, num_classes=num_classes, in_chans=in_chans, kwargs=kwargs, file=file, field=model_field)
         out = Network(net, model, src)
         load_into(out, state, reset_head=reset_head, where=where)
-        return out
+        return _finite(out, where)
     from mutualkd import pretrained as timm_source
 
-    return timm_source.load(src, model, num_classes, in_chans, kwargs, reset_head, where, arch_where)
+    return _finite(timm_source.load(src, model, num_classes, in_chans, kwargs, reset_head, where, arch_where), where)
+
+
+def _finite(net: Network, where: str) -> Network:
+    """``net``, unless its weights hold NaN or Inf (every loss would be non-finite at the first step)."""
+    for name, t in net.model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            src = net.source.describe() if net.source is not None else "the weights"
+            raise _error(net)(f"{src} holds non-finite values (NaN or Inf) in {name!r}", where=where,
+                              hint="name weights saved before training diverged (an earlier checkpoint),"
+                              " or other weights")
+    return net
 
 
 def peer_network(pc: Any, i: int, *, num_classes: int, in_chans: int, file: str) -> Network:

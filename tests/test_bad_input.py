@@ -384,7 +384,7 @@ def _image_folder_without_size(w: World, t: Path) -> Case:
 
 def _temperature_zero(w: World, t: Path) -> Case:
     return run_case(w, t, w.recipe(t, lambda d: d["strategy"].__setitem__("temperature", 0)),
-                    field="strategy.temperature", says=("greater than 0",))
+                    field="strategy.temperature", says=("greater than or equal to 0.01",))
 
 
 def _unknown_strategy_param(w: World, t: Path) -> Case:

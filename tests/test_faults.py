@@ -312,11 +312,16 @@ def test_one_lock_per_run_folder(tmp_path: Path) -> None:
 
 def test_a_recipe_with_any_unicode_is_written_as_valid_toml(tmp_path: Path, recipe_dict: Callable[..., dict[str, Any]]
                                                             ) -> None:
-    """Non-BMP characters (emoji), control characters and quotes round-trip through recipe.toml."""
+    """Non-BMP characters (emoji), control characters and quotes round-trip through recipe.toml.
+
+    Names that become folders hold no control characters or separators (tests/test_hostile_inputs.py);
+    a free-text value (a plugin name to block) may hold anything.
+    """
     import tomllib
 
     d = recipe_dict(tmp_path, name="dml-\U0001f98a", max_steps=1, data={"test_subset": 20, "train_subset": 32})
-    d["peers"][0]["name"] = 'fox \U0001f98a "q" \\ \x01'
+    d["peers"][0]["name"] = "fox-\U0001f98a"
+    d["run"]["block_plugins"] = ['fox \U0001f98a "q" \\ \x01']
     path = tmp_path / "in.toml"
     path.write_text(dump_toml(d), encoding="utf-8")
     result = CliRunner().invoke(app, ["run", str(path)], env=ENV)
@@ -324,6 +329,7 @@ def test_a_recipe_with_any_unicode_is_written_as_valid_toml(tmp_path: Path, reci
     run_dir = tmp_path / "dml-\U0001f98a"
     saved = tomllib.loads((run_dir / "recipe.toml").read_text(encoding="utf-8"))
     assert saved["peers"][0]["name"] == d["peers"][0]["name"]
+    assert saved["run"]["block_plugins"] == d["run"]["block_plugins"]
     again = load_recipe(run_dir / "recipe.toml")  # what --resume RUN_DIR and mutualkd report read
     meta = ckpt.read_meta(ckpt.latest_checkpoint(run_dir / "checkpoints"))
     assert ckpt.recipe_hash(again.to_dict()) == meta["recipe_hash"]

@@ -1,8 +1,10 @@
 """``cifar10`` / ``cifar100``: CIFAR in torchvision's on-disk layout.
 
 Under ``root`` (default ``./data``): ``cifar-10-batches-py/{data_batch_1..5,test_batch,
-batches.meta}`` or ``cifar-100-python/{train,test,meta}``, read directly from the pickles
-(the files are trusted like any data set the user puts there). ``download = true`` asks
+batches.meta}`` or ``cifar-100-python/{train,test,meta}``, read from the pickles
+by a restricted unpickler that builds arrays, lists, strings and numbers only
+(:func:`mutualkd.trust.load_data_pickle`): a file that asks to call anything else is
+refused, naming it, and nothing in it runs. ``download = true`` asks
 torchvision to fetch the archive when files are missing. Augmentation ``"crop_flip"``
 with padding 4 (reflect padding, as in the DML paper).
 
@@ -15,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-import pickle
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch
 
 from mutualkd.data._base import DatasetInfo, Split, register_dataset, resolve_root, torchvision_download
 from mutualkd.errors import DataError
+from mutualkd.trust import load_data_pickle
 
 if TYPE_CHECKING:
     from mutualkd.config import DataConfig
@@ -31,14 +33,8 @@ __all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "cifa
 
 
 def _unpickle(path: Path, fix: str) -> dict[str, Any]:
-    """One CIFAR pickle as a dict with str keys; DataError naming the file if it is not one."""
-    try:
-        with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as e:
-        raise DataError(f"{path}: not a readable CIFAR pickle ({type(e).__name__}: {e})", hint=fix) from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot be read ({e.strerror or e})", hint=fix) from None
+    """One CIFAR pickle as a dict with str keys; DataError (UnsafeFileError) naming the file if it is not one."""
+    obj = load_data_pickle(path, fix=fix, what="CIFAR pickle")
     if not isinstance(obj, dict):
         raise DataError(f"{path}: expected a pickled dict, found {type(obj).__name__}", hint=fix)
     # Python 2 pickles read with encoding="bytes" have bytes keys; accept str keys too.
@@ -112,6 +108,9 @@ def _load_cifar(spec: _CifarSpec, root: str | None, download: bool) -> tuple[Spl
     fix = f"replace {folder} with a fresh copy extracted from {spec.archive}"
     meta = _unpickle(folder / spec.meta, fix)
     class_names = meta.get(spec.names_key)
+    if class_names is not None and not isinstance(class_names, (list, tuple, np.ndarray)):
+        raise DataError(f"{folder / spec.meta}: {spec.names_key!r} is a {type(class_names).__name__}, expected a list"
+                        " of class names", hint=fix)
     if class_names is not None and len(class_names) != spec.num_classes:
         raise DataError(f"{folder / spec.meta}: {len(class_names)} class names, expected {spec.num_classes}", hint=fix)
     train = _read_batches(folder, spec.train, spec, fix)

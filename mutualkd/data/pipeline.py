@@ -120,7 +120,7 @@ def plan_stream(cfg: DataConfig, *, seed: int, peers: Mapping[str, str]) -> Stre
         train_src, test_src = folder_sources(cfg.root)
         name = "image_folder"
     elif cfg.dataset == "image_tar":
-        train_src, test_src = tar_sources(cfg.root)
+        train_src, test_src = tar_sources(cfg.root, cfg.skip_corrupt)
         name = "image_tar"
     else:
         train, test, base = dataset_entrypoint(cfg.dataset)(cfg)
@@ -143,6 +143,17 @@ def plan_stream(cfg: DataConfig, *, seed: int, peers: Mapping[str, str]) -> Stre
 # --------------------------------------------------------------------------- building
 
 
+def _clamped(cfg: DataConfig, n_train: int, n_test: int) -> str:
+    """A note for the start line when train_subset or test_subset asks for more images than the split has."""
+    notes = [f"note: data.{key} = {asked} is more than the {n} images of the {split} split, which are all used"
+             for key, asked, n, split in (("train_subset", cfg.train_subset, n_train, "train"),
+                                          ("test_subset", cfg.test_subset, n_test, "test"))
+             if asked is not None and asked > n]
+    return "".join(f"; {n}" for n in notes)
+
+
+
+
 def build_pipeline(cfg: DataConfig, *, seed: int, device: torch.device | str, rank: int = 0, world_size: int = 1,
                    channels_last: bool = False, peers: Mapping[str, str] | None = None, views: int = 1) -> Pipeline:
     """The loaders of the pipeline :func:`choose_pipeline` picks, for process ``rank`` of ``world_size``.
@@ -154,6 +165,7 @@ def build_pipeline(cfg: DataConfig, *, seed: int, device: torch.device | str, ra
     common: dict[str, Any] = dict(device=device, rank=rank, world_size=world_size, channels_last=channels_last)
     if kind == "device":
         train, val, test, info = load_splits(cfg, seed=seed)
+        reason += _clamped(cfg, len(train), len(test))
         pipe = Pipeline(
             kind, reason, info,
             BatchLoader(train, info, batch_size=cfg.batch_size, train=True, augment=cfg.augment, seed=seed,
@@ -176,11 +188,17 @@ def build_pipeline(cfg: DataConfig, *, seed: int, device: torch.device | str, ra
         ds = StreamDataset(source, idx, eval_tf, seed=seed, train=False)
         return StreamLoader(ds, batch_size=cfg.eval_batch_size, train=False, **stream)
 
+    reason += _clamped(cfg, len(plan.train_idx), len(plan.test_idx))
     train_ds = StreamDataset(plan.train, plan.train_idx, train_tf, seed=seed, train=True, views=views)
+    train = StreamLoader(train_ds, batch_size=cfg.batch_size, train=True, drop_last=cfg.drop_last,
+                         per_class=cfg.images_per_class, **stream)
+    notes = getattr(plan.train, "notes", [])
+    if notes:  # damaged tar shards, skip_corrupt: their unreachable members count as skipped every epoch
+        train.lost = int(getattr(plan.train, "lost", 0))
+        reason += f"; data.skip_corrupt: {'; '.join(notes)}"
     pipe = Pipeline(
         kind, reason, plan.info,
-        StreamLoader(train_ds, batch_size=cfg.batch_size, train=True, drop_last=cfg.drop_last,
-                     per_class=cfg.images_per_class, **stream),
+        train,
         eval_loader(plan.test, plan.test_idx),
         input=plan.input,
     )

@@ -69,6 +69,10 @@ class ReaderSource:
     """A timm reader's samples, decoded with PIL in the process that asks for them."""
 
     in_chans = 3
+    #: Members of damaged tar shards that no reader reaches (``skip_corrupt``): left out of every epoch.
+    lost = 0
+    #: What was found damaged (``skip_corrupt``), one line each, for the console.
+    notes: list[str] = []
 
     def __init__(self, reader: Any, class_to_idx: dict[str, int]) -> None:
         self.reader = reader
@@ -95,6 +99,10 @@ class ReaderSource:
                 close()
 
     def name(self, i: int) -> str:
+        row = self.reader.samples[i]
+        if len(row) == 3 and isinstance(row[0], tarfile.TarInfo):  # ReaderImageInTar: (member, shard, sub-tar)
+            shard = Path(self.reader.root) / row[1] if row[1] else Path(self.reader.root)
+            return f"{shard} (member {row[0].name})"
         return str(self.reader._filename(i, absolute=True))
 
 
@@ -201,8 +209,61 @@ def _tar_split(base: Path, name: str) -> Path | None:
     return None
 
 
-def tar_sources(root: str | None) -> tuple[ReaderSource, ReaderSource]:
-    """Train and evaluation sources of tar shards under ``root`` (timm's ``ReaderImageInTar``)."""
+def _shard_damage(shard: Path) -> tuple[str, int, int] | None:
+    """Where ``shard`` stops being readable: (last member read, byte offset, members beyond it); None if whole.
+
+    tarfile ends its listing silently at the first header it cannot read, so the bytes after
+    the listing's end are checked: a whole archive has only zero padding there. The members
+    beyond the damage are counted by a second pass that skips unreadable blocks (``ignore_zeros``).
+    """
+    with tarfile.open(shard) as tf:
+        members = tf.getmembers()
+        end = tf.offset
+    with open(shard, "rb") as f:
+        f.seek(end)
+        while chunk := f.read(1 << 16):
+            if chunk.strip(b"\0"):
+                break
+        else:
+            return None
+    with tarfile.open(shard, ignore_zeros=True) as tf:
+        beyond = sum(1 for m in tf.getmembers() if m.isfile()) - sum(1 for m in members if m.isfile())
+    return (members[-1].name if members else "(none: the first header)"), end, max(beyond, 0)
+
+
+def _check_shards(at: Path, skip_corrupt: bool) -> tuple[list[str], int]:
+    """Every shard of ``at`` read to its end: a DataError naming a damaged one, or (``skip_corrupt``) what was
+    found, one line per shard, and the number of members out of reach."""
+    notes: list[str] = []
+    lost = 0
+    fix = "replace the shard with a good copy"
+    for shard in sorted(at.glob("*.tar")) if at.is_dir() else [at]:
+        try:
+            damage = _shard_damage(shard)
+        except (OSError, tarfile.TarError) as e:
+            raise DataError(f"{shard}: not a readable tar archive ({type(e).__name__}: {e})",
+                            hint=f"{fix}, or remove it") from None
+        if damage is None:
+            continue
+        after, offset, beyond = damage
+        what = (f"{shard}: damaged after member {after} (at byte {offset} of {shard.stat().st_size}); tar cannot read"
+                f" past it, so {beyond or 'an unknown number of'} member(s) after it are out of reach")
+        if not skip_corrupt:
+            raise DataError(what, field="data.skip_corrupt",
+                            hint=f"{fix}, or set data.skip_corrupt = true to train without its unreadable part"
+                            " (counted in metrics.jsonl as skipped_images)")
+        lost += beyond
+        notes.append(what)
+    return notes, lost
+
+
+def tar_sources(root: str | None, skip_corrupt: bool = False) -> tuple[ReaderSource, ReaderSource]:
+    """Train and evaluation sources of tar shards under ``root`` (timm's ``ReaderImageInTar``).
+
+    Every shard is checked to its end first (:func:`_shard_damage`): a damaged one is a
+    DataError naming it and the last member read, or, with ``skip_corrupt``, its unreachable
+    members are counted in each source's ``lost`` (and the train source's ``notes`` say which).
+    """
     from timm.data import ImageDataset
     from timm.data.readers.reader_image_in_tar import ReaderImageInTar
 
@@ -213,20 +274,27 @@ def tar_sources(root: str | None) -> tuple[ReaderSource, ReaderSource]:
     if train_at is None or eval_at is None:
         what = ", ".join(n for n, p in (("train", train_at), ("val", eval_at)) if p is None)
         raise DataError(f"image_tar: no {what} shards under {base}", field="data.root", hint=f"put {layout} there")
+    train_notes, train_lost = _check_shards(train_at, skip_corrupt)
+    eval_notes, eval_lost = _check_shards(eval_at, skip_corrupt)
     try:
         # create_dataset takes a single .tar file to timm's ReaderImageInTar but a folder to
         # the folder reader, so a folder of shards gets ReaderImageInTar as its reader.
         def dataset(at: Path, class_map: dict[str, int] | None = None) -> Any:
-            return ImageDataset(str(at), reader=ReaderImageInTar(str(at), class_map=class_map or ""))
+            # cache_tarinfo=False: no index pickle is read from (or written into) the data folder.
+            return ImageDataset(str(at), reader=ReaderImageInTar(str(at), class_map=class_map or "",
+                                                                 cache_tarinfo=False))
 
         train_ds = dataset(train_at)
         classes = dict(train_ds.reader.class_name_to_idx)
         _check_classes(classes, dict(dataset(eval_at).reader.class_name_to_idx), train_at, eval_at)
         eval_ds = dataset(eval_at, classes)
+        train, test = ReaderSource(train_ds.reader, classes), ReaderSource(eval_ds.reader, classes)
     except (OSError, ValueError, AssertionError, tarfile.TarError) as e:
         raise DataError(f"image_tar: cannot read the shards under {base} ({type(e).__name__}: {e})",
                         hint=f"rewrite or remove the shard; the layout is {layout}") from None
-    return ReaderSource(train_ds.reader, classes), ReaderSource(eval_ds.reader, classes)
+    train.lost, test.lost = train_lost, eval_lost
+    train.notes = train_notes + eval_notes
+    return train, test
 
 
 def count_folder_images(root: str | None) -> int | None:

@@ -190,6 +190,9 @@ class StreamLoader:
         #: Unreadable images left out since the counter was last reset (``skip_corrupt``).
         self.skipped = 0
         labels = np.asarray(dataset.source.labels)[dataset.indices] if per_class is not None and train else None
+        #: Images of the data set no reader reaches (members of a damaged tar shard, ``skip_corrupt``):
+        #: added to :attr:`skipped` at the start of every epoch, by process 0 only.
+        self.lost = 0
         self.sampler = ShardSampler(len(dataset), batch_size=batch_size, train=train, seed=seed, drop_last=drop_last,
                                     rank=rank, world_size=world_size, labels=labels, per_class=per_class)
         if self.train and drop_last and self.sampler.num_samples == 0:
@@ -256,6 +259,8 @@ class StreamLoader:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield batches ``start_batch .. len(self) - 1`` of the current epoch."""
         batch = self.sampler.start_batch
+        if batch == 0 and self.sampler.rank == 0:
+            self.skipped += self.lost
         batches = iter(self.loader)
         while True:
             try:

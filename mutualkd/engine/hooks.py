@@ -9,6 +9,7 @@ user's. Use ``trainer.is_main`` to act on one process only.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -130,6 +131,24 @@ class MetricsLog(Callback):
 
     def on_epoch_end(self, trainer: Trainer, record: Mapping[str, Any]) -> None:
         trainer.writer.write(record)
+
+    def on_fit_end(self, trainer: Trainer, summary: Mapping[str, Any] | None) -> None:
+        # The images data.skip_corrupt left out, over the whole run (the epochs before a resume too):
+        # read back from metrics.jsonl, which holds every epoch record.
+        path = trainer.writer.path
+        if summary is None or path is None or not trainer.recipe.data.skip_corrupt:
+            return
+        total = 0
+        try:
+            for line in path.read_text(encoding="utf-8").splitlines():
+                rec = json.loads(line)
+                if isinstance(rec, dict) and rec.get("kind") == "epoch" and isinstance(rec.get("skipped_images"), int):
+                    total += rec["skipped_images"]
+        except (OSError, ValueError):
+            return
+        if total:
+            console.print(f"[yellow]note:[/] {total} unreadable image(s) were skipped over the run (data.skip_corrupt);"
+                          " metrics.jsonl has them per epoch (skipped_images)", highlight=False)
 
 
 class ConsoleLog(Callback):

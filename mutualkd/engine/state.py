@@ -27,6 +27,7 @@ from mutualkd import checkpoint as ckpt
 from mutualkd.config import Recipe
 from mutualkd.runlock import RunLock, run_folder_of
 from mutualkd.errors import CheckpointError, UserError
+from mutualkd.names import inside
 
 __all__ = ["Position", "History", "EpochClock", "RunFolder", "resume_folder", "resume_checkpoint", "recipe_changes"]
 
@@ -168,6 +169,9 @@ class RunFolder:
         if resume is not None:
             self.requested = resume_checkpoint(resume)
             self.path = resume_folder(resume)
+        else:  # run.name was validated at load; the folder written must still lie under run.out_dir
+            inside(Path(recipe.run.out_dir), self.path, what="the run folder",
+                   hint="set run.name to a plain folder name, and run.out_dir to the folder that holds the runs")
         self.lock = RunLock(self.path)
         if resume is not None:
             self._open_existing()

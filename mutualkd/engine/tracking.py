@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 import uuid
 
 from mutualkd.engine.hooks import Callback, _is_log_step, step_record
-from mutualkd.errors import RecipeError
+from mutualkd.errors import RecipeError, UserError
+from mutualkd.names import inside
 
 if TYPE_CHECKING:
     from mutualkd.engine.step import StepResult
@@ -144,6 +145,7 @@ class TrackerLog(Callback):
         self.names = list(names)
         self.ids: dict[str, str] = {}  # tracker -> its run id, saved in checkpoints for a resume
         self._started = False
+        self._failed = False  # a write to a tracker failed (and said so)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -160,6 +162,8 @@ class TrackerLog(Callback):
 
         acc, run = trainer.accelerator, trainer.recipe.run
         logdir = tracking_dir(trainer.run_dir)
+        inside(trainer.run_dir, logdir / project_name(trainer), what="the trackers' folder",
+               hint="set run.tracker_project to a plain folder name")
         logdir.mkdir(parents=True, exist_ok=True)
         acc.project_configuration.logging_dir = str(logdir)
         if not acc.log_with:  # an Accelerator made by the caller, without log_with
@@ -210,16 +214,40 @@ class TrackerLog(Callback):
             record = trainer.last_step_record  # the very record metrics.jsonl got (same timings)
             if record is None or record.get("global_step") != step:
                 record = step_record(trainer, result)
-            trainer.accelerator.log(scalars(record), step=step)
+            self._log(trainer, scalars(record), step)
 
     def on_epoch_end(self, trainer: Trainer, record: Mapping[str, Any]) -> None:
         if self._started:
-            trainer.accelerator.log(scalars(record), step=int(record["global_step"]))
+            self._log(trainer, scalars(record), int(record["global_step"]))
+
+    def _log(self, trainer: Trainer, values: dict[str, Any], step: int) -> None:
+        try:
+            trainer.accelerator.log(values, step=step)
+        except OSError as e:  # the tracking/ folder became unwritable or full under the run
+            self._failed = True
+            raise _tracker_failed(trainer.run_dir, e) from None
 
     def on_fit_end(self, trainer: Trainer, summary: Mapping[str, Any] | None) -> None:
         if not self._started:
             return
-        for tracker in trainer.accelerator.trackers:
-            tracker.finish()
-        trainer.accelerator.trackers.clear()
         self._started = False
+        trackers, problem = list(trainer.accelerator.trackers), None
+        trainer.accelerator.trackers.clear()
+        for tracker in trackers:
+            try:
+                tracker.finish()
+            except OSError as e:  # after a failed write this fails again; the first error is the one to report
+                problem = problem or e
+        if problem is not None and not self._failed:
+            raise _tracker_failed(trainer.run_dir, problem)
+
+
+def _tracker_failed(run_dir: Path, e: OSError) -> UserError:
+    from mutualkd.checkpoint import os_reason
+
+    return UserError(
+        f"the experiment trackers cannot write {tracking_dir(run_dir)}: {os_reason(e)}; the checkpoints and"
+        " metrics.jsonl written so far are kept", field="run.log_with",
+        hint="make that folder writable again (or free space on its disk), then continue with"
+        f" `mutualkd run --resume {run_dir}`; or drop the trackers from run.log_with (metrics.jsonl has every value)",
+    )

@@ -146,7 +146,7 @@ def _read_metrics(metrics: Path) -> tuple[list[dict[str, Any]], list[dict[str, A
         text = metrics.read_text(encoding="utf-8", errors="replace")
     except OSError as e:
         raise UserError(f"cannot read metrics.jsonl: {e.strerror}", where=str(metrics)) from None
-    for line in text.splitlines():
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -154,13 +154,53 @@ def _read_metrics(metrics: Path) -> tuple[list[dict[str, Any]], list[dict[str, A
         except json.JSONDecodeError:
             bad += 1  # e.g. the last line of a run killed while writing it
             continue
+        except ValueError as e:  # valid JSON that Python will not read: an integer of over 4300 digits
+            raise _bad_record(metrics, n, f"holds a value that cannot be read ({str(e).split(';')[0]})") from None
         if not isinstance(rec, dict):
             bad += 1
-        elif rec.get("kind") == "epoch":
+            continue
+        problem = _record_problem(rec)
+        if problem:
+            raise _bad_record(metrics, n, problem)
+        if rec.get("kind") == "epoch":
             epochs.append(rec)
         elif rec.get("kind") == "step":
             steps.append(rec)
     return epochs, steps, bad
+
+
+#: The fields of a record the report reads, and what each must be: a number, or a table of
+#: numbers (``"nan"`` / ``"inf"`` are how metrics.jsonl writes non-finite ones), one or two deep.
+_RECORD_FIELDS = {"epoch": 0, "global_step": 0, "top1": 1, "top5": 1, "loss": 1, "lr": 1, "steps": 2}
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) or v is None or v in ("nan", "inf", "-inf")
+
+
+def _record_problem(rec: dict[str, Any]) -> str | None:
+    """What is wrong with a record's fields the report reads (None: nothing)."""
+    if not isinstance(rec.get("stage", ""), str) or not isinstance(rec.get("kind", ""), str):
+        return "'stage' and 'kind' must be strings"
+    for key, depth in _RECORD_FIELDS.items():
+        if key not in rec:
+            continue
+        todo: list[tuple[str, Any, int]] = [(key, rec[key], depth)]
+        while todo:
+            where, v, d = todo.pop()
+            if d == 0 and not _is_number(v):
+                return f"{where!r} is {type(v).__name__} {str(v)[:40]!r}, expected a number"
+            if d > 0:
+                if not isinstance(v, dict):
+                    return f"{where!r} is {type(v).__name__}, expected a table of {'numbers' if d == 1 else 'tables'}"
+                todo += [(f"{where}.{k}", x, d - 1) for k, x in v.items()]
+    return None
+
+
+def _bad_record(metrics: Path, line: int, problem: str) -> UserError:
+    return UserError(f"line {line}: {problem}", where=str(metrics),
+                     hint="the file was changed after the run wrote it; restore it (`mutualkd run --resume RUN_DIR`"
+                     " rewrites it from the newest checkpoint's copy) or leave this run out of the report")
 
 
 def load_run(path: str | Path) -> RunData:
@@ -182,7 +222,7 @@ def load_run(path: str | Path) -> RunData:
     if (p / "summary.json").is_file():
         try:
             summary = json.loads((p / "summary.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):  # ValueError: bad JSON, or an integer of over 4300 digits
             summary = None
     name = str((recipe or {}).get("run", {}).get("name") or p.name)
     return RunData(path=p, name=name, recipe=recipe, epochs=epochs, steps=steps, summary=summary, bad_lines=bad)
@@ -192,7 +232,7 @@ def assign_labels(runs: Sequence[RunData]) -> None:
     """A unique, file-system safe folder name per run for its plots."""
     used: set[str] = set()
     for r in runs:
-        base = re.sub(r"[^A-Za-z0-9._-]+", "_", r.path.name) or "run"
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", r.path.name).strip(".") or "run"  # never "." or ".."
         label = base
         if label in used:
             label = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{r.path.parent.name}-{base}")

@@ -94,8 +94,8 @@ class IEParams(StrategyParams):
 
     inh_metric: str = Field("l1", description="distance for inheritance (a mutualkd.metrics plugin)")
     exp_metric: str = Field("l1", description="distance for exploration (a mutualkd.metrics plugin)")
-    lambda_inh: float = Field(50.0, ge=0.0, description="weight of the inheritance term")
-    lambda_exp: float = Field(50.0, ge=0.0, description="weight of the exploration term")
+    lambda_inh: float = Field(50.0, ge=0.0, allow_inf_nan=False, description="weight of the inheritance term")
+    lambda_exp: float = Field(50.0, ge=0.0, allow_inf_nan=False, description="weight of the exploration term")
     rate: float = Field(0.5, gt=0.0, le=4.0, description="factor compression rate k: C' = round(k C)")
     factor_channels: int | None = Field(None, gt=0, description="fixed C' instead of k C (the authors used 32 for wide maps)")
     rec_loss: Literal["l1", "l2"] = Field("l1", description="reconstruction loss of the autoencoder")

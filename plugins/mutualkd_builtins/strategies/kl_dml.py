@@ -25,8 +25,9 @@ def kl_dml_terms(
 
 
 class KLDMLParams(StrategyParams):
-    temperature: float = Field(1.0, gt=0.0, description="softmax temperature T (paper: 1)")
-    weight: float = Field(1.0, ge=0.0, description="weight w of the KL term (paper: 1)")
+    temperature: float = Field(1.0, ge=1e-2, le=1e3, allow_inf_nan=False,
+                               description="softmax temperature T (paper: 1)")
+    weight: float = Field(1.0, ge=0.0, allow_inf_nan=False, description="weight w of the KL term (paper: 1)")
     reduction: Literal["mean", "sum"] = Field(
         "mean", description="average the KL over the N-1 other peers (paper) or sum them (authors' code)"
     )
