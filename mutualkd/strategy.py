@@ -93,7 +93,7 @@ Mode = Literal["alternating", "simultaneous"]
 class StrategyParams(BaseModel):
     """Base for a strategy's parameter model: unknown keys are refused."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 @dataclass(frozen=True)
