@@ -302,7 +302,7 @@ class StepContext(ABC):
         Their schedules still advance with the batch. Loss terms of a skipped unit are still
         computed and logged; gradients that reach it are discarded.
         """
-        raise NotImplementedError("this context does not train")
+        raise RuntimeError("skip_update() belongs in compute(): an evaluation batch (compute_outputs) updates nothing")
 
     def log(self, name: str, value: float | Tensor) -> None:
         """Record a scalar for this batch (the step record, and its mean over the epoch in the epoch record)."""
