@@ -113,6 +113,16 @@ def test_every_balanced_batch_holds_m_images_of_each_of_its_classes() -> None:
     with pytest.raises(DataError) as e:
         check_balanced(labels, 16, 2)  # 8 classes per batch, 6 exist
     assert e.value.field == "data.images_per_class"
+    # Each hint names settings that would work, never a batch of 0.
+    with pytest.raises(DataError) as e:
+        check_balanced(labels, 8, 12)
+    assert "e.g. 12)" in e.value.hint
+    with pytest.raises(DataError) as e:
+        check_balanced(labels, 20, 3)
+    assert "e.g. 18 or 21" in e.value.hint
+    with pytest.raises(DataError) as e:
+        check_balanced(np.arange(10), 4, 2)  # one image of each class
+    assert "no class" in str(e.value) and "lower images_per_class" in e.value.hint
 
 
 @pytest.mark.parametrize("pipeline", ["device", "stream"])

@@ -62,7 +62,8 @@ def _fake_data(kind: str, root: Path, write_fake_cifar: Callable[..., Path]) -> 
     marker = root / ".written"
     if kind in ("cifar10", "cifar100"):
         if not marker.exists():
-            write_fake_cifar(root, kind=kind, n_train=64, n_test=32)
+            # 256 CIFAR-100 images give every class two or more: a class-balanced recipe can draw its batches.
+            write_fake_cifar(root, kind=kind, n_train=64 if kind == "cifar10" else 256, n_test=32)
     elif kind in ("mnist", "fashion_mnist"):
         if not marker.exists():
             rng = np.random.default_rng(0)
@@ -172,6 +173,8 @@ def test_recipe_runs(path: Path, tmp_path: Path, write_fake_cifar: Callable[...,
     if kind == "image_folder":  # small images; an ImageNet recipe's 224 px at 64 (resnets still end at 2x2)
         data += [f"data.image_size={64 if 'image_size' in raw.get('data', {}) else 12}", "data.num_workers=1"]
     overrides = TINY + data + [f"run.out_dir={_q(tmp_path / 'runs')}"]
+    if "images_per_class" in raw.get("data", {}):  # two of each of four classes fill the tiny batch of 8
+        overrides.append("data.images_per_class=2")
     strategy = raw.get("strategy", {}).get("name", "kl_dml")
     max_steps = 2
     if strategy == "ie_kd":

@@ -30,12 +30,20 @@ _TAG = 0x62616C
 def check_balanced(labels: np.ndarray, batch_size: int, per_class: int) -> int:
     """The number of classes per batch, or a DataError saying which setting to change."""
     if batch_size % per_class:
+        near = sorted({max(batch_size // per_class, 1) * per_class, (batch_size // per_class + 1) * per_class})
         raise DataError(f"batch_size {batch_size} is not a multiple of images_per_class {per_class}",
                         field="data.images_per_class",
-                        hint=f"use a batch_size that is a multiple of {per_class} (e.g. {batch_size // per_class * per_class})")
+                        hint=f"use a batch_size that is a multiple of {per_class} (e.g. {' or '.join(map(str, near))})")
     k = batch_size // per_class
     counts = np.bincount(np.asarray(labels, dtype=np.int64))
     usable = int((counts >= per_class).sum())
+    if usable == 0:
+        raise DataError(
+            f"images_per_class is {per_class} but no class of the train split has {per_class} images"
+            f" (the largest has {int(counts.max()) if counts.size else 0})",
+            field="data.images_per_class",
+            hint="lower images_per_class, or train on more images (data.train_subset)",
+        )
     if k > usable:
         raise DataError(
             f"a batch of {batch_size} with {per_class} images per class needs {k} classes with at least {per_class}"
