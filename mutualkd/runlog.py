@@ -177,8 +177,22 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
     t.add_column("final", justify="right")
     t.add_column("best", justify="right")
     t.add_column("best epoch", justify="right")
+    at_best = summary.get("top1_at_best_epoch") or {}
+    best_epoch = summary.get("best_epoch")
+    if best_epoch:
+        t.add_column(f"at epoch {best_epoch}", justify="right")
     for name, row in summary.get("top1", {}).items():
-        t.add_row(name, f"{row['final']:.2f}", f"{row['best']:.2f}", str(row["best_epoch"]))
+        cells = [name, f"{row['final']:.2f}", f"{row['best']:.2f}", str(row["best_epoch"])]
+        if best_epoch:
+            cells.append(f"{at_best[name]:.2f}" if name in at_best else "-")
+        t.add_row(*cells)
+    notes = []
+    if best_epoch:
+        notes.append(f"best/ holds epoch {best_epoch}, chosen on the {summary.get('best_chosen_by', 'test')} split")
+    if summary.get("stages"):  # epochs are counted over all stages, as in metrics.jsonl and the report
+        notes.append("epochs " + ", ".join(f"{s['first_epoch']}-{s['last_epoch']}: {s['name']}" for s in summary["stages"]))
+    if notes:
+        t.caption = "; ".join(notes)
     return t
 
 

@@ -207,10 +207,11 @@ def _peer_meta(tr: Trainer) -> dict[str, Any]:
 
 def run_summary(tr: Trainer) -> dict[str, Any]:
     """summary.json: final and best top-1 per network, the best epoch and the split that chose it."""
+    # Every epoch number here is global, as metrics.jsonl, the console and the report number it.
     top1 = {}
     for name, values in tr.history.top1.items():
         best = max(values)
-        top1[name] = {"final": values[-1], "best": best, "best_epoch": values.index(best) + 1}
+        top1[name] = {"final": values[-1], "best": best, "best_epoch": tr.history.epochs_of(name)[values.index(best)]}
     out: dict[str, Any] = {
         "name": tr.recipe.run.name,
         "strategy": tr.recipe.strategy.name,
@@ -224,11 +225,17 @@ def run_summary(tr: Trainer) -> dict[str, Any]:
         "best_output": tr.best_keys[0] if len(tr.best_keys) == 1 else "peers",
         "outputs": _outputs(tr),
     }
+    if len(tr.stages) > 1:  # where each stage's epochs lie on the global count
+        out["stages"], first = [], 1
+        for stage, n in zip(tr.stages, tr.stage_epochs):
+            out["stages"].append({"name": stage.name, "first_epoch": first, "last_epoch": first + n - 1,
+                                  "evaluated": bool(stage.evaluate)})
+            first += n
     if "top5" in tr.last_eval:
         out["top5"] = {name: {"final": v} for name, v in tr.last_eval["top5"].items()}
-    # With a validation split: its top-1, and the test top-1 at the chosen epoch (the number to report).
+    # The test top-1 at the chosen epoch: with a validation split, the number to report.
+    if tr.history.best_epoch > 0:
+        out["top1_at_best_epoch"] = tr.history.at_epoch(tr.history.best_epoch)
     if tr.val_history is not None and tr.val_history.top1:
         out["val_top1"] = {name: {"final": v[-1], "best": max(v)} for name, v in tr.val_history.top1.items()}
-        i = tr.history.best_epoch - 1
-        out["top1_at_best_epoch"] = {name: v[i] for name, v in tr.history.top1.items() if 0 <= i < len(v)}
     return out

@@ -50,13 +50,33 @@ class History:
     top1: dict[str, list[float]] = field(default_factory=dict)
     best_score: float = -1.0
     best_epoch: int = -1
+    #: The global epoch (as metrics.jsonl numbers it) of each value in ``top1``: a staged run
+    #: evaluates some epochs only, so a list position is not an epoch. Empty in snapshots written
+    #: before it existed: those runs evaluated every epoch from the first (:meth:`epochs_of`).
+    epochs: dict[str, list[int]] = field(default_factory=dict)
 
     def add(self, epoch: int, top1: Mapping[str, float], peer_names: list[str]) -> None:
         for k, v in top1.items():
             self.top1.setdefault(k, []).append(v)
+            self.epochs.setdefault(k, []).append(epoch)
         score = sum(top1[n] for n in peer_names) / len(peer_names)
         if score > self.best_score:
             self.best_score, self.best_epoch = score, epoch
+
+    def epochs_of(self, name: str) -> list[int]:
+        """The global epoch of each of ``name``'s values."""
+        known = self.epochs.get(name, [])
+        n = len(self.top1.get(name, []))
+        return known if len(known) == n else list(range(1, n + 1))
+
+    def at_epoch(self, epoch: int) -> dict[str, float]:
+        """Each model's top-1 at global ``epoch`` (the models evaluated then)."""
+        out = {}
+        for name, values in self.top1.items():
+            epochs = self.epochs_of(name)
+            if epoch in epochs:
+                out[name] = values[epochs.index(epoch)]
+        return out
 
 
 def resume_checkpoint(path: str | Path) -> Path | None:

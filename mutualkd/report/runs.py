@@ -79,7 +79,7 @@ class RunData:
     def peers(self) -> list[str]:
         """Peer names in recipe order (as the engine names them)."""
         if self.recipe is not None:
-            return peer_names_of(p.get("name") for p in self.recipe.get("peers", []))
+            return list(self._peer_models())
         if self.summary is not None:
             return list(self.summary.get("peers", {}))
         names: list[str] = []
@@ -91,8 +91,18 @@ class RunData:
     def models(self) -> dict[str, str]:
         """Peer name -> model name."""
         if self.recipe is not None:
-            return {n: p.get("model", "?") for n, p in zip(self.peers, self.recipe.get("peers", []))}
+            return self._peer_models()
         return dict((self.summary or {}).get("peers", {}))
+
+    def _peer_models(self) -> dict[str, str]:
+        """Peer name -> model name from the recipe; a branched network is a peer per branch."""
+        tables = [p for p in self.recipe.get("peers", []) if isinstance(p, Mapping)] if self.recipe else []
+        out: dict[str, str] = {}
+        for base, p in zip(peer_names_of(p.get("name") for p in tables), tables):
+            k = p.get("branches")
+            for name in [f"{base}_b{i}" for i in range(k)] if isinstance(k, int) and k > 0 else [base]:
+                out[name] = str(p.get("model", "?"))
+        return out
 
     @property
     def evaluated(self) -> list[dict[str, Any]]:
@@ -117,6 +127,27 @@ class RunData:
             for n, row in self.summary.get("top1", {}).items():
                 out[n] = {"final": num(row.get("final")), "best": num(row.get("best"))}
         return out
+
+    def best_epoch(self) -> int | None:
+        """The epoch ``best/`` holds (summary.json's, chosen on the validation split when there is
+        one), else the evaluated epoch with the best peers' mean; global, as metrics.jsonl numbers it."""
+        chosen = (self.summary or {}).get("best_epoch")
+        if isinstance(chosen, int) and not isinstance(chosen, bool):
+            return chosen
+        peers, best, epoch = set(self.peers), -math.inf, None
+        for r in self.evaluated:
+            vals = [num(v) for k, v in r["top1"].items() if k in peers]
+            score = sum(vals) / len(vals) if vals else -math.inf
+            if score > best and isinstance(r.get("epoch"), int):
+                best, epoch = score, r["epoch"]
+        return epoch
+
+    def top1_at(self, epoch: int) -> dict[str, float]:
+        """Each model's test top-1 at global ``epoch``, from metrics.jsonl."""
+        for r in self.evaluated:
+            if r.get("epoch") == epoch:
+                return {k: num(v) for k, v in r["top1"].items()}
+        return {}
 
     def peer_mean(self, which: str) -> float | None:
         """Mean over the peers (not the ensemble, nor other evaluated models such as EMA copies)

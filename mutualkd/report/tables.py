@@ -120,7 +120,8 @@ def run_rows(groups: Sequence[Group]) -> tuple[list[str], list[list[str]]]:
     """(header, rows): one row per run, one column per model any run has."""
     runs = [r for g in groups for r in g.runs]
     models = _model_columns(runs)
-    head = ["run", "group", "seed", "epochs", "status"] + [f"{m} final / best" for m in models]
+    head = ["run", "group", "seed", "epochs", "status", "best epoch", "peers at best epoch"]
+    head += [f"{m} final / best" for m in models]
     rows = []
     for g in groups:
         for r in g.runs:
@@ -128,8 +129,12 @@ def run_rows(groups: Sequence[Group]) -> tuple[list[str], list[list[str]]]:
             status = "complete" if r.complete else "incomplete"
             if r.bad_lines:
                 status += f", {r.bad_lines} unreadable line(s)"
+            best = r.best_epoch()
+            at = r.top1_at(best) if best is not None else {}
+            at_peers = [v for k, v in at.items() if k in set(r.peers)]
             rows.append(
-                [r.name, g.label, str(r.seed if r.seed is not None else "?"), str(len(r.evaluated)), status]
+                [r.name, g.label, str(r.seed if r.seed is not None else "?"), str(len(r.evaluated)), status,
+                 str(best) if best is not None else DASH, _fmt(sum(at_peers) / len(at_peers)) if at_peers else DASH]
                 + [f"{_fmt(t[m]['final'])} / {_fmt(t[m]['best'])}" if m in t else DASH for m in models]
             )
     return head, rows
@@ -137,7 +142,7 @@ def run_rows(groups: Sequence[Group]) -> tuple[list[str], list[list[str]]]:
 
 def _numeric(header: str) -> bool:
     """Whether a column holds numbers (right-aligned)."""
-    return header in ("seeds", "epochs", "seed") or "top-1" in header or "final" in header or "best" in header
+    return header in ("seeds", "epochs", "seed", "best epoch") or "top-1" in header or "final" in header or "best" in header
 
 
 def _md_cell(s: str) -> str:
