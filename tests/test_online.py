@@ -258,6 +258,19 @@ def test_summary_and_metrics_show_branches_declared_outputs_and_the_chooser(one_
     best = max(range(len(epochs)), key=lambda i: epochs[i]["top1"]["net_b0"])  # first max, as History keeps it
     assert summary["best_epoch"] == epochs[best]["epoch"]
     assert summary["top1"]["net_b0"]["final"] > 50  # trained, not chance
+    # The report reads the same: every branch a peer, the declared output a model, and the chooser.
+    from mutualkd.report.runs import group_runs, load_run
+    from mutualkd.report.tables import run_rows
+
+    report = load_run(run)
+    assert report.peers == ["net_b0", "net_b1", "net_b2"]
+    assert set(report.top1()) == set(summary["top1"])
+    finals = [summary["top1"][f"net_b{k}"]["final"] for k in range(3)]
+    assert report.peer_mean("final") == pytest.approx(sum(finals) / 3)
+    head, rows = run_rows(group_runs([report]))
+    row = dict(zip(head, rows[0]))
+    assert row["best/ chosen by"] == "net_b0 (test)" and row["best epoch"] == str(summary["best_epoch"])
+    assert {"gated final / best", "net_b2 final / best"} <= set(head)
 
 
 FRESH = """
@@ -298,6 +311,9 @@ def test_pcl_exports_its_temporal_mean(tmp_path: Path, recipe_dict: Factory) -> 
     summary = _trainer(raw).fit()
     assert summary["best_output"] == "net_b0_ema"
     assert {"net_b0_ema", "net_b1_ema", "net_b2_ema", "peer_ensemble"} <= set(summary["top1"])
+    from mutualkd.report.runs import load_run
+
+    assert set(load_run(tmp_path / "pcl").top1()) == set(summary["top1"])  # the report shows the temporal means
     result = CliRunner().invoke(app, ["export", str(tmp_path / "pcl"), "--peer", "net_b0_ema", "--out",
                                       str(tmp_path / "mean")])
     assert result.exit_code == 0, result.output

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import math
+from typing import Any
 
 from rich import box
 from rich.table import Table
@@ -120,7 +121,7 @@ def run_rows(groups: Sequence[Group]) -> tuple[list[str], list[list[str]]]:
     """(header, rows): one row per run, one column per model any run has."""
     runs = [r for g in groups for r in g.runs]
     models = _model_columns(runs)
-    head = ["run", "group", "seed", "epochs", "status", "best epoch", "peers at best epoch"]
+    head = ["run", "group", "seed", "epochs", "status", "best/ chosen by", "best epoch", "peers at best epoch"]
     head += [f"{m} final / best" for m in models]
     rows = []
     for g in groups:
@@ -134,10 +135,18 @@ def run_rows(groups: Sequence[Group]) -> tuple[list[str], list[list[str]]]:
             at_peers = [v for k, v in at.items() if k in set(r.peers)]
             rows.append(
                 [r.name, g.label, str(r.seed if r.seed is not None else "?"), str(len(r.evaluated)), status,
+                 _chosen_by(r.summary),
                  str(best) if best is not None else DASH, _fmt(sum(at_peers) / len(at_peers)) if at_peers else DASH]
                 + [f"{_fmt(t[m]['final'])} / {_fmt(t[m]['best'])}" if m in t else DASH for m in models]
             )
     return head, rows
+
+
+def _chosen_by(summary: dict[str, Any] | None) -> str:
+    """Which output chose ``best/`` and on which split (summary.json's ``best_output``, ``best_chosen_by``)."""
+    if not summary or "best_output" not in summary:
+        return DASH
+    return f"{summary['best_output']} ({summary.get('best_chosen_by', 'test')})"
 
 
 def _numeric(header: str) -> bool:
