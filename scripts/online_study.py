@@ -219,6 +219,8 @@ def run_figures(folder: Path) -> dict[str, Any]:
         "outputs_last": epochs[last]["top1"], "peers": peers,
         "train_s_per_epoch": _mean([r["train_seconds"] for r in epochs.values() if "train_seconds" in r]),
         "wall_s": sum(s["wall_s"] for s in segments) if segments else None,
+        # CPU time barely moves when other work shares the cores; wall time does
+        "cpu_s": sum(s["user_s"] + s["sys_s"] for s in segments) if segments else None,
         "max_rss_mib": max(s["max_rss_mib"] for s in segments) if segments else None,
         "scalars": {k: _mean(v) for k, v in scalars.items()},
     }
@@ -254,6 +256,7 @@ def collect(out: Path, scale: Scale, seeds: Sequence[int]) -> dict[str, Any]:
     for arm, v in runs.items():
         label, nets, r32, r110, src = METHODS[arm]
         walls = [r["wall_s"] for r in v.values() if r["wall_s"] is not None]
+        cpus = [r["cpu_s"] for r in v.values() if r.get("cpu_s") is not None]
         rss = [r["max_rss_mib"] for r in v.values() if r["max_rss_mib"] is not None]
         scalars = sorted({k for r in v.values() for k in r["scalars"]})
         peer_names = {p for r in v.values() for p in r["peers"]}
@@ -263,7 +266,8 @@ def collect(out: Path, scale: Scale, seeds: Sequence[int]) -> dict[str, Any]:
             **{f: mean_interval(list(per_seed[f][arm].values())).as_dict() | {"per_seed": per_seed[f][arm]}
                for f in FIGURES},
             "cost": {"train_s_per_epoch": _mean([r["train_s_per_epoch"] for r in v.values()]),
-                     "wall_min": _mean(walls) / 60 if walls else None, "max_rss_mib": max(rss) if rss else None},
+                     "wall_min": _mean(walls) / 60 if walls else None, "cpu_min": _mean(cpus) / 60 if cpus else None,
+                     "max_rss_mib": max(rss) if rss else None},
             "scalars": {k: _mean([r["scalars"][k] for r in v.values() if k in r["scalars"]]) for k in scalars},
             "literature_cifar100": {"resnet32": r32, "resnet110": r110, "source": src},
             "outputs_last": {s: r["outputs_last"] for s, r in v.items()},
@@ -320,16 +324,18 @@ def markdown(res: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
     lines += ["", "## Cost (measured in this study)", "",
               "Training seconds per epoch: mean of metrics.jsonl `train_seconds` (evaluation excluded); run wall time:"
               " the `mutualkd run` child from start to exit, summed over resumed segments, mean over seeds (evaluation"
-              " and start-up included); peak RSS: the child's `ru_maxrss` from `os.wait4`, the largest over seeds and"
-              " segments (Python, torch and the in-memory data set included; several runs at a time share the cores).",
+              " and start-up included); CPU time: the child's user + system time from `os.wait4`, the same span (one"
+              " thread per run: the figure that other work on the machine disturbs least); peak RSS: the child's"
+              " `ru_maxrss`, the largest over seeds and segments (Python, torch and the in-memory data set included;"
+              " several runs at a time share the cores).",
               "",
-              "| method | train s / epoch | run wall time (min) | peak RSS (MiB) | logged scalars (mean) |",
-              "| --- | ---: | ---: | ---: | --- |"]
+              "| method | train s / epoch | run wall time (min) | run CPU time (min) | peak RSS (MiB) | logged scalars (mean) |",
+              "| --- | ---: | ---: | ---: | ---: | --- |"]
     for a in res["arms"].values():
         c = a["cost"]
         sc = ", ".join(f"{k} {v:.3f}" for k, v in a["scalars"].items()) or "—"
         lines.append(f"| {a['label']} | {_f(c['train_s_per_epoch'])} | {_f(c['wall_min'], 1)} |"
-                     f" {_f(c['max_rss_mib'], 0)} | {sc} |")
+                     f" {_f(c.get('cpu_min'), 1)} | {_f(c['max_rss_mib'], 0)} | {sc} |")
     return "\n".join(lines) + "\n"
 
 

@@ -77,7 +77,8 @@ def _fake_run(out: Path, arm: str, seed: int, acc: float, *, peers: list[str], b
     (folder / "summary.json").write_text(json.dumps({"best_output": best_output, "best_epoch": 2,
                                                       "outputs": {"peers": peers}, "top1": {}}), encoding="utf-8")
     (out / "costs").mkdir(exist_ok=True)
-    (out / "costs" / f"{folder.name}.json").write_text(json.dumps([{"wall_s": 60.0, "max_rss_mib": 500.0 + seed}]))
+    (out / "costs" / f"{folder.name}.json").write_text(json.dumps([{"wall_s": 60.0, "max_rss_mib": 500.0 + seed,
+                                                                             "user_s": 50.0 + seed, "sys_s": 4.0}]))
 
 
 def test_analysis_of_fake_runs(tmp_path: Path) -> None:
@@ -107,12 +108,13 @@ def test_analysis_of_fake_runs(tmp_path: Path) -> None:
     assert set(tests) == {("kl_dml", "independent"), ("one", "kl_dml"), ("one", "independent"), ("switokd", "kl_dml"),
                           ("switokd", "independent")}  # the baselines are not compared with the methods
     cost = res["arms"]["switokd"]["cost"]
-    assert cost == {"train_s_per_epoch": pytest.approx(3.0), "wall_min": pytest.approx(1.0), "max_rss_mib": 502.0}
+    assert cost == {"train_s_per_epoch": pytest.approx(3.0), "wall_min": pytest.approx(1.0),
+                    "cpu_min": pytest.approx(55.0 / 60), "max_rss_mib": 502.0}
     assert res["arms"]["switokd"]["scalars"] == {"expert": pytest.approx(0.25)}
     text = study.markdown(res, {"command": "x", "machine": "m", "wall_min": 0.0})
     assert "| ONE | 3 branches | net_b0 | 89.50 [" in text and "73.79 / 78.40" in text
     assert one["other_outputs_last"] == {"gated": pytest.approx(90.0)} and "ONE: gated 90.00" in text
-    assert "| SwitOKD | KL-DML |" in text and "not reproduced" in text and "| 502 | expert 0.250 |" in text
+    assert "| SwitOKD | KL-DML |" in text and "not reproduced" in text and "| 0.9 | 502 | expert 0.250 |" in text
     assert not any(math.isnan(v) for v in (one["reported_last"]["sd"], cost["max_rss_mib"]))
 
 
