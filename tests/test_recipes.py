@@ -165,6 +165,29 @@ def test_recipe_paths_named_in_the_docs_exist():
     assert not missing, missing
 
 
+def _expand(pattern: str) -> list[str]:
+    """``a/{b,c}.toml`` -> ``a/b.toml``, ``a/c.toml`` (one brace group at a time)."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    return [x for alt in m.group(1).split(",") for x in _expand(pattern[:m.start()] + alt + pattern[m.end():])]
+
+
+def test_the_readme_recipe_table_lists_every_recipe():
+    """Each recipe file is named (or matched by a glob or brace group) in the README's recipe table, and
+    every name there is a file: the table cannot drift from the tree."""
+    text = (RECIPES.parent / "README.md").read_text(encoding="utf-8")
+    table = text.split("| recipe | data | what |", 1)[1].split("\n\n", 1)[0]
+    patterns = [p for line in table.splitlines() if line.startswith("|") for p in re.findall(r"`([\w/{},.*-]+\.toml)`", line.split("|")[1])]
+    listed: set[str] = set()
+    for pattern in patterns:
+        matched = {f.relative_to(RECIPES).as_posix() for alt in _expand(pattern) for f in RECIPES.glob(alt)}
+        assert matched, f"the README's recipe table names {pattern}, which matches no recipe"
+        listed |= matched
+    missing = sorted({p.relative_to(RECIPES).as_posix() for p in RECIPE_FILES} - listed)
+    assert not missing, f"add these recipes to the README's recipe table: {missing}"
+
+
 @pytest.mark.parametrize("path", RECIPE_FILES, ids=[str(p.relative_to(RECIPES)) for p in RECIPE_FILES])
 def test_recipe_runs(path: Path, tmp_path: Path, write_fake_cifar: Callable[..., Path], read_metrics: Factory):
     raw = _raw(path)
