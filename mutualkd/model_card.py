@@ -38,7 +38,7 @@ _WINDOWS_PATH = re.compile(r"(?:[A-Za-z]:[\\/]|\\\\)")
 
 
 def is_local_path(text: str) -> bool:
-    """Whether ``text`` is an absolute path (``/...``, ``~...``, ``C:\\...``), bare or after ``local-dir:``/``file:``."""
+    """Whether ``text`` is an absolute path (``/...``, ``~...``, ``C:\\...``), bare or after ``local-dir:``."""
     bare = text.strip()
     for prefix in ("local-dir:", "file://", "file:"):
         bare = bare.removeprefix(prefix)
@@ -98,8 +98,9 @@ def model_card(*, config: dict[str, Any], meta: dict[str, Any], peer: str, ema: 
     lines = [
         "---", front, "---", "",
         f"# {arch} trained with {strategy} on {dataset}", "",
-        f"{'The EMA copy of peer' if ema else 'Peer'} `{peer}` of the mutualkd run `{config['mutualkd'].get('run')}`,"
-        f" checkpoint `{checkpoint}` (epoch {meta.get('epoch')}, step {meta.get('global_step')}), exported with"
+        f"{'The EMA copy of peer' if ema else 'Peer'} `{peer}` of "
+        + (f"the mutualkd run `{run.name}`" if run is not None else "a mutualkd run")
+        + f", checkpoint `{checkpoint}` (epoch {meta.get('epoch')}, step {meta.get('global_step')}), exported with"
         " `mutualkd export` as a timm model: `config.json` and `model.safetensors`.",
         "",
         *_model(config, peer, num_params, summary),
@@ -131,17 +132,18 @@ def _read_recipe(path: Path) -> tuple[dict[str, Any], list[str]] | None:
 
 
 def _model(config: dict[str, Any], peer: str, num_params: int, summary: dict[str, Any] | None) -> list[str]:
-    labels = config.get("label_names")
+    labels = config.get("label_names") or []
+    names = f" ({', '.join(map(str, labels))})" if len(labels) <= 20 else " (their names: `label_names` in config.json)"
     out = ["## Model", "",
            f"- Architecture: `{config['architecture']}` (timm), {num_params:,} parameters",
-           f"- Classes: {config['num_classes']}" + (f" ({', '.join(map(str, labels))})" if labels and len(labels) <= 20
-                                                     else " (their names: `label_names` in config.json)" if labels else "")]
+           f"- Classes: {config['num_classes']}" + (names if labels else "")]
     if config.get("model_args"):
         out.append(f"- Model arguments: `{json.dumps(config['model_args'])}`")
     peers = (summary or {}).get("peers")
     others = {n: m for n, m in peers.items() if n != peer} if isinstance(peers, dict) else {}
     if others:
-        out.append("- Trained together with the run's other peers: " + ", ".join(f"`{n}` ({m})" for n, m in others.items()))
+        out.append("- Trained together with the run's other peers: "
+                   + ", ".join(f"`{n}` ({m})" for n, m in others.items()))
     return [*out, ""]
 
 
@@ -171,8 +173,8 @@ def _training(dataset: str, strategy: str, recipe: tuple[dict[str, Any], list[st
         params = _strategy_params(strategy, data.get("strategy", {}))
         out += ["", f"Parameters of `{strategy}`" + (" (defaults included):" if params[1] else " (as in the recipe):"),
                 ""]
-        out += ["| parameter | value |", "| --- | --- |", *(f"| {k} | `{json.dumps(v)}` |" for k, v in params[0].items())] \
-            if params[0] else ["none"]
+        rows = [f"| {k} | `{json.dumps(v)}` |" for k, v in params[0].items()]
+        out += ["| parameter | value |", "| --- | --- |", *rows] if rows else ["none"]
     versions, n = meta.get("versions", {}), int(meta.get("num_processes") or 1)
     if versions:
         out += ["", "Trained with " + ", ".join(f"{k} {v}" for k, v in versions.items())
@@ -197,9 +199,11 @@ def _strategy_params(name: str, table: dict[str, Any]) -> tuple[dict[str, Any], 
 def _results(summary: dict[str, Any] | None, meta: dict[str, Any], peer: str, ema: bool, dataset: str) -> list[str]:
     key = f"{peer}_ema" if ema else peer
     top1 = summary.get("top1", {}).get(key) if summary is not None else None
-    if summary is None or not isinstance(top1, dict):
-        return ["## Results", "", "The run recorded no test top-1 for this network (no summary.json: the run did not"
-                " finish).", ""]
+    if summary is None:
+        return ["## Results", "", "No summary.json next to the checkpoint (the run did not finish, or the checkpoint"
+                " was exported without its run folder): no test top-1 to report.", ""]
+    if not isinstance(top1, dict):
+        return ["## Results", "", f"The run's summary.json records no test top-1 for `{key}`.", ""]
     out = ["## Results", "", f"Top-1 accuracy on the `{dataset}` test split, from the run's summary.json:", "",
            "| | test top-1 (%) | epoch |", "| --- | --- | --- |",
            f"| end of training | {top1['final']:.2f} | {summary['epochs']} |",
