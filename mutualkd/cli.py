@@ -354,19 +354,25 @@ def export(
     ] = "last",
     ema: Annotated[bool, typer.Option("--ema", help="Export the peers' EMA copies instead of their raw weights.")] = False,
     best: Annotated[bool, typer.Option("--best", hidden=True, help="The same as --checkpoint best.")] = False,
+    license_id: Annotated[Optional[str], typer.Option("--license", help="The weights' license for the model card"
+                                                      " (a Hub id: apache-2.0, mit, cc-by-4.0, ...).")] = None,
+    repo_id: Annotated[Optional[str], typer.Option("--repo-id", help="The Hub repository (ORG/NAME) the folder will"
+                                                   " be uploaded to, for the model card's loading example.")] = None,
 ) -> None:
-    """Write a run's peers as timm models in Hugging Face layout (timm's save_for_hf).
+    """Write a run's peers as timm models in Hugging Face layout (timm's save_for_hf), with a model card.
 
     Each folder loads with plain timm: import mutualkd, timm;
     timm.create_model("local-dir:OUT", pretrained=True); its config.json holds the input
-    size, mean, std, number of classes and class names (docs/weights.md).
+    size, mean, std, number of classes and class names, its README.md the model card the
+    Hugging Face Hub shows (docs/weights.md). No file names a path of this machine.
     """
     from mutualkd.export import export_run
 
     if checkpoint not in ("best", "last"):
         _fail(UserError(f"--checkpoint {checkpoint!r} is neither best nor last", hint="write --checkpoint best or last"))
     try:
-        done = export_run(run_dir, out, peer=peer, ema=ema, checkpoint="best" if best else checkpoint)  # type: ignore[arg-type]
+        done = export_run(run_dir, out, peer=peer, ema=ema, checkpoint="best" if best else checkpoint,  # type: ignore[arg-type]
+                          license_id=license_id, repo_id=repo_id)
     except UserError as e:
         _fail(e)
     for d in done:

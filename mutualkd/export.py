@@ -4,11 +4,13 @@ Each peer becomes a folder in timm's Hugging Face layout, written by timm's own
 ``save_for_hf``: ``model.safetensors`` (the timm model's ``state_dict``) and ``config.json``
 (``architecture``, ``num_classes``, ``label_names``, ``model_args`` and timm's pretrained
 config: ``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``; plus a
-``mutualkd`` block saying which run, checkpoint, peer and step it came from). It loads
-without mutualkd's engine::
+``mutualkd`` block saying which run, checkpoint (relative to the run folder), peer and step
+it came from), and a model card, ``README.md`` (:mod:`mutualkd.model_card`). No file names
+an absolute path of this machine, so the folder can be uploaded to the Hugging Face Hub as
+it is. It loads without mutualkd's engine::
 
     import mutualkd, timm            # importing mutualkd registers the CIFAR families in timm
-    model = timm.create_model("local-dir:OUT", pretrained=True).eval()
+    model = timm.create_model("local-dir:OUT", pretrained=True).eval()   # or "hf-hub:ORG/NAME", once uploaded
     cfg = model.pretrained_cfg       # feed it (x / 255 - cfg["mean"]) / cfg["std"] at cfg["input_size"]
 
 or, into an architecture built by hand, ``timm.create_model(ARCH, pretrained=True,
@@ -22,12 +24,14 @@ peer's own when it started from weights normalised otherwise (see :mod:`mutualkd
 from __future__ import annotations
 
 from dataclasses import dataclass
+import json
 import os
 from pathlib import Path
 import shutil
 from typing import Any, Literal
 
 from mutualkd.errors import CheckpointError, UserError, unknown_name_hint
+from mutualkd.model_card import check_card_options, model_card, portable
 from mutualkd.names import inside, name_problem
 
 __all__ = ["Exported", "export_peer", "export_run", "LABEL_NAMES"]
@@ -40,6 +44,14 @@ LABEL_NAMES: dict[str, list[str]] = {
                       "Ankle boot"],
     "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
 }
+
+
+@dataclass(frozen=True)
+class Card:
+    """What the model card takes from the exporter rather than the run: a Hub license id and repository."""
+
+    license_id: str | None = None
+    repo_id: str | None = None
 
 
 @dataclass
@@ -111,9 +123,14 @@ def _label_names(dataset: str | None, checkpoint: Path) -> list[str] | None:
 
 
 def export_peer(run_or_checkpoint: str | Path, out: str | Path, *, peer: str | None = None, ema: bool = False,
-                best: bool = False, checkpoint: Literal["best", "last"] | None = None) -> Exported:
-    """Write peer ``peer`` (default: the first) of a run's ``checkpoint`` (``last``, or ``best``) to ``out``."""
+                best: bool = False, checkpoint: Literal["best", "last"] | None = None, license_id: str | None = None,
+                repo_id: str | None = None) -> Exported:
+    """Write peer ``peer`` (default: the first) of a run's ``checkpoint`` (``last``, or ``best``) to ``out``.
+
+    ``license_id`` (a Hub license id) and ``repo_id`` (``ORG/NAME``) go into the model card.
+    """
     which: Literal["best", "last"] = checkpoint or ("best" if best else "last")
+    check_card_options(license_id, repo_id)
     folder = _checkpoint_folder(Path(run_or_checkpoint), which)
     from mutualkd import checkpoint as ckpt
 
@@ -125,19 +142,23 @@ def export_peer(run_or_checkpoint: str | Path, out: str | Path, *, peer: str | N
     if name not in peers:
         raise UserError(f"the run has no peer {name!r}", where=str(folder), hint=unknown_name_hint("peer", name, list(peers)))
     state = ckpt.load_checkpoint(folder)  # weights_only: a checkpoint that asks to run code is refused
-    return _write(folder, meta, state, name, Path(out), ema)
+    return _write(folder, meta, state, name, Path(out), ema, Card(license_id, repo_id))
 
 
 def export_run(run_or_checkpoint: str | Path, out: str | Path, *, peer: str | None = None, ema: bool = False,
-               checkpoint: Literal["best", "last"] = "last") -> list[Exported]:
+               checkpoint: Literal["best", "last"] = "last", license_id: str | None = None,
+               repo_id: str | None = None) -> list[Exported]:
     """One peer into ``out`` (``peer`` named), or every peer into ``out/<peer>``.
 
     Every peer is written into a temporary folder next to ``out`` first and moved into
     place once all of them are: a refusal or a failure leaves ``out`` as it was.
     """
     if peer is not None:
-        return [export_peer(run_or_checkpoint, out, peer=peer, ema=ema, checkpoint=checkpoint)]
+        return [export_peer(run_or_checkpoint, out, peer=peer, ema=ema, checkpoint=checkpoint, license_id=license_id,
+                            repo_id=repo_id)]
     from mutualkd import checkpoint as ckpt
+
+    check_card_options(license_id, repo_id)
 
     out = Path(out)
     folder = _checkpoint_folder(Path(run_or_checkpoint), checkpoint)
@@ -157,7 +178,7 @@ def export_run(run_or_checkpoint: str | Path, out: str | Path, *, peer: str | No
     tmp = out.with_name(f".tmp-export-{out.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        done = [_write(folder, meta, state, n, tmp / n, ema) for n in names]
+        done = [_write(folder, meta, state, n, tmp / n, ema, Card(license_id, repo_id)) for n in names]
         if not out.exists():
             os.replace(tmp, out)
         else:  # out holds other files: each peer's folder (checked free above) is moved in
@@ -197,7 +218,8 @@ def _check_out(out: Path, parent: bool = False) -> None:
                         hint="choose an --out in a folder you can write to")
 
 
-def _write(folder: Path, meta: dict[str, Any], state: dict[str, Any], name: str, out_dir: Path, ema: bool) -> Exported:
+def _write(folder: Path, meta: dict[str, Any], state: dict[str, Any], name: str, out_dir: Path, ema: bool,
+           card: Card) -> Exported:
     import timm
     from timm.models import save_for_hf
     import torch
@@ -232,10 +254,14 @@ def _write(folder: Path, meta: dict[str, Any], state: dict[str, Any], name: str,
     h, w = ds["image_size"]
     data_config = {"input_size": (int(ds["in_chans"]), int(h), int(w)), "mean": tuple(mean), "std": tuple(std),
                    "crop_pct": 1.0, "interpolation": "bilinear"}
+    run = _run_folder(folder)
+    # Named relative to the run folder: the machine's own paths stay on the machine.
+    where = folder.relative_to(run).as_posix() if run is not None else folder.name
     model_config: dict[str, Any] = {
         "pretrained_cfg": {"tag": f"mutualkd_{ds.get('name')}"},
-        "mutualkd": {"checkpoint": str(folder), "peer": name, "ema": ema, "global_step": meta.get("global_step"),
-                     "epoch": meta.get("epoch"), "dataset": ds.get("name"), "strategy": meta.get("strategy")},
+        "mutualkd": {"run": run.name if run is not None else None, "checkpoint": where, "peer": name, "ema": ema,
+                     "global_step": meta.get("global_step"), "epoch": meta.get("epoch"), "dataset": ds.get("name"),
+                     "strategy": meta.get("strategy")},
     }
     labels = _label_names(ds.get("name"), folder)
     if labels is not None and len(labels) == model.num_classes:
@@ -251,6 +277,11 @@ def _write(folder: Path, meta: dict[str, Any], state: dict[str, Any], name: str,
         with torch.no_grad():
             save_for_hf(model.eval(), str(tmp), model_config=model_config, model_args=kwargs or None,
                         safe_serialization=True, data_config=data_config)
+        config = portable(json.loads((tmp / "config.json").read_text()))[0]  # e.g. a path among model_args
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "README.md").write_text(encoding="utf-8", data=model_card(
+            config=config, meta=meta, peer=name, ema=ema, checkpoint=where, run=run,
+            num_params=sum(p.numel() for p in model.parameters()), license_id=card.license_id, repo_id=card.repo_id))
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above)
         os.replace(tmp, out_dir)

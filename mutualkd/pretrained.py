@@ -11,10 +11,10 @@ adaptation) apply:
   timm model folder, loaded as ``local-dir:<snapshot>``;
 * a timm model folder: ``timm.create_model("local-dir:<folder>", pretrained=True)``.
 
-Nothing here contacts a hub unless :func:`mutualkd.weights.downloads_allowed`; then timm
-downloads as it always does (into the same cache). Before timm builds anything, the source's
-classifier is compared with the data set's classes (timm itself would silently drop a head
-of the wrong size).
+Nothing here contacts a hub unless :func:`mutualkd.weights.downloads_allowed` (never while
+``HF_HUB_OFFLINE`` is set); then timm downloads as it always does (into the same cache).
+Before timm builds anything, the source's classifier is compared with the data set's
+classes (timm itself would silently drop a head of the wrong size).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from torch import nn
 
 from mutualkd.trust import UnsafeFileError
 from mutualkd.errors import UserError
-from mutualkd.weights import ALLOW_DOWNLOAD_ENV, Network, Source, _pretrained_cfg, downloads_allowed, hub_cache
+from mutualkd.weights import (ALLOW_DOWNLOAD_ENV, OFFLINE_ENV, Network, Source, _pretrained_cfg, downloads_allowed,
+                              hub_cache, hub_offline)
 
 __all__ = ["load", "cached_weights", "hub_repo_folder", "fill_command"]
 
@@ -80,15 +81,24 @@ def fill_command(name: str) -> str:
 
 
 def _not_cached(label: str, name: str, looked: list[Path], where: str) -> UserError:
+    """Weights absent from the cache: why nothing was downloaded (offline, or not allowed), and the ways out."""
     folders = ", ".join(str(p) for p in looked) or str(hub_cache())
     first = looked[0] if looked else hub_cache()
+    fill = (f"on a machine with a network run `{fill_command(name)}`, then copy the folder it fills ({first}) to"
+            " the same place here, or point HF_HUB_CACHE at a copy of that cache")
+    if hub_offline():
+        return UserError(
+            f"the pretrained weights {label} are not in the cache (looked in {folders}), and {OFFLINE_ENV} is set:"
+            " the hub is offline, so nothing is downloaded",
+            where=where,
+            hint=f"{fill}; or unset {OFFLINE_ENV} and set {ALLOW_DOWNLOAD_ENV}=1 to let mutualkd download them; or"
+            " name a local weights file or timm model folder instead (weights = \"path/model.safetensors\")",
+        )
     return UserError(
         f"the pretrained weights {label} are not in the cache (looked in {folders}), and mutualkd downloads"
         " nothing unless allowed",
         where=where,
-        hint=f"on a machine with a network run `{fill_command(name)}`, then copy the folder it fills ({first}) to"
-        f" the same place here, or point HF_HUB_CACHE at a copy of that cache; or let mutualkd download it:"
-        f" {ALLOW_DOWNLOAD_ENV}=1",
+        hint=f"{fill}; or let mutualkd download it: {ALLOW_DOWNLOAD_ENV}=1",
     )
 
 

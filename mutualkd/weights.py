@@ -17,8 +17,9 @@ in a strategy's teacher (``ie_kd``'s ``teacher = ...``):
   Hugging Face cache.
 
 No hub is ever contacted unless the environment variable :data:`ALLOW_DOWNLOAD_ENV` is
-``1``: a pretrained tag that is not in the cache is a :class:`~mutualkd.errors.UserError`
-(exit 2) naming the tag, the cache folder and the command that fills it on a machine with a network.
+``1`` and Hugging Face's offline mode (:data:`OFFLINE_ENV`) is off: a pretrained tag or hf-hub
+repository that is not in the cache is a :class:`~mutualkd.errors.UserError` (exit 2) naming
+the source, the cache folder and the command that fills it on a machine with a network.
 
 Every source is checked against the network the recipe builds: a classifier head for
 another number of classes is refused with both counts unless ``reset_head`` asks for a new
@@ -45,17 +46,21 @@ from mutualkd.errors import CheckpointError, UserError, unknown_name_hint
 
 __all__ = [
     "ALLOW_DOWNLOAD_ENV",
+    "OFFLINE_ENV",
     "WEIGHT_SUFFIXES",
     "Source",
     "Network",
     "parse_source",
     "load_network",
     "downloads_allowed",
+    "hub_offline",
     "hub_cache",
 ]
 
 #: Set to ``1`` to let timm download pretrained weights that are not in the cache.
 ALLOW_DOWNLOAD_ENV = "MUTUALKD_ALLOW_DOWNLOAD"
+#: Hugging Face's offline switch: when set, nothing is downloaded, whatever :data:`ALLOW_DOWNLOAD_ENV` says.
+OFFLINE_ENV = "HF_HUB_OFFLINE"
 #: What a weights file's name ends with.
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
@@ -88,9 +93,17 @@ class Network:
     notes: list[str] = field(default_factory=list)
 
 
+def hub_offline() -> bool:
+    """Whether Hugging Face's offline mode is on: ``HF_HUB_OFFLINE`` set now, or when huggingface_hub was imported."""
+    from huggingface_hub import constants
+
+    # huggingface_hub reads the variable once, at import; one set later must count too.
+    return os.environ.get(OFFLINE_ENV, "").strip().upper() in ("1", "ON", "YES", "TRUE") or bool(constants.HF_HUB_OFFLINE)
+
+
 def downloads_allowed() -> bool:
-    """Whether the user allowed hub downloads (``MUTUALKD_ALLOW_DOWNLOAD=1``)."""
-    return os.environ.get(ALLOW_DOWNLOAD_ENV, "").strip().lower() in ("1", "true", "yes")
+    """Whether timm may download: the user allowed it (``MUTUALKD_ALLOW_DOWNLOAD=1``) and the hub is not offline."""
+    return os.environ.get(ALLOW_DOWNLOAD_ENV, "").strip().lower() in ("1", "true", "yes") and not hub_offline()
 
 
 def hub_cache() -> Path:

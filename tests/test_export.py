@@ -63,7 +63,7 @@ def _latest(run: Path) -> Path:
 def test_export_writes_timm_layout_with_what_feeding_the_model_needs(tiny_run: Path, tmp_path: Path) -> None:
     done = export_run(tiny_run, tmp_path / "out", peer="peer1")
     assert [d.folder for d in done] == [tmp_path / "out"]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["architecture"] == "cifar_wrn_16_1" and cfg["num_classes"] == 10
     assert cfg["label_names"] == [str(i) for i in range(10)]
@@ -71,7 +71,7 @@ def test_export_writes_timm_layout_with_what_feeding_the_model_needs(tiny_run: P
     assert pre["input_size"] == [1, 8, 8] and len(pre["mean"]) == 1 and len(pre["std"]) == 1
     meta = ckpt.read_meta(_latest(tiny_run))
     assert pre["mean"] == pytest.approx(meta["dataset"]["mean"]) and pre["std"] == pytest.approx(meta["dataset"]["std"])
-    assert cfg["mutualkd"]["peer"] == "peer1" and cfg["mutualkd"]["global_step"] == 2
+    assert cfg["mutualkd"]["peer"] == "peer1" and cfg["mutualkd"]["global_step"] == 2 and cfg["mutualkd"]["run"] == "tiny"
     saved = ckpt.load_checkpoint(_latest(tiny_run))["modules"]["peer1"]
     weights = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert set(weights) == set(saved) and all(torch.equal(weights[k], saved[k]) for k in saved)
@@ -107,12 +107,14 @@ def test_export_refusals(tiny_run: Path, tmp_path: Path) -> None:
         (["--out", str(tmp_path / "a"), "--peer", "peer7"], "no peer 'peer7'"),
         (["--out", str(tmp_path / "b"), "--checkpoint", "first"], "neither best nor last"),
         (["--out", str(tmp_path / "c"), "--ema"], "no EMA copy"),
+        (["--out", str(tmp_path / "d"), "--license", "MIT License"], "not a license id"),
+        (["--out", str(tmp_path / "e"), "--peer", "peer0", "--repo-id", "tiny"], "names no organisation"),
     ]
     for extra, says in cases:
         result = runner.invoke(app, ["export", str(tiny_run), *extra])
         assert result.exit_code == 2, (extra, result.output)
         assert says in " ".join(result.stderr.split()), (extra, result.stderr)
-    assert not (tmp_path / "a").exists() and list((tmp_path / "full").iterdir()) == [tmp_path / "full" / "x"]
+    assert not any((tmp_path / n).exists() for n in "ade") and list((tmp_path / "full").iterdir()) == [tmp_path / "full" / "x"]
 
 
 def test_best_and_last_checkpoints(tiny_run: Path, tmp_path: Path) -> None:
@@ -123,7 +125,7 @@ def test_best_and_last_checkpoints(tiny_run: Path, tmp_path: Path) -> None:
         assert result.exit_code == 0, result.output
         cfg = json.loads((tmp_path / which / "config.json").read_text())
         want = tiny_run / "checkpoints" / "best" if which == "best" else _latest(tiny_run)
-        assert cfg["mutualkd"]["checkpoint"] == str(want)
+        assert cfg["mutualkd"]["checkpoint"] == want.relative_to(tiny_run).as_posix()  # no path of this machine
     copy = tmp_path / "nobest"
     shutil.copytree(tiny_run, copy)
     shutil.rmtree(copy / "checkpoints" / "best")
@@ -145,6 +147,153 @@ def test_a_peer_with_its_own_normalisation_exports_it(tmp_path: Path, recipe_dic
     export_run(tmp_path / "own", tmp_path / "e", peer="peer0")
     pre = json.loads((tmp_path / "e" / "config.json").read_text())["pretrained_cfg"]
     assert pre["mean"] == [0.5] and pre["std"] == [0.25]
+
+
+# --------------------------------------------------------------------------- the model card and local paths
+def _toml_block(card: str) -> dict[str, Any]:
+    import tomllib
+
+    return tomllib.loads(card.split("```toml\n", 1)[1].split("```", 1)[0])
+
+
+def test_model_card_front_matter_and_facts_from_the_run(tiny_run: Path, tmp_path: Path) -> None:
+    from huggingface_hub import ModelCard
+
+    from mutualkd.config import read_toml
+    from mutualkd.model_card import LOCAL_PATH
+
+    runner = CliRunner()
+    for which in ("last", "best"):
+        result = runner.invoke(app, ["export", str(tiny_run), "--peer", "peer1", "--checkpoint", which, "--license",
+                                     "apache-2.0", "--repo-id", "someone/tiny-wrn", "--out", str(tmp_path / which)])
+        assert result.exit_code == 0, result.output
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    for which in ("last", "best"):
+        card = ModelCard.load(tmp_path / which / "README.md")
+        assert card.data.library_name == "timm" and card.data.license == "apache-2.0"
+        assert {"image-classification", "kl_dml"} <= set(card.data.tags) and card.data.datasets is None  # digits: none
+        text = card.text
+        pre = json.loads((tmp_path / which / "config.json").read_text())["pretrained_cfg"]
+        assert "`cifar_wrn_16_1` (timm)" in text and "| input size (channels, height, width) | `1 x 8 x 8` |" in text
+        for key in ("mean", "std", "interpolation", "crop_pct"):
+            assert f"| {key} | `{json.dumps(pre[key])}` |" in text, key
+        assert "Data set: `digits`" in text and "| temperature | `1.0` |" in text and "| reduction | `\"mean\"` |" in text
+        top1 = summary["top1"]["peer1"]
+        assert f"| end of training | {top1['final']:.2f} | {summary['epochs']} |" in text
+        assert f"| best epoch of this network | {top1['best']:.2f} | {top1['best_epoch']} |" in text
+        assert 'timm.create_model("hf-hub:someone/tiny-wrn", pretrained=True)' in text and '"local-dir:' in text
+        assert "mutualkd run recipe.toml" in text
+        recipe = read_toml(tiny_run / "recipe.toml")
+        recipe["run"]["out_dir"] = LOCAL_PATH  # the run's out_dir is absolute (a pytest temporary folder)
+        assert _toml_block(text) == recipe
+    last, best = ((tmp_path / w / "README.md").read_text() for w in ("last", "best"))
+    assert f"mutualkd export {LOCAL_PATH}/tiny --peer peer1 --out peer1" in last
+    assert "these weights (the last checkpoint)" in last
+    assert f"mutualkd export {LOCAL_PATH}/tiny --checkpoint best --peer peer1" in best
+    assert f"| {summary['top1_at_best_epoch']['peer1']:.2f} | {summary['best_epoch']} |" in best.split("these weights")[1]
+
+
+def test_portable_replaces_absolute_paths_only() -> None:
+    from mutualkd.model_card import LOCAL_PATH, portable
+
+    data = {"run": {"out_dir": "/srv/runs", "name": "r"}, "peers": [{"weights": "local-dir:/x/e"}, {"weights": "e/p0"}],
+            "data": {"root": "~/data", "mean": [0.5]}, "t": "C:\\runs", "labels": ["T-shirt/top", "hf-hub:a/b"]}
+    out, keys = portable(data)
+    assert keys == ["run.out_dir", "peers[0].weights", "data.root", "t"]
+    assert out["run"] == {"out_dir": LOCAL_PATH, "name": "r"} and out["peers"][1]["weights"] == "e/p0"
+    assert out["labels"] == ["T-shirt/top", "hf-hub:a/b"] and out["data"]["mean"] == [0.5]
+
+
+def test_no_exported_file_names_a_path_of_this_machine(tiny_run: Path, tmp_path: Path) -> None:
+    """Every exported file is scanned for the run's folder, the test's folders, home and the temporary folder."""
+    import tempfile
+
+    from mutualkd.config import read_toml
+    from mutualkd.runlog import dump_toml
+
+    run = tmp_path / "home" / "runs" / "tiny"
+    shutil.copytree(tiny_run, run)
+    recipe = read_toml(run / "recipe.toml")  # local paths where recipes hold them: data, a peer's weights
+    recipe["data"]["root"] = str(tmp_path / "data")
+    recipe["peers"][0]["weights"] = f"local-dir:{tmp_path / 'init'}"
+    (run / "recipe.toml").write_text(dump_toml(recipe))
+    local = {str(run), str(tiny_run), str(tmp_path), str(Path.home()), tempfile.gettempdir(), str(Path.cwd())}
+    assert all(p in (run / "recipe.toml").read_text() for p in (str(tiny_run.parent), str(tmp_path)))
+    export_run(run, tmp_path / "all")
+    export_run(run / "checkpoints" / "best", tmp_path / "best", peer="peer0")
+    files = [f for f in (tmp_path / "all").rglob("*") if f.is_file()] + list((tmp_path / "best").iterdir())
+    assert sorted({f.name for f in files}) == ["README.md", "config.json", "model.safetensors"] and len(files) == 9
+    for f in files:
+        data = f.read_bytes()
+        if f.suffix == ".safetensors":  # its header (names, shapes, metadata); the rest is tensor bytes
+            data = data[8:8 + int.from_bytes(data[:8], "little")]
+        found = [p for p in local if p.encode() in data]
+        assert not found, (f, found)
+    card = (tmp_path / "all" / "peer0" / "README.md").read_text()
+    assert "set `run.out_dir`, `data.root`, `peers[0].weights` to one of yours" in card
+
+
+# --------------------------------------------------------------------------- from a Hugging Face cache, offline
+#: Run in a fresh interpreter with HF_HUB_CACHE and HF_HUB_OFFLINE=1: load hf-hub:REPO with timm and as a teacher.
+FROM_HUB = """
+import json, socket, sys
+
+def no_network(*a, **k):
+    raise AssertionError("a network connection was attempted")
+
+socket.create_connection = socket.socket.connect = no_network
+import mutualkd, timm, torch
+from safetensors.torch import load_file
+from mutualkd.config import DataConfig
+from mutualkd.data import load_dataset
+from mutualkd.errors import UserError
+from mutualkd.weights import load_network
+
+repo, folder = sys.argv[1:]
+_, test, _ = load_dataset(DataConfig(dataset="digits"))
+model = timm.create_model("hf-hub:" + repo, pretrained=True).eval()
+cfg = model.pretrained_cfg
+x = (test.images.float() / 255 - torch.tensor(cfg["mean"]).view(1, -1, 1, 1)) / torch.tensor(cfg["std"]).view(1, -1, 1, 1)
+local = timm.create_model("local-dir:" + folder, pretrained=True).eval()
+teacher = load_network("hf-hub:" + repo, model="cifar_wrn_16_1", num_classes=10, in_chans=1, file="r.toml",
+                       field="strategy.teacher")
+with torch.no_grad():
+    logits, want, taught = model(x), local(x), teacher.model.eval()(x)
+saved = load_file(folder + "/model.safetensors")
+try:
+    load_network("hf-hub:someone/absent", model=None, num_classes=10, in_chans=1, file="r.toml", field="f")
+    absent = "loaded"
+except UserError as e:
+    absent = str(e)
+print(json.dumps({"equal": torch.equal(logits, want), "teacher_equal": torch.equal(taught, want),
+                  "teacher_weights": all(torch.equal(v, saved[k]) for k, v in teacher.model.state_dict().items()),
+                  "teacher_source": teacher.source.kind, "teacher_mean": teacher.mean,
+                  "correct": int((logits.argmax(1) == test.labels).sum()), "n": len(test), "absent": absent}))
+"""
+
+
+def test_hf_hub_round_trip_from_a_local_cache_offline(tiny_run: Path, tmp_path: Path, write_hub_entry: Factory,
+                                                      subprocess_env: Factory) -> None:
+    """The export, placed in a Hugging Face cache by hand, loads as hf-hub:ORG/NAME in timm and as a teacher."""
+    export_run(tiny_run, tmp_path / "e", peer="peer1", repo_id="someone/tiny-wrn")
+    cache = tmp_path / "hf_home" / "hub"
+    write_hub_entry(cache, "someone/tiny-wrn", {
+        name: (lambda dst, name=name: shutil.copyfile(tmp_path / "e" / name, dst))
+        for name in ("config.json", "model.safetensors", "README.md")})
+    env = subprocess_env(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1",
+                         MUTUALKD_ALLOW_DOWNLOAD="1")  # allowed, but offline: nothing may be downloaded
+    proc = subprocess.run([sys.executable, "-c", FROM_HUB, "someone/tiny-wrn", str(tmp_path / "e")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["equal"] and got["teacher_equal"] and got["teacher_weights"] and got["teacher_source"] == "hf_hub"
+    pre = json.loads((tmp_path / "e" / "config.json").read_text())["pretrained_cfg"]
+    assert got["teacher_mean"] == pre["mean"]  # the teacher is fed the normalisation its weights expect
+    recorded = json.loads((tiny_run / "summary.json").read_text())["top1"]["peer1"]["final"]
+    assert got["correct"] == round(recorded * got["n"] / 100), (got, recorded)
+    absent = " ".join(got["absent"].split())
+    assert "'hf-hub:someone/absent'" in absent and "HF_HUB_OFFLINE is set" in absent
+    assert str(cache / "models--someone--absent") in absent
 
 
 # --------------------------------------------------------------------------- end to end

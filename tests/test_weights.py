@@ -215,8 +215,11 @@ def test_pretrained_not_in_the_cache_names_tag_cache_and_fix(hub_cache: Path) ->
 
 
 def test_downloads_only_when_allowed(hub_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
     import timm.models._hub as hub
 
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # online: only MUTUALKD_ALLOW_DOWNLOAD decides
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     attempts: list[str] = []
 
     def fake_download(repo_id: str, filename: str, **kw: Any) -> str:
@@ -231,6 +234,49 @@ def test_downloads_only_when_allowed(hub_cache: Path, monkeypatch: pytest.Monkey
     with pytest.raises(UserError, match="timm cannot load"):
         _load("resnet18.a1_in1k", "resnet18", reset_head=True)
     assert attempts and attempts[0].startswith("timm/resnet18.a1_in1k/")
+
+
+@pytest.mark.parametrize("how", ["variable", "constant"])
+def test_offline_hub_never_downloads_and_says_so(hub_cache: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """HF_HUB_OFFLINE (in the environment, or huggingface_hub's constant) wins over MUTUALKD_ALLOW_DOWNLOAD."""
+    from huggingface_hub import constants
+    import timm.models._hub as hub
+
+    from mutualkd.weights import hub_offline
+
+    monkeypatch.setenv("MUTUALKD_ALLOW_DOWNLOAD", "1")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert not hub_offline()
+    if how == "variable":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert hub_offline()
+    attempts: list[str] = []
+    monkeypatch.setattr(hub, "hf_hub_download", lambda repo_id, filename, **kw: attempts.append(repo_id))
+    monkeypatch.setattr(hub, "load_model_config_from_hf", lambda *a, **kw: attempts.append(str(a)))
+    for source, model in (("resnet18.a1_in1k", "resnet18"), ("hf-hub:someone/absent", "cifar_resnet20")):
+        with pytest.raises(UserError) as e:
+            _load(source, model, reset_head=True)
+        text = " ".join(str(e.value).split())
+        assert source in text and "HF_HUB_OFFLINE is set" in text and "offline" in text, text
+        assert "unset HF_HUB_OFFLINE" in text and "HF_HUB_CACHE" in text and "local weights file" in text
+    assert attempts == []
+
+
+def test_offline_cli_exits_2_naming_the_source(hub_cache: Path, tmp_path: Path, recipe_dict: Factory,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MUTUALKD_ALLOW_DOWNLOAD", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    d = recipe_dict(tmp_path)
+    d["peers"][1] = {"model": "cifar_resnet20", "weights": "hf-hub:someone/tiny-r20", "frozen": True}
+    (tmp_path / "r.toml").write_text(_toml(d))
+    result = CliRunner().invoke(app, ["validate", str(tmp_path / "r.toml")])
+    err = " ".join(result.stderr.split())
+    assert result.exit_code == 2 and "Traceback" not in err, result.output
+    assert "'hf-hub:someone/tiny-r20'" in err and "[peers[1].weights]" in err and "HF_HUB_OFFLINE is set" in err
+    assert str(hub_cache / "models--someone--tiny-r20") in err
 
 
 def test_pretrained_from_the_cache_through_timm(hub_cache: Path, write_hub_entry: Callable[..., Path]) -> None:
