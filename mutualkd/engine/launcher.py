@@ -16,8 +16,10 @@ is made with neither; this module decides them from the recipe and the launcher:
 from __future__ import annotations
 
 from collections.abc import Callable
+import contextlib
 from dataclasses import dataclass, field
 import functools
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -65,7 +67,8 @@ def _launch_args() -> Any:
                     argv = cmd[i + 2:]
                 else:
                     continue
-                return launch_command_parser().parse_args(argv)
+                with contextlib.redirect_stderr(io.StringIO()):  # argparse's usage text on options it refuses
+                    return launch_command_parser().parse_args(argv)
     except (Exception, SystemExit):  # no psutil, a process gone, options this Accelerate does not know
         return None
     return None
