@@ -97,10 +97,11 @@ class RunConfig(_Strict):
     deterministic: bool = Field(
         False, description="deterministic torch kernels only (slower); off: cuDNN may pick the fastest kernels"
     )
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
-        "no",
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = Field(
+        None,
         description="autocast precision of the forward passes: float32 (no), bfloat16, or float16 with"
-        " loss scaling (GPU only)",
+        " loss scaling (GPU only); unset: what accelerate launch asks for (--mixed_precision, or its"
+        " accelerate config file), else no. The run's recipe.toml records the value used",
     )
     device: Literal["auto", "cpu"] = Field(
         "auto", description="auto: the GPU when there is one, else the CPU; cpu: always the CPU"
@@ -125,7 +126,10 @@ class RunConfig(_Strict):
     channels_last: bool = Field(
         False, description="keep the peers and their batches in the channels-last memory format (faster on GPUs)"
     )
-    compile: bool = Field(False, description="torch.compile each peer")
+    compile: bool = Field(
+        False, description="torch.compile each peer network once; accelerate launch --dynamo_backend also asks for"
+        " it, and then gives the backend and mode"
+    )
     progress: bool = Field(True, description="show a progress bar and one line per epoch on the console")
     best_output: Annotated[str, Field(min_length=1)] | None = Field(
         None,

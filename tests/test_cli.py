@@ -185,7 +185,7 @@ def test_validate_explain_lists_every_key_resolved(tmp_path, run_cli, quickstart
         assert f"optimizer.{field}" in rows, field
     assert rows["run.seed"][:2] == ["7", "recipe"]  # --set counts as the recipe's
     assert rows["run.epochs"][:2] == ["15", "recipe"]
-    assert rows["run.mixed_precision"][:2] == ['"no"', "default"]
+    assert rows["run.mixed_precision"][:2] == ["unset", "default"]
     assert rows["peers[1].model"][:2] == ['"cifar_wrn_16_1"', "recipe"]
     assert rows["peers[0].name"][:2] == ['"peer0"', "default"]
     assert rows["peers[0].optimizer"][:2] == ["the shared [optimizer]", "default"]

@@ -188,13 +188,19 @@ def test_accelerate_launch_multi_gpu_plain_on_cpu_machine(tmp_path, quickstart_r
     """Plain ``accelerate launch --multi_gpu --num_processes 2`` (device "auto") works on a CPU-only machine.
 
     Without a GPU, Accelerate only sets up gloo when told to use the CPU; otherwise each
-    process ran alone, each a "main process" writing the same run folder.
+    process ran alone, each a "main process" writing the same run folder. (``--cpu`` is no
+    way to two CPU processes: with it the launcher runs the script once, and the run says so.)
     """
     if shutil.which("nvidia-smi") or os.path.exists("/dev/nvidia0"):
         pytest.skip("this machine has a GPU")
     proc, run_dir, record = _launch("accelerate", tmp_path, quickstart_recipe, subprocess_env, device=None,
                                     delay_rank=-1)
     _check_distributed_run(proc, run_dir, record, read_metrics=read_metrics, test_size=digits_test_size)
+    # The start line says how many processes run and where the precision came from (the
+    # launcher's --mixed_precision no, found through torchrun's agent, two levels up).
+    assert "run: 2 processes on cpu (DDP); mixed precision no (from accelerate launch --mixed_precision)" in \
+        " ".join(proc.stdout.split())
+    assert json.loads((run_dir / "summary.json").read_text())["num_processes"] == 2
 
 
 def test_run_folder_race_between_ranks(tmp_path, quickstart_recipe, subprocess_env, read_metrics, digits_test_size):

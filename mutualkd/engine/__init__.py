@@ -3,6 +3,7 @@
 Modules, in the order a run uses them:
 
 * :mod:`.process` -- the Accelerator (processes, devices, DDP, trackers), seeds and determinism;
+* :mod:`.launcher` -- what ``accelerate launch`` asked for: precision, compilation, refused backends;
 * :mod:`.build` -- recipe -> strategy, data, peers, auxiliary modules, units, optimizers (writes nothing);
 * :mod:`.state` -- the run folder, resume checks, the position in training;
 * :mod:`.precision` -- autocast, loss scaling, backward and optimizer steps;

@@ -24,6 +24,7 @@ from mutualkd.optim import build_optimizer, build_scheduler, check_optimizer
 from mutualkd.peers import input_norm
 from mutualkd.registry import get_metric, get_strategy
 from mutualkd.runlog import console
+from mutualkd.engine.launcher import CompileChoice
 from mutualkd.engine.networks import Slot, Unit, make_networks, networks_of, peer_views, temporal_means
 from mutualkd.strategy import EMA_SUFFIX, LoadedModel, PeerInfo, SetupContext, Stage, Strategy, TemporalMean
 from mutualkd.weights import announce, load_network, parse_source
@@ -299,8 +300,12 @@ def check_best_output(recipe: Recipe, file: str, strategy: Strategy[Any], evalua
 
 
 def build_run(recipe: Recipe, accelerator: Accelerator, *, recipe_file: str = "<recipe>",
-              warn: Any = None) -> Built:
-    """Strategy, data, peers, auxiliary modules and one optimizer per unit, prepared for training."""
+              warn: Any = None, compile_with: CompileChoice | None = None) -> Built:
+    """Strategy, data, peers, auxiliary modules and one optimizer per unit, prepared for training.
+
+    ``compile_with`` (:func:`.launcher.resolve_compile`: ``run.compile`` or the launcher's
+    ``dynamo_backend``) compiles each peer network once, after DistributedDataParallel.
+    """
     run, acc = recipe.run, accelerator
     device = acc.device
 
@@ -366,9 +371,9 @@ def build_run(recipe: Recipe, accelerator: Accelerator, *, recipe_file: str = "<
         prepared = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
         for s, m in zip(trainable, prepared):
             s.wrapped = m
-    if run.compile:
+    if compile_with is not None:  # the Accelerator compiles nothing (process.py): this is the only place
         for name in recipe.network_names():
-            slots[name].wrapped = torch.compile(slots[name].wrapped)
+            slots[name].wrapped = compile_with.apply(slots[name].wrapped)
     return Built(strategy, info, data, peer_names, slots, units, stages, stage_epochs,
                  "; ".join(lr_notes) or None, networks_of(recipe), means, views, num_views, best_keys)
 

@@ -12,20 +12,20 @@ per-optimizer wrappers. Two reasons, both measured on this engine's schedules:
   per ``zero_grad``, a division of the loss by one, an output cast back to fp32 for every
   module) cost 1-2 ms per IE-DML batch on small models.
 
-The Accelerator is still what sets up processes, devices and DistributedDataParallel.
+The Accelerator is still what sets up processes, devices and DistributedDataParallel. Which
+precision a run uses (the recipe's, else ``accelerate launch``'s) is decided in :mod:`.launcher`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 import contextlib
-import os
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["Precision", "launcher_precision", "launcher_note"]
+__all__ = ["Precision"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -35,22 +35,6 @@ def _clip(optimizer: torch.optim.Optimizer, value: float, mode: str) -> None:
 
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     dispatch_clip_grad(params, value, mode=mode)
-
-
-def launcher_precision() -> str | None:
-    """The mixed precision asked for by ``accelerate launch --mixed_precision ...``, if any."""
-    value = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    return value.lower() if value else None
-
-
-def launcher_note(mode: str, recipe_file: str) -> str | None:
-    """What to say at start when the launcher asked for another precision than the recipe's ``mode``."""
-    launched = launcher_precision()
-    if launched is None or launched == mode:
-        return None
-    return (f"the launcher asked for mixed precision '{launched}'; this run uses the recipe's"
-            f" run.mixed_precision = \"{mode}\" ({recipe_file}). Set it in the recipe (or --set"
-            " run.mixed_precision=...) to change it.")
 
 
 class Precision:

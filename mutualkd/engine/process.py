@@ -24,13 +24,14 @@ def has_gpu() -> bool:
 def make_accelerator(run: RunConfig, project_dir: Path, *, cpu: bool) -> Accelerator:
     """The Accelerator of a run: processes, devices and DistributedDataParallel, trackers.
 
-    Precision is the engine's own (see precision.py), so Accelerate's stays "no". Without
-    a GPU, Accelerate only sets up gloo for several processes when told to use the CPU.
+    Precision and compilation are the engine's own (precision.py; launcher.py decides both,
+    honouring ``accelerate launch``), so Accelerate's stay off. Without a GPU, Accelerate only
+    sets up gloo for several processes when told to use the CPU.
     A lost process (killed without the launcher noticing, stopped, on a dead node) ends
     the others' wait in their next collective after ``run.collective_timeout``.
     """
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=run.collective_timeout))
-    return Accelerator(mixed_precision="no", cpu=cpu, step_scheduler_with_optimizer=False,
+    return Accelerator(mixed_precision="no", dynamo_backend="no", cpu=cpu, step_scheduler_with_optimizer=False,
                        log_with=run.log_with or None, project_dir=str(project_dir), kwargs_handlers=[timeout])
 
 

@@ -224,6 +224,10 @@ def run_summary(tr: Trainer) -> dict[str, Any]:
         "best_chosen_by": "validation" if tr.val_history is not None else "test",
         "best_output": tr.best_keys[0] if len(tr.best_keys) == 1 else "peers",
         "outputs": _outputs(tr),
+        "num_processes": tr.accelerator.num_processes,
+        "mixed_precision": tr.precision_choice.mode,
+        # recipe, accelerate launch --mixed_precision, accelerate config FILE, or default
+        "mixed_precision_from": tr.precision_choice.source,
     }
     if len(tr.stages) > 1:  # where each stage's epochs lie on the global count
         out["stages"], first = [], 1

@@ -28,7 +28,8 @@ from mutualkd.engine.ema import EmaPeers
 from mutualkd.engine.evaluate import evaluate_split
 from mutualkd.engine.hooks import Callback, CallbackList, Checkpointing, ConsoleLog, MetricsLog, ProgressBar
 from mutualkd.engine import snapshot
-from mutualkd.engine.precision import Precision, launcher_note
+from mutualkd.engine.launcher import refuse_unsupported, resolve_compile, resolve_precision, single_process_note
+from mutualkd.engine.precision import Precision
 from mutualkd.engine.process import (
     broadcast_from_main, configure_determinism, has_gpu, make_accelerator, reduce_max,
 )
@@ -36,7 +37,7 @@ from mutualkd.engine.signals import RunInterrupted, StopRequest
 from mutualkd.engine.state import EpochClock, History, Position, RunFolder, resume_folder
 from mutualkd.engine.step import BatchStep, StagePlan, StepResult, plan_stage
 from mutualkd.engine.tracking import TrackerLog, check_trackers
-from mutualkd.errors import CheckpointError, RecipeError, UserError
+from mutualkd.errors import CheckpointError, UserError
 from mutualkd.runlock import ensure_not_busy
 from mutualkd.runlog import MetricsWriter, atomic_write_text, console, dump_toml
 from mutualkd.strategy import Stage
@@ -60,15 +61,19 @@ class Trainer:
         accelerator: Accelerator | None = None,
         callbacks: Sequence[Callback] = (),
     ) -> None:
-        self.recipe = recipe
-        self.recipe_file = recipe_file
         run = recipe.run
         cpu = run.device == "cpu" or not has_gpu()
-        if run.mixed_precision == "fp16" and cpu:
-            raise RecipeError(
-                "mixed_precision = \"fp16\" needs a GPU (on a CPU it would silently train in fp32)",
-                file=recipe_file, field="run.mixed_precision", hint='use "bf16" (CPU autocast) or "no" on this machine',
-            )
+        # --- what accelerate launch asked for, decided once: sharded training is refused, the
+        # precision is the recipe's or else the launcher's, compilation happens once (launcher.py)
+        refuse_unsupported()
+        #: The run's mixed precision and where it came from (recipe, accelerate launch, accelerate config, default).
+        self.precision_choice = resolve_precision(run.mixed_precision, recipe_file=recipe_file, cpu=cpu)
+        self.compile_choice = resolve_compile(run.compile)
+        # The recipe records the precision used, so a resume (its recipe.toml) trains the same way.
+        recipe = recipe.model_copy(update={"run": run.model_copy(update={"mixed_precision": self.precision_choice.mode})})
+        run = recipe.run
+        self.recipe = recipe
+        self.recipe_file = recipe_file
         # Trackers (run.log_with) are Accelerate's; a missing package exits before anything starts.
         check_trackers(run.log_with, file=recipe_file)
         folder_path = resume_folder(resume) if resume is not None else Path(run.out_dir) / run.name
@@ -78,14 +83,14 @@ class Trainer:
         self.is_main = acc.is_main_process
         if self.is_main:
             ensure_not_busy(folder_path)  # a run folder another process writes: refused before building anything
-        self.precision = Precision(run.mixed_precision, self.device)
-        note = launcher_note(run.mixed_precision, recipe_file)
-        if note and self.is_main:
+        self.precision = Precision(self.precision_choice.mode, self.device)
+        notes = [self.precision_choice.note, single_process_note(acc.num_processes)]
+        for note in filter(None, notes if self.is_main else ()):
             console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
         configure_determinism(run)
 
         # --- everything that can fail on bad input, before anything is written
-        built = build_run(recipe, acc, recipe_file=recipe_file)
+        built = build_run(recipe, acc, recipe_file=recipe_file, compile_with=self.compile_choice)
         self.strategy = built.strategy
         self.info = built.info
         self.train_loader, self.test_loader = built.train_loader, built.test_loader
@@ -208,6 +213,13 @@ class Trainer:
         if state is not None:
             snapshot.repair_best(self)
 
+    def _run_line(self) -> str:
+        """What the run prints first: its processes and device, its precision and compilation, and who chose them."""
+        n, choice = self.accelerator.num_processes, self.precision_choice
+        line = f"run: {n} process{'es' if n > 1 else ''} on {self.device.type}"
+        line += f"{' (DDP)' if n > 1 else ''}; mixed precision {choice.mode} (from {choice.source})"
+        return line + (f"; compiled (from {self.compile_choice.source})" if self.compile_choice else "")
+
     def _data_line(self) -> str:
         """What the run prints at start: the pipeline and why, the global batch, the split choosing best."""
         d = self.recipe.data
@@ -219,6 +231,7 @@ class Trainer:
         pos, run, loader = self.position, self.recipe.run, self.train_loader
         world = self.accelerator.num_processes
         if self.is_main:
+            console.print(escape(self._run_line()), highlight=False)
             console.print(escape(self._data_line()), highlight=False)
         rank, mixup = self.accelerator.process_index, self.data.mixup
         for si, stage in enumerate(self.stages):
