@@ -25,12 +25,16 @@ quickstart: $(STAMP)
 # The image-folder tests and the data benchmark read real Fashion-MNIST images from Debian's
 # dataset-fashion-mnist package: installed here when running as root (CI), skipped otherwise.
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
+# Test processes (pytest-xdist), each test file in one of them so that a file's shared set-up
+# (module fixtures: a trained run, a launched job) is built once; every test runs one torch
+# thread, so one worker per core. `make test TEST_WORKERS=1` runs them one after another.
+TEST_WORKERS ?= 2
 
 test: $(STAMP)
 	@if [ ! -d $(FASHION_MNIST) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
 		|| echo "note: dataset-fashion-mnist not installed; the tests that need it are skipped"; fi
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # Regenerate docs/recipes.md from the recipe and strategy models (the tests check it is current).
 reference: $(STAMP)
