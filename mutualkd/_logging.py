@@ -5,7 +5,7 @@ strategy warnings, one line per epoch, the summary table) is a record of a logge
 ``logging.getLogger("mutualkd")``. What the user sees depends on logging alone:
 
 - nothing configured: :class:`ConsoleHandler`, on the ``mutualkd`` logger, prints them
-  with rich as ``mutualkd run`` always has (``note:`` and ``warning:`` in yellow, epoch
+  with rich as ``mutualkd run`` shows them (``note:`` and ``warning:`` in yellow, epoch
   lines in bold, the summary as a table);
 - a handler of the user's own on a ``mutualkd`` logger or on the root logger
   (``logging.basicConfig(...)``): the records go there, and the console handler stays
@@ -14,14 +14,17 @@ strategy warnings, one line per epoch, the summary table) is a record of a logge
   (and the progress bar) are gone, warnings remain.
 
 The ``mutualkd`` logger is set to INFO when it is first used, unless its level was set
-before; it still propagates to the root logger.
+before; it still propagates to the root logger. The command line attaches a console
+handler of its own for each command (:func:`attach_console`), so that its output does not
+depend on what else configured logging in the process.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import logging
 
-__all__ = ["ROOT", "ConsoleHandler", "get_logger", "shows_info"]
+__all__ = ["ROOT", "ConsoleHandler", "attach_console", "get_logger", "shows_info"]
 
 #: The name of the library's top logger; every module logs under it (``mutualkd.engine.hooks``).
 ROOT = "mutualkd"
@@ -32,10 +35,16 @@ class ConsoleHandler(logging.Handler):
 
     A record may carry two extras: ``head``, a leading part of the message shown in bold,
     and ``renderable``, a rich object (a table) printed in place of the plain message.
+    ``always=True`` prints every record even when other handlers receive it too (the
+    command line's own handler).
     """
 
+    def __init__(self, always: bool = False) -> None:
+        super().__init__()
+        self.always = always
+
     def emit(self, record: logging.LogRecord) -> None:
-        if _another_handler(record, self):
+        if not self.always and _another_handler(record, self):
             return
         try:
             from rich.text import Text
@@ -80,6 +89,14 @@ def _install() -> logging.Logger:
         if root.level == logging.NOTSET:  # a level the user set first is kept
             root.setLevel(logging.INFO)
     return root
+
+
+def attach_console() -> Callable[[], None]:
+    """Print every mutualkd record on the console until the returned function is called (the CLI's handler)."""
+    root = _install()
+    handler = ConsoleHandler(always=True)
+    root.addHandler(handler)
+    return lambda: root.removeHandler(handler)
 
 
 def get_logger(name: str) -> logging.Logger:
