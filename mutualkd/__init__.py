@@ -3,6 +3,8 @@
 Importing the package registers the CIFAR model families into timm's registry
 (``timm.create_model("cifar_wrn_16_2")``). Strategies and metrics are plugins found
 through the entry-point groups ``mutualkd.strategies`` and ``mutualkd.metrics``.
+From Python, ``mutualkd.fit(recipe, overrides={...})`` trains a recipe given as a TOML
+path, a dict or a :class:`Recipe` (docs/python.md).
 
 Nothing heavy is imported here: the public names below are loaded on first access
 (PEP 562), so ``mutualkd --help`` starts without torch, timm or accelerate. The CIFAR
@@ -23,7 +25,9 @@ if TYPE_CHECKING:  # what a type checker and an IDE see; at run time __getattr__
     from mutualkd import models as models
     from mutualkd import registry as registry
     from mutualkd.registry import get_metric, get_strategy
-    from mutualkd.config import Recipe, load_recipe
+    from mutualkd.api import fit
+    from mutualkd.config import Recipe, load_recipe, parse_recipe
+    from mutualkd.engine import Callback, Trainer
     from mutualkd.errors import CheckpointError, DataError, PluginError, RecipeError, UserError
     from mutualkd.strategy import (
         LossTerms,
@@ -39,8 +43,12 @@ if TYPE_CHECKING:  # what a type checker and an IDE see; at run time __getattr__
 
 __all__ = [
     "__version__",
+    "fit",
     "Recipe",
     "load_recipe",
+    "parse_recipe",
+    "Trainer",
+    "Callback",
     "registry",
     "get_strategy",
     "get_metric",
@@ -62,8 +70,12 @@ __all__ = [
 
 #: Public name -> the module that defines it.
 _EXPORTS: dict[str, str] = {
+    "fit": "mutualkd.api",
     "Recipe": "mutualkd.config",
     "load_recipe": "mutualkd.config",
+    "parse_recipe": "mutualkd.config",
+    "Trainer": "mutualkd.engine.trainer",
+    "Callback": "mutualkd.engine.hooks",
     "get_strategy": "mutualkd.registry",
     "get_metric": "mutualkd.registry",
     **dict.fromkeys(("UserError", "RecipeError", "DataError", "PluginError", "CheckpointError"), "mutualkd.errors"),

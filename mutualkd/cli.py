@@ -62,12 +62,18 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _options(
+    ctx: typer.Context,
     version: Annotated[
         bool,
         typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
     ] = False,
 ) -> None:
     """Mutual learning and knowledge distillation for timm models."""
+    from mutualkd._logging import attach_console
+
+    # The library's lines (notes, warnings, one per epoch, the summary) are records of the
+    # mutualkd logger: printed on the console for this command, whatever else handles them.
+    ctx.call_on_close(attach_console())
 
 
 def _load(recipe: Path, overrides: list[str] | None):

@@ -9,7 +9,7 @@ strategy plugin provides (see :mod:`mutualkd.strategy`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 import copy
 import json
 from pathlib import Path
@@ -713,12 +713,25 @@ def format_validation_error(err: ValidationError, file: str, prefix: str = "") -
         head,
         file=file,
         field=first_field if len(lines) == 1 else None,
-        hint="edit the recipe (or the --set override) so each field above has a value of the expected kind",
+        hint="edit the recipe (or the override: --set, overrides=) so each field above has a value of the expected kind",
     )
 
 
-def parse_recipe(data: dict[str, Any], file: str = "<recipe>") -> Recipe:
-    """Validate a recipe given as a dict (already overridden)."""
+def parse_recipe(data: Mapping[str, Any], file: str = "<recipe>",
+                 overrides: Sequence[str] | Mapping[str, Any] | None = None) -> Recipe:
+    """Validate a recipe given as a dict (the structure of the TOML file), after ``overrides``.
+
+    ``overrides`` are applied as :func:`apply_overrides` does. Errors are
+    :class:`~mutualkd.errors.RecipeError` naming ``file`` (``"<dict>"`` for a recipe built
+    in Python), the field and, for a misspelt key, the close matches.
+    """
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"a recipe is a dict of its tables (run, data, peers, ...), not {type(data).__name__}",
+                          file=file, hint="pass a dict, a Recipe, or the path of a .toml recipe")
+    check_nesting(data, file)
+    if overrides:
+        data = apply_overrides(dict(data), overrides, file=file)
+        check_nesting(data, file, "with the overrides, ")
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
@@ -772,9 +785,20 @@ def _coerce_value(text: str) -> Any:
         return text
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str], file: str = "<recipe>") -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides (``peers.0.model=...`` indexes lists) to a raw recipe dict."""
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str] | Mapping[str, Any],
+                    file: str = "<recipe>") -> dict[str, Any]:
+    """Apply overrides to a raw recipe dict; returns a new dict.
+
+    ``overrides`` is either the command line's ``--set`` items, ``"a.b.c=value"`` with the
+    value read as TOML (:func:`_coerce_value`), or a mapping of the same dotted keys to
+    Python values, taken as they are (``{"run.epochs": 2, "peers.0.model": "cifar_resnet32"}``).
+    A number in a key indexes a list (``peers.0``).
+    """
     data = copy.deepcopy(data)
+    if isinstance(overrides, Mapping):
+        for path, value in overrides.items():
+            _set_path(data, str(path), copy.deepcopy(value), f"overrides[{str(path)!r}]", file)
+        return data
     for item in overrides:
         if "=" not in item:
             raise RecipeError(
@@ -783,42 +807,56 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], file: str = "<re
                 hint="write e.g. --set run.epochs=5 or --set peers.0.model=cifar_resnet32",
             )
         path, _, raw = item.partition("=")
-        keys = path.strip().split(".")
-        if not all(keys):
-            raise RecipeError(f"--set {item!r} has an empty key", file=file, hint="write e.g. --set run.epochs=5")
-        node: Any = data
-        for depth, key in enumerate(keys[:-1]):
-            if isinstance(node, list):
-                node = _list_item(node, key, ".".join(keys[: depth + 1]), file)
-            else:
-                node = node.setdefault(key, {})
-                if not isinstance(node, (dict, list)):
-                    raise RecipeError(
-                        f"--set {item!r}: {'.'.join(keys[: depth + 1])} is a value, not a table",
-                        file=file,
-                        field=".".join(keys[: depth + 1]),
-                    )
-        last = keys[-1]
-        if len(keys) > MAX_NESTING:
-            raise RecipeError(f"--set {path!r}: more than {MAX_NESTING} keys deep", file=file, field=path[:200],
-                              hint="write e.g. --set run.epochs=5")
+        _check_path(path.strip(), f"--set {item!r}", file)
         try:
             value = _coerce_value(raw.strip())
         except RecursionError:
             raise RecipeError(f"--set {path}: the value nests arrays or tables more than {MAX_NESTING} deep",
                               file=file, field=path[:200], hint="a recipe's values are flat; remove the nesting") from None
-        if isinstance(node, list):
-            idx = _index(last, path, file, len(node))
-            node[idx] = value
-        else:
-            node[last] = value
+        _set_path(data, path.strip(), value, f"--set {item!r}", file)
     return data
+
+
+def _check_path(path: str, what: str, file: str) -> list[str]:
+    """The keys of a dotted override key; a RecipeError for an empty key or one nested too deep."""
+    keys = path.split(".")
+    example = "--set run.epochs=5" if what.startswith("--set") else "overrides={'run.epochs': 5}"
+    if not all(keys):
+        raise RecipeError(f"{what} has an empty key", file=file, hint=f"write e.g. {example}")
+    if len(keys) > MAX_NESTING:
+        raise RecipeError(f"{what}: more than {MAX_NESTING} keys deep", file=file, field=path[:200],
+                          hint=f"write e.g. {example}")
+    return keys
+
+
+def _set_path(data: dict[str, Any], path: str, value: Any, what: str, file: str) -> None:
+    """Set the dotted key ``path`` of ``data`` to ``value``, creating tables on the way.
+
+    ``what`` names the override in errors (``--set 'run.x=1'`` or ``overrides['run.x']``).
+    """
+    keys = _check_path(path, what, file)
+    node: Any = data
+    for depth, key in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            node = _list_item(node, key, ".".join(keys[: depth + 1]), file)
+        else:
+            node = node.setdefault(key, {})
+            if not isinstance(node, (dict, list)):
+                raise RecipeError(
+                    f"{what}: {'.'.join(keys[: depth + 1])} is a value, not a table",
+                    file=file,
+                    field=".".join(keys[: depth + 1]),
+                )
+    if isinstance(node, list):
+        node[_index(keys[-1], path, file, len(node))] = value
+    else:
+        node[keys[-1]] = value
 
 
 def _index(key: str, path: str, file: str, length: int) -> int:
     if not key.isdigit() or int(key) >= length:
         raise RecipeError(
-            f"--set: '{key}' is not an index of a list of length {length}",
+            f"'{key}' is not an index of a list of length {length}",
             file=file,
             field=path,
             hint=f"use an index from 0 to {length - 1}, e.g. peers.0.model=...",
@@ -885,9 +923,6 @@ def check_nesting(data: Any, file: str, what: str = "") -> None:
             todo.extend((v, f"{where}[{i}]", depth + 1) for i, v in enumerate(node))
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe file."""
-    data = read_toml(path)
-    data = apply_overrides(data, overrides or [], file=str(path))
-    check_nesting(data, str(path), "with the --set overrides, ")
-    return parse_recipe(data, file=str(path))
+def load_recipe(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] | None = None) -> Recipe:
+    """Read, override (as :func:`apply_overrides` does) and validate a recipe file."""
+    return parse_recipe(read_toml(path), file=str(path), overrides=overrides)

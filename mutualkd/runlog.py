@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 import errno
+import io
 import json
 import math
 import os
@@ -23,7 +24,7 @@ import tomli_w
 
 from mutualkd.errors import UserError
 
-__all__ = ["MetricsWriter", "console", "dump_toml", "summary_table", "atomic_write_text", "write_failed"]
+__all__ = ["MetricsWriter", "console", "dump_toml", "summary_table", "plain_text", "atomic_write_text", "write_failed"]
 
 console = Console(stderr=False, highlight=False)
 
@@ -194,6 +195,13 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
     if notes:
         t.caption = "; ".join(notes)
     return t
+
+
+def plain_text(renderable: Any, width: int = 100) -> str:
+    """A rich renderable (a table) as plain text, for log handlers that are not the console."""
+    out = Console(width=width, record=True, color_system=None, file=io.StringIO())
+    out.print(renderable)
+    return out.export_text().rstrip()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -251,18 +251,17 @@ def peer_network(pc: Any, i: int, *, num_classes: int, in_chans: int, file: str)
 
 
 def announce(net: Network, who: str) -> None:
-    """One console line (main process) saying where ``who``'s weights came from and how they were fitted."""
+    """One line (main process, the ``mutualkd`` logger) saying where ``who``'s weights came from and how they were fitted."""
     if net.source is None:
         return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return
-    from mutualkd.runlog import console
+    from mutualkd._logging import get_logger
 
     extra = "".join(f"; {n}" for n in net.notes)
-    console.print(f"{who} ({net.model_name}): weights from {net.source.describe()}{extra}", markup=False,
-                  highlight=False, soft_wrap=True)
+    get_logger(__name__).info("%s (%s): weights from %s%s", who, net.model_name, net.source.describe(), extra)
 
 
 def _default_tag(model: str, where: str) -> str:

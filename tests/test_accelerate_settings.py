@@ -64,7 +64,7 @@ def _conv_dtypes(trainer: Any) -> list[torch.dtype]:
 # --------------------------------------------------------------------------- mixed precision
 
 
-def test_unset_precision_takes_the_launchers(tmp_path, launched_with, make_trainer, capsys):
+def test_unset_precision_takes_the_launchers(tmp_path, launched_with, make_trainer, caplog):
     launched_with("--mixed_precision", "bf16", ACCELERATE_MIXED_PRECISION="bf16")
     tr = make_trainer(tmp_path, max_steps=1, data=SMALL_TEST)
     assert (tr.precision_choice.mode, tr.precision_choice.source) == ("bf16", "accelerate launch --mixed_precision")
@@ -72,7 +72,7 @@ def test_unset_precision_takes_the_launchers(tmp_path, launched_with, make_train
     dtypes = _conv_dtypes(tr)
     summary = tr.fit()
     assert dtypes and set(dtypes) == {torch.bfloat16}, dtypes  # the engine's autocast follows the launcher
-    out = " ".join(capsys.readouterr().out.split())  # as one line, whatever the console's width
+    out = caplog.text  # records of the mutualkd loggers
     assert "mixed precision bf16 (from accelerate launch --mixed_precision)" in out and "note:" not in out
     assert (summary["mixed_precision"], summary["mixed_precision_from"]) == ("bf16", "accelerate launch --mixed_precision")
     assert tomllib.loads((tr.run_dir / "recipe.toml").read_text())["run"]["mixed_precision"] == "bf16"
@@ -94,10 +94,10 @@ def test_no_launcher_precision_is_the_default(tmp_path, launched_with, make_trai
     assert tr.precision.dtype is None and tr.recipe.run.mixed_precision == "no"
 
 
-def test_the_recipe_wins_with_a_note(tmp_path, launched_with, make_trainer, capsys):
+def test_the_recipe_wins_with_a_note(tmp_path, launched_with, make_trainer, caplog):
     launched_with("--mixed_precision", "bf16", ACCELERATE_MIXED_PRECISION="bf16")
     tr = make_trainer(tmp_path, max_steps=1, data=SMALL_TEST, run={"mixed_precision": "no"})
-    out = " ".join(capsys.readouterr().out.split())
+    out = caplog.text
     assert "launcher asked for mixed precision 'bf16' (accelerate launch --mixed_precision)" in out
     assert 'run.mixed_precision = "no"' in out
     assert (tr.precision_choice.mode, tr.precision_choice.source) == ("no", "recipe") and tr.precision.dtype is None

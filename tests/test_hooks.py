@@ -124,8 +124,8 @@ def test_precision_scales_once_per_iteration_and_between_repeated_steps():
     assert p.scaler.get_scale() == scale * 4
 
 
-def test_launcher_precision_that_agrees_is_silent(tmp_path, monkeypatch, capsys, make_trainer):
+def test_launcher_precision_that_agrees_is_silent(tmp_path, monkeypatch, caplog, make_trainer):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     tr = make_trainer(tmp_path, strategy="kl_dml", peers=2, max_steps=1, data=SMALL_TEST, run={"mixed_precision": "bf16"})
-    assert "launcher" not in capsys.readouterr().out
+    assert "launcher" not in caplog.text
     assert tr.precision.dtype == torch.bfloat16

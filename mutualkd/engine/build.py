@@ -23,13 +23,15 @@ from mutualkd.errors import DataError, RecipeError, UserError, close_matches, in
 from mutualkd.optim import build_optimizer, build_scheduler, check_optimizer
 from mutualkd.peers import input_norm
 from mutualkd.registry import get_metric, get_strategy
-from mutualkd.runlog import console
 from mutualkd.engine.launcher import CompileChoice
+from mutualkd._logging import get_logger
 from mutualkd.engine.networks import Slot, Unit, make_networks, networks_of, peer_views, temporal_means
 from mutualkd.strategy import EMA_SUFFIX, LoadedModel, PeerInfo, SetupContext, Stage, Strategy, TemporalMean
 from mutualkd.weights import announce, load_network, parse_source
 
 __all__ = ["Unit", "Slot", "Built", "resolve_strategy", "build_run", "check_recipe"]
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -150,8 +152,7 @@ def strategy_warning(message: str) -> None:
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return
-    console.print("[yellow]warning:[/] ", end="")
-    console.print(message, markup=False, highlight=False, soft_wrap=True)
+    log.warning("%s", message)
 
 
 def _setup_strategy(strategy: Strategy[Any], recipe: Recipe, file: str, info: DatasetInfo, infos: Sequence[PeerInfo],

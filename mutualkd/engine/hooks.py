@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from mutualkd.runlog import console, summary_table
+from mutualkd._logging import get_logger
+from mutualkd.runlog import console, plain_text, summary_table
 from mutualkd.strategy import LossTerms, Stage, Step, StepContext
 
 if TYPE_CHECKING:
@@ -23,6 +25,8 @@ if TYPE_CHECKING:
     from mutualkd.engine.trainer import Trainer
 
 __all__ = ["Callback", "CallbackList", "step_record", "MetricsLog", "ConsoleLog", "ProgressBar", "Checkpointing"]
+
+log = get_logger(__name__)
 
 
 class Callback:
@@ -147,27 +151,32 @@ class MetricsLog(Callback):
         except (OSError, ValueError):
             return
         if total:
-            console.print(f"[yellow]note:[/] {total} unreadable image(s) were skipped over the run (data.skip_corrupt);"
-                          " metrics.jsonl has them per epoch (skipped_images)", highlight=False)
+            log.info("note: %d unreadable image(s) were skipped over the run (data.skip_corrupt);"
+                     " metrics.jsonl has them per epoch (skipped_images)", total)
 
 
 class ConsoleLog(Callback):
-    """One line per epoch and the summary table, on the main process when ``run.progress`` is on."""
+    """One line per epoch and the summary table, on the main process when ``run.progress`` is on.
+
+    They are records of the ``mutualkd.engine.hooks`` logger (INFO): the console handler
+    prints them with rich (the summary as a table), another handler gets plain text.
+    """
 
     def on_fit_start(self, trainer: Trainer) -> None:
         if trainer.resumed_from is not None:
-            console.print(f"[bold]resumed[/] {trainer.run_dir} at step {trainer.position.global_step}"
-                          f" (epoch {trainer.position.epoch})")
+            log.info("resumed %s at step %d (epoch %d)", trainer.run_dir, trainer.position.global_step,
+                     trainer.position.epoch, extra={"head": "resumed"})
 
     def on_epoch_end(self, trainer: Trainer, record: Mapping[str, Any]) -> None:
         acc_text = "  ".join(f"{k} {v:.2f}%" for k, v in record.get("top1", {}).items())
         loss_text = "  ".join(f"{k} {v:.3f}" for k, v in record["loss"].items())
-        console.print(f"[bold]{record['stage']} epoch {record['epoch']}[/]  {loss_text}  {acc_text}".rstrip(),
-                      highlight=False)
+        head = f"{record['stage']} epoch {record['epoch']}"
+        log.info("%s", f"{head}  {loss_text}  {acc_text}".rstrip(), extra={"head": head})
 
     def on_fit_end(self, trainer: Trainer, summary: Mapping[str, Any] | None) -> None:
-        if summary is not None:
-            console.print(summary_table(summary))
+        if summary is not None and log.isEnabledFor(logging.INFO):
+            table = summary_table(summary)
+            log.info("%s", plain_text(table), extra={"renderable": table})
 
 
 class ProgressBar(Callback):

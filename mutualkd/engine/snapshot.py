@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 from accelerate.utils import broadcast_object_list, gather_object
 import numpy as np
-from rich.markup import escape
 import torch
 
 from mutualkd import checkpoint as ckpt
@@ -22,12 +21,14 @@ from mutualkd.engine.hooks import Callback
 from mutualkd.engine.state import History, Position
 from mutualkd.errors import CheckpointError, UserError
 from mutualkd.peers import PeerModule
-from mutualkd.runlog import console
+from mutualkd._logging import get_logger
 
 if TYPE_CHECKING:
     from mutualkd.engine.trainer import Trainer
 
 __all__ = ["capture", "restore", "repair_best", "stateful_callbacks", "checkpoint_meta", "run_summary"]
+
+log = get_logger(__name__)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -149,11 +150,10 @@ def repair_best(tr: Trainer) -> None:
         return
     if pos.epoch == best_epoch and pos.batch == 0:
         if tr.is_main:
-            console.print(f"[yellow]note:[/] {escape(stale)}; rewritten from the checkpoint of that epoch", highlight=False)
+            log.info("note: %s; rewritten from the checkpoint of that epoch", stale)
         tr.save_checkpoint("best")
     elif tr.is_main:
-        console.print(f"[yellow]note:[/] {escape(stale)}; it cannot be rebuilt from this checkpoint and is rewritten at"
-                      " the next best epoch", highlight=False)
+        log.info("note: %s; it cannot be rebuilt from this checkpoint and is rewritten at the next best epoch", stale)
 
 
 def checkpoint_meta(tr: Trainer, kind: str) -> dict[str, Any]:

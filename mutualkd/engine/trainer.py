@@ -17,7 +17,6 @@ from typing import Any
 
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
-from rich.markup import escape
 import torch
 from torch import Tensor, nn
 
@@ -39,10 +38,13 @@ from mutualkd.engine.step import BatchStep, StagePlan, StepResult, plan_stage
 from mutualkd.engine.tracking import TrackerLog, check_trackers
 from mutualkd.errors import CheckpointError, UserError
 from mutualkd.runlock import ensure_not_busy
-from mutualkd.runlog import MetricsWriter, atomic_write_text, console, dump_toml
+from mutualkd._logging import get_logger, shows_info
+from mutualkd.runlog import MetricsWriter, atomic_write_text, dump_toml
 from mutualkd.strategy import Stage
 
 __all__ = ["Trainer", "RunInterrupted"]
+
+log = get_logger(__name__)
 
 
 class Trainer:
@@ -86,7 +88,7 @@ class Trainer:
         self.precision = Precision(self.precision_choice.mode, self.device)
         notes = [self.precision_choice.note, single_process_note(acc.num_processes)]
         for note in filter(None, notes if self.is_main else ()):
-            console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+            log.info("note: %s", note)
         configure_determinism(run)
 
         # --- everything that can fail on bad input, before anything is written
@@ -147,7 +149,8 @@ class Trainer:
 
         own: list[Callback] = [MetricsLog()]
         if self.is_main and run.progress:
-            own += [ProgressBar(), ConsoleLog()]
+            # The progress bar follows the log: quieting the mutualkd logger hides it too.
+            own += [ProgressBar(), ConsoleLog()] if shows_info() else [ConsoleLog()]
         # EMA updates and tracker logs come before the checkpoint of the same step.
         self.ema = EmaPeers(self)
         if self.ema:
@@ -208,7 +211,7 @@ class Trainer:
             self.writer.truncate(0)  # a run started again: what its first attempt logged goes
         if self.is_main:
             for note in notes:
-                console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+                log.info("note: %s", note)
         acc.wait_for_everyone()
         if state is not None:
             snapshot.repair_best(self)
@@ -231,8 +234,8 @@ class Trainer:
         pos, run, loader = self.position, self.recipe.run, self.train_loader
         world = self.accelerator.num_processes
         if self.is_main:
-            console.print(escape(self._run_line()), highlight=False)
-            console.print(escape(self._data_line()), highlight=False)
+            log.info("%s", self._run_line())
+            log.info("%s", self._data_line())
         rank, mixup = self.accelerator.process_index, self.data.mixup
         for si, stage in enumerate(self.stages):
             if si < pos.stage:

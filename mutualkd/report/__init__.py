@@ -10,12 +10,13 @@ also printed with rich. Runs still in progress are read as far as they got and m
 
 - :mod:`mutualkd.report.runs`: reading run folders and grouping runs;
 - :mod:`mutualkd.report.tables`: the tables, as markdown and as rich tables;
-- :mod:`mutualkd.report.plots`: the matplotlib figures (matplotlib imported only to draw);
+- :mod:`mutualkd.report.plots`: the matplotlib figures (matplotlib imported only to draw, pyplot
+  never: :func:`run_figures` returns a run's figures for a notebook, the backend stays as it was);
 - :mod:`mutualkd.report.make`: :func:`make_report`, which does all of it.
 """
 
 from mutualkd.report.make import Report, make_report
-from mutualkd.report.plots import plot_comparison, plot_run
+from mutualkd.report.plots import plot_comparison, plot_run, run_figures
 from mutualkd.report.runs import Group, RunData, group_runs, load_run
 
-__all__ = ["RunData", "Group", "Report", "load_run", "group_runs", "plot_run", "plot_comparison", "make_report"]
+__all__ = ["RunData", "Group", "Report", "load_run", "group_runs", "run_figures", "plot_run", "plot_comparison", "make_report"]

@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 
 from mutualkd.errors import UserError
-from mutualkd.report.plots import plot_comparison, plot_run, pyplot
+from mutualkd.report.plots import plot_comparison, plot_run, require_matplotlib
 from mutualkd.report.runs import Group, RunData, assign_labels, group_runs, load_run
 from mutualkd.report.tables import group_table, markdown_table, rich_table, run_rows, swept_rows
 
@@ -47,7 +47,7 @@ def _make_out_dir(out_dir: Path, runs: Sequence[RunData]) -> None:
                         hint="choose another --out")
     if any(out_dir.resolve() == r.path.resolve() for r in runs):
         raise UserError("--out is one of the run folders", where=str(out_dir), hint="choose another --out, e.g. --out report")
-    pyplot()  # fail early, before writing anything, when matplotlib is missing
+    require_matplotlib()  # fail early, before writing anything, when matplotlib is missing
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

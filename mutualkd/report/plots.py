@@ -10,7 +10,9 @@
 
 matplotlib is an optional dependency (``mutualkd[report]``): it is imported by the
 functions that draw, never when this module is imported, so that the rest of the command
-line works without it.
+line works without it. The figures are :class:`matplotlib.figure.Figure` objects on an Agg
+canvas, made without pyplot: drawing them changes no backend and registers no figure, so a
+notebook's own matplotlib set-up stays as it was (:func:`run_figures` returns them for display).
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ import statistics
 from typing import Any
 
 from mutualkd.errors import UserError
-from mutualkd.report.runs import ENSEMBLE, Group, RunData, num
+from mutualkd.report.runs import ENSEMBLE, Group, RunData, load_run, num
 
-__all__ = ["pyplot", "plot_run", "plot_comparison"]
+__all__ = ["require_matplotlib", "run_figures", "plot_run", "plot_comparison"]
 
 
-def pyplot() -> Any:
-    """matplotlib's pyplot on the file-only Agg backend; a UserError when it is not installed."""
+def require_matplotlib() -> Any:
+    """The matplotlib module; a UserError when it is not installed. Its backend is left as it is."""
     try:
         import matplotlib
     except ImportError:
@@ -35,10 +37,17 @@ def pyplot() -> Any:
             "mutualkd report needs matplotlib, which is not installed",
             hint="pip install 'mutualkd[report]' (or pip install matplotlib)",
         ) from None
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    return matplotlib
 
-    return plt
+
+def _figure(figsize: tuple[float, float]) -> Any:
+    """A figure of its own, drawn and saved by Agg, unknown to pyplot (no backend switch, no figure manager)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def _integer_locator() -> Any:
@@ -47,9 +56,8 @@ def _integer_locator() -> Any:
     return MaxNLocator(integer=True)
 
 
-def _save(fig: Any, path: Path, plt: Any) -> Path:
+def _save(fig: Any, path: Path) -> Path:
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -78,7 +86,7 @@ def _stage_bounds(records: Sequence[Mapping[str, Any]], x: str) -> list[tuple[fl
     return out
 
 
-def _loss_figure(plt: Any, flat: Sequence[Mapping[str, float]], xs: Sequence[float],
+def _loss_figure(flat: Sequence[Mapping[str, float]], xs: Sequence[float],
                  xlabel: str, title: str, bounds: Sequence[tuple[float, str]], thin: bool,
                  order: Sequence[str] = ()) -> Any:
     keys: list[str] = []
@@ -87,10 +95,11 @@ def _loss_figure(plt: Any, flat: Sequence[Mapping[str, float]], xs: Sequence[flo
     owners = _owners(keys, order)
     # one colour per term name (ce, kl, rec, ...) in every panel
     terms = list(dict.fromkeys(k.partition("/")[2] or k for k in keys))
-    palette = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    palette = require_matplotlib().rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
     color = {t: palette[i % len(palette)] for i, t in enumerate(terms)}
     n = max(len(owners), 1)
-    fig, axes = plt.subplots(n, 1, figsize=(7.5, 2.4 * n + 0.6), sharex=True, squeeze=False)
+    fig = _figure((7.5, 2.4 * n + 0.6))
+    axes = fig.subplots(n, 1, sharex=True, squeeze=False)
     for ax, (owner, ks) in zip(axes[:, 0], owners.items()):
         for k in ks:
             pts = [(x, f[k]) for x, f in zip(xs, flat) if k in f]
@@ -134,9 +143,10 @@ def _step_terms(run: RunData) -> list[dict[str, float]]:
 # --------------------------------------------------------------------------- one run
 
 
-def _top1_figure(plt: Any, run: RunData) -> Any:
+def _top1_figure(run: RunData) -> Any:
     ev = run.evaluated
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    fig = _figure((7.5, 4.2))
+    ax = fig.subplots()
     for n in run.top1():
         pts = [(float(r["epoch"]), num(r["top1"][n])) for r in ev if n in r["top1"]]
         if not pts:
@@ -160,34 +170,46 @@ def _top1_figure(plt: Any, run: RunData) -> Any:
     return fig
 
 
-def plot_run(run: RunData, out_dir: Path) -> list[Path]:
-    """Write the loss and top-1 figures of one run; returns the files written."""
-    plt = pyplot()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
+def run_figures(run: RunData | str | Path) -> dict[str, Any]:
+    """The figures of one run (a :class:`RunData` or its folder), by name: ``losses``,
+    ``losses_steps``, ``top1`` and, when the strategy logged scalars, ``scalars``.
+
+    Each is a :class:`matplotlib.figure.Figure`; a notebook shows it as the cell's value
+    (or with ``display(fig)``), ``fig.savefig(path)`` writes it.
+    """
+    require_matplotlib()
+    if not isinstance(run, RunData):
+        run = load_run(run)
     stages = sorted({str(r.get("stage")) for r in run.epochs}, key=[str(r.get("stage")) for r in run.epochs].index)
     stage_note = f"  (stages: {' -> '.join(stages)})" if len(stages) > 1 else ""
 
     flat = [{k: num(v) for k, v in (r.get("loss") or {}).items()} for r in run.epochs]
     xs = [float(r.get("epoch", i + 1)) for i, r in enumerate(run.epochs)]
-    fig = _loss_figure(plt, flat, xs, "epoch", f"{run.name}: loss terms, mean per epoch{stage_note}",
-                       _stage_bounds(run.epochs, "epoch"), thin=False, order=run.peers)
-    written.append(_save(fig, out_dir / "losses.png", plt))
-
     sxs = [float(r.get("global_step", i + 1)) for i, r in enumerate(run.steps)]
-    fig = _loss_figure(plt, _step_terms(run), sxs, "global step", f"{run.name}: loss terms at each logged step{stage_note}",
-                       _stage_bounds(run.steps, "global_step"), thin=True, order=run.peers)
-    written.append(_save(fig, out_dir / "losses_steps.png", plt))
-
-    written.append(_save(_top1_figure(plt, run), out_dir / "top1.png", plt))
+    figures = {
+        "losses": _loss_figure(flat, xs, "epoch", f"{run.name}: loss terms, mean per epoch{stage_note}",
+                               _stage_bounds(run.epochs, "epoch"), thin=False, order=run.peers),
+        "losses_steps": _loss_figure(_step_terms(run), sxs, "global step",
+                                     f"{run.name}: loss terms at each logged step{stage_note}",
+                                     _stage_bounds(run.steps, "global_step"), thin=True, order=run.peers),
+        "top1": _top1_figure(run),
+    }
     if any(r.get("scalars") for r in run.epochs):
-        written.append(_save(_scalars_figure(plt, run), out_dir / "scalars.png", plt))
-    return written
+        figures["scalars"] = _scalars_figure(run)
+    return figures
 
 
-def _scalars_figure(plt: Any, run: RunData) -> Any:
+def plot_run(run: RunData, out_dir: Path) -> list[Path]:
+    """Write the figures of one run (:func:`run_figures`) as ``<name>.png``; returns the files written."""
+    figures = run_figures(run)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [_save(fig, out_dir / f"{name}.png") for name, fig in figures.items()]
+
+
+def _scalars_figure(run: RunData) -> Any:
     """What the strategy logged with ``ctx.log``, its mean per epoch (e.g. SwitOKD's share of expert batches)."""
-    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    fig = _figure((7.5, 3.6))
+    ax = fig.subplots()
     names = sorted({k for r in run.epochs for k in (r.get("scalars") or {})})
     for n in names:
         pts = [(float(r["epoch"]), num(r["scalars"][n])) for r in run.epochs if n in (r.get("scalars") or {})]
@@ -220,11 +242,12 @@ def _peer_mean_curves(group: Group) -> list[list[float]]:
 
 def plot_comparison(groups: Sequence[Group], path: Path) -> Path | None:
     """Peers' mean top-1 per evaluated epoch, one line per group (band: min..max over its runs)."""
-    plt = pyplot()
+    require_matplotlib()
     series = [(g, curves) for g in groups if (curves := _peer_mean_curves(g))]
     if not series:
         return None
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    fig = _figure((7.5, 4.2))
+    ax = fig.subplots()
     for g, curves in series:
         length = max(len(c) for c in curves)
         xs, mean, lo, hi = [], [], [], []
@@ -244,4 +267,4 @@ def plot_comparison(groups: Sequence[Group], path: Path) -> Path | None:
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title("test top-1 per group of runs (line: mean over seeds, band: min..max)", fontsize=11)
     fig.tight_layout()
-    return _save(fig, path, plt)
+    return _save(fig, path)
