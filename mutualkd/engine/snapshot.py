@@ -9,7 +9,6 @@ streams, the offset into metrics.jsonl, and the state of stateful callbacks (EMA
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import replace
 import random
 from typing import TYPE_CHECKING, Any
 
@@ -93,8 +92,6 @@ def capture(tr: Trainer) -> dict[str, Any]:
         "metrics_offset": tr.writer.offset() if tr.is_main else 0,
         "metrics_log": tr.writer.snapshot(),  # metrics.jsonl up to here, compressed (main process)
         "last_eval": tr.last_eval,  # summary.json's top-5 after a resume with no evaluation left
-        # where the first segment's precision came from: a resume reads it from recipe.toml
-        "precision_from": tr.precision_choice.source,
         "callbacks": {key: cb.state_dict() for key, cb in stateful_callbacks(tr.callbacks.callbacks).items()},
     }
 
@@ -116,8 +113,6 @@ def restore(tr: Trainer, state: Mapping[str, Any]) -> None:
         raise CheckpointError(f"checkpoint does not match the recipe's models: {e}", where=str(tr.resumed_from),
                               hint="resume with the recipe the run was started with") from None
     tr.precision.load_state_dict(state.get("scaler"))
-    if state.get("precision_from") and tr.precision_choice.source == "recipe":
-        tr.precision_choice = replace(tr.precision_choice, source=state["precision_from"])
     tr.strategy.load_state_dict(state.get("strategy", {}))
     tr.position = Position(**state["position"])
     tr.history = History(**state["history"])
@@ -231,8 +226,6 @@ def run_summary(tr: Trainer) -> dict[str, Any]:
         "outputs": _outputs(tr),
         "num_processes": tr.accelerator.num_processes,
         "mixed_precision": tr.precision_choice.mode,
-        # recipe, accelerate launch --mixed_precision, accelerate config FILE, or default
-        "mixed_precision_from": tr.precision_choice.source,
     }
     if len(tr.stages) > 1:  # where each stage's epochs lie on the global count
         out["stages"], first = [], 1
