@@ -177,7 +177,7 @@ FLOORS = {
     "torchvision": "0.20",  # built for torch 2.5
     "timm": "1.0.31",  # save_for_hf(data_config=)
     "accelerate": "0.34",
-    "pydantic": "2.6",
+    "pydantic": "2.0.1",  # 2.0 refuses Field twice on an Annotated field
     "rich": "12",  # MofNCompleteColumn
     "typer": "0.16",  # older releases crash on --help with click 8.2
     "scikit-learn": "1.4.2",  # the first built for NumPy 2
