@@ -12,7 +12,7 @@ EXAMPLE_PLUGINS := $(wildcard plugins/mutualkd-*/pyproject.toml)
 
 $(STAMP): pyproject.toml $(CONSTRAINTS) $(EXAMPLE_PLUGINS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e ".[dev,report,tensorboard,mlflow]" $(foreach p,$(EXAMPLE_PLUGINS),-e $(dir $(p)))
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e ".[dev,report,study,tensorboard,mlflow]" $(foreach p,$(EXAMPLE_PLUGINS),-e $(dir $(p)))
 	@touch $(STAMP)
 
 install: $(STAMP)

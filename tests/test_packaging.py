@@ -6,6 +6,7 @@ nothing (build/, *.egg-info) in the working tree.
 
 from __future__ import annotations
 
+import ast
 import configparser
 from importlib import metadata
 from pathlib import Path
@@ -17,6 +18,8 @@ import zipfile
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 
 STRATEGIES = {"independent", "kl_dml", "ie_kd", "ie_dml", "one", "cl_ilr", "okddip", "pcl", "kdcl", "ffl", "mcl",
@@ -162,10 +165,170 @@ def test_dependencies_have_floors_and_no_caps(wheel, names, tmp_path):
 
 
 def test_timm_floor_has_the_names_the_code_imports(wheel, names, tmp_path, repo_root):
-    """timm.layers.get_device_dtype, used by the CIFAR models, first shipped in timm 1.0.29."""
+    """save_for_hf(data_config=), used by mutualkd export, first shipped in timm 1.0.31."""
     reqs = {r.name: r for r in _installed_requires(wheel, names, tmp_path)}
-    assert not reqs["timm"].specifier.contains("1.0.28") and reqs["timm"].specifier.contains("1.0.29")
-    assert "get_device_dtype" in (repo_root / "mutualkd" / "models" / "_common.py").read_text(encoding="utf-8")
+    assert not reqs["timm"].specifier.contains("1.0.30") and reqs["timm"].specifier.contains("1.0.31")
+    assert "data_config=data_config" in (repo_root / "mutualkd" / "export.py").read_text(encoding="utf-8")
+
+
+#: Each dependency's floor and the reason it may not drop (pyproject.toml gives the same reasons).
+FLOORS = {
+    "torch": "2.5",  # torch.serialization.safe_globals: every checkpoint load (mutualkd/trust.py)
+    "torchvision": "0.20",  # built for torch 2.5
+    "timm": "1.0.31",  # save_for_hf(data_config=)
+    "accelerate": "0.34",
+    "pydantic": "2.0.1",  # 2.0 refuses Field twice on an Annotated field
+    "rich": "12",  # MofNCompleteColumn
+    "typer": "0.16",  # older releases crash on --help with click 8.2
+    "scikit-learn": "1.4.2",  # the first built for NumPy 2
+    "numpy": "1.23.2",
+    "huggingface-hub": "0.21",
+    "pillow": "9.2",  # Image.Resampling
+    "safetensors": "0.4.3",
+    "tomli-w": "1.0",
+}
+
+
+def _by_extra(reqs: list[Requirement]) -> dict[str | None, dict[str, Requirement]]:
+    """{extra or None for the core: {canonical name: requirement}}."""
+    out: dict[str | None, dict[str, Requirement]] = {}
+    for r in reqs:
+        extra = None
+        if r.marker is not None:
+            m = re.search(r'extra == "([^"]+)"', str(r.marker))
+            extra = canonicalize_name(m.group(1)) if m else None  # metadata normalises extras (PEP 685)
+        out.setdefault(extra, {})[canonicalize_name(r.name)] = r
+    return out
+
+
+def _floor(req: Requirement) -> str | None:
+    found = [s.version for s in req.specifier if s.operator == ">="]
+    return found[0] if len(found) == 1 else None
+
+
+def test_floors_hold(wheel, names, tmp_path):
+    """The floors in the installed metadata are the ones the code needs: none drops below the
+    release that brought an API mutualkd uses, and no requirement caps a release."""
+    reqs = _installed_requires(wheel, names, tmp_path)
+    core = _by_extra(reqs)[None]
+    for name, floor in FLOORS.items():
+        assert name in core, f"{name} is not a dependency"
+        assert _floor(core[name]) is not None and Version(_floor(core[name])) == Version(floor), \
+            f"{name}: {core[name].specifier}, expected >={floor}"
+    assert not core["torch"].specifier.contains("2.4.1") and not core["typer"].specifier.contains("0.15.4")
+    assert not core["scikit-learn"].specifier.contains("1.3.2") and not core["timm"].specifier.contains("1.0.29")
+    for r in reqs:
+        assert all(s.operator in (">=", "!=") for s in r.specifier), f"{r} caps a release"
+
+
+def test_trackers_extras_bring_the_accelerate_that_ships_them(wheel, names, tmp_path):
+    """swanlab and trackio came after the accelerate floor: their extras require the release with them."""
+    from mutualkd.engine.tracking import TRACKER_EXTRAS, TRACKER_MIN_ACCELERATE
+
+    extras = _by_extra(_installed_requires(wheel, names, tmp_path))
+    for tracker, (extra, _) in TRACKER_EXTRAS.items():
+        assert canonicalize_name(extra) in extras, f"no extra '{extra}' for the {tracker} tracker"
+    for tracker, need in TRACKER_MIN_ACCELERATE.items():
+        acc = extras[canonicalize_name(TRACKER_EXTRAS[tracker][0])].get("accelerate")
+        assert acc is not None and Version(_floor(acc) or "0") >= Version(need), f"{tracker}: accelerate>={need}"
+    assert Version(_floor(extras[None]["accelerate"]) or "0") < min(Version(v) for v in TRACKER_MIN_ACCELERATE.values())
+    aim = extras["aim"]["aim"]
+    assert aim.marker is not None and not aim.marker.evaluate({"python_version": "3.13", "extra": "aim"}), \
+        "aim has no release for Python 3.13: its extra must not ask for one there"
+
+
+def _lowest_pins(repo_root: Path) -> dict[str, str]:
+    pins = {}
+    for line in (repo_root / "constraints" / "lowest.txt").read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            r = Requirement(line)
+            (spec,) = r.specifier
+            assert spec.operator == "==", line
+            pins[canonicalize_name(r.name)] = spec.version
+    return pins
+
+
+def test_lowest_constraints_pin_the_floors(repo_root):
+    """constraints/lowest.txt (what .ci/lowest installs) pins every core dependency but torch and
+    torchvision, and the dev and report extras, at the floor pyproject.toml declares."""
+    import tomllib
+
+    project = tomllib.loads((repo_root / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    pins = _lowest_pins(repo_root)
+    wanted = [Requirement(r) for r in project["dependencies"]]
+    for extra in ("dev", "report"):
+        wanted += [Requirement(r) for r in project["optional-dependencies"][extra]]
+    for r in wanted:
+        name = canonicalize_name(r.name)
+        if name in ("torch", "torchvision"):
+            assert name not in pins, f"{name} stays at the tested release (constraints/dev.txt)"
+            continue
+        assert name in pins, f"constraints/lowest.txt does not pin {name}"
+        assert Version(pins[name]) >= Version(_floor(r) or "0") and r.specifier.contains(pins[name]), (r, pins[name])
+        if not name == "setuptools":
+            assert Version(pins[name]).release[:len(Version(_floor(r)).release)] == Version(_floor(r)).release, \
+                f"constraints/lowest.txt pins {name}=={pins[name]}, not the floor {r.specifier}"
+
+
+#: Import names whose distribution is named otherwise.
+DISTRIBUTION_OF = {
+    "PIL": "pillow",
+    "sklearn": "scikit-learn",
+    "yaml": "pyyaml",
+    "tomli_w": "tomli-w",
+    "huggingface_hub": "huggingface-hub",
+    "pydantic_core": "pydantic",  # pydantic pins its own core release exactly
+    "mlflow": "mlflow-skinny",
+}
+
+
+def _third_party_imports(files: list[Path], local: set[str]) -> dict[str, list[str]]:
+    """{top-level module: [file:line, ...]} of the absolute imports in ``files`` that are neither the
+    standard library nor ``local``."""
+    found: dict[str, list[str]] = {}
+    for f in files:
+        tree = ast.parse(f.read_text(encoding="utf-8"), filename=str(f))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                tops = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                tops = [node.module.split(".")[0]]
+            else:
+                continue
+            for top in tops:
+                if top not in sys.stdlib_module_names and top not in local and top != "__future__":
+                    found.setdefault(top, []).append(f"{f.name}:{node.lineno}")
+    return found
+
+
+def test_every_third_party_import_is_declared(repo_root):
+    """Each library that mutualkd/, the built-in plugins or the study scripts import is a dependency
+    or in an extra (an optional one is imported inside the function that needs it)."""
+    import tomllib
+
+    project = tomllib.loads((repo_root / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    core = {canonicalize_name(Requirement(r).name) for r in project["dependencies"]}
+    extras = {extra: {canonicalize_name(Requirement(r).name) for r in reqs}
+              for extra, reqs in project["optional-dependencies"].items()}
+    optional = set().union(*extras.values())
+
+    package = sorted((repo_root / "mutualkd").rglob("*.py")) + sorted((repo_root / "plugins" / "mutualkd_builtins").rglob("*.py"))
+    scripts = sorted((repo_root / "scripts").glob("*.py"))
+    local = {"mutualkd", "mutualkd_builtins"}
+    missing = []
+    for files, allowed, where in ((package, core | optional, "dependencies or an extra"),
+                                  (scripts, core | optional, "an extra (e.g. study)")):
+        for top, at in sorted(_third_party_imports(files, local | {f.stem for f in scripts}).items()):
+            dist = canonicalize_name(DISTRIBUTION_OF.get(top, top))
+            if dist not in allowed:
+                missing.append(f"{top} (distribution {dist}, imported at {', '.join(at[:3])}): add it to {where}")
+    assert not missing, "\n".join(missing)
+    # What the core imports at module level must be a core dependency, not only an extra.
+    for top in ("torch", "timm", "accelerate", "numpy", "pydantic", "rich", "typer", "tomli_w", "PIL", "sklearn",
+                "huggingface_hub"):
+        assert canonicalize_name(DISTRIBUTION_OF.get(top, top)) in core, top
+    assert "scipy" in extras.get("study", set()), "scripts/study_stats.py imports scipy: the study extra brings it"
 
 
 def test_python_floor_has_tomllib(wheel, names):

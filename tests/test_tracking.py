@@ -21,8 +21,12 @@ Factory = Callable[..., Any]
 
 REPO = Path(__file__).resolve().parents[1]
 
-tb = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-mlflow_client = pytest.importorskip("mlflow.tracking")
+
+
+def _need_tensorboard_and_mlflow() -> None:
+    """Skip a test that runs the trackers when they are not installed (the lowest-releases check has none)."""
+    pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    pytest.importorskip("mlflow.tracking")
 
 
 @pytest.fixture(autouse=True)
@@ -33,6 +37,8 @@ def _mlflow_file_store(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _tb_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
     """Every scalar of the run's TensorBoard events: tag -> {step: value} (TensorBoard's own reader)."""
+    from tensorboard.backend.event_processing import event_accumulator as tb
+
     folder = run_dir / "tracking" / "mutualkd"
     acc = tb.EventAccumulator(str(folder), size_guidance={tb.SCALARS: 0})  # 0: keep every event
     acc.Reload()
@@ -46,7 +52,9 @@ def _tb_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
 
 
 def _mlflow_run(run_dir: Path) -> tuple[Any, Any]:
-    client = mlflow_client.MlflowClient((run_dir / "tracking" / "mlruns").resolve().as_uri())
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient((run_dir / "tracking" / "mlruns").resolve().as_uri())
     exps = [e for e in client.search_experiments() if e.name == "mutualkd"]
     assert len(exps) == 1
     runs = client.search_runs([exps[0].experiment_id])
@@ -107,6 +115,24 @@ def test_a_tracker_that_is_not_installed_exits_2_naming_the_extra(tmp_path: Path
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("name", ["swanlab", "trackio"])
+def test_a_tracker_newer_than_the_installed_accelerate_names_the_release_it_needs(name: str,
+                                                                                 monkeypatch: pytest.MonkeyPatch):
+    """On an Accelerate older than the tracker (swanlab 1.8, trackio 1.9) the recipe error names the
+    release and the extra that brings it, instead of an AttributeError from accelerate.utils."""
+    import accelerate.utils as au
+
+    from mutualkd.engine.tracking import TRACKER_EXTRAS, TRACKER_MIN_ACCELERATE, check_trackers
+    from mutualkd.errors import RecipeError
+
+    monkeypatch.delattr(au, TRACKER_EXTRAS[name][1], raising=False)
+    with pytest.raises(RecipeError) as e:
+        check_trackers([name], file="r.toml")
+    text = str(e.value)
+    assert "run.log_with[0]" in text and f"accelerate {TRACKER_MIN_ACCELERATE[name]}" in text, text
+    assert f"pip install 'mutualkd[{name}]'" in text and "Traceback" not in text, text
+
+
 def test_an_unknown_tracker_name_is_refused(tmp_path: Path, recipe_dict: Factory):
     from mutualkd.config import parse_recipe
     from mutualkd.errors import RecipeError
@@ -121,6 +147,7 @@ def test_an_unknown_tracker_name_is_refused(tmp_path: Path, recipe_dict: Factory
 @pytest.mark.slow
 def test_quickstart_scalars_in_tensorboard_and_mlflow_equal_metrics_jsonl(tmp_path: Path, read_metrics: Factory,
                                                                           run_cli: Factory, set_options: Factory):
+    _need_tensorboard_and_mlflow()
     proc = run_cli(["run", str(REPO / "recipes" / "quickstart.toml"),
                     *set_options('run.log_with=["tensorboard","mlflow"]', f"run.out_dir={tmp_path}", "run.epochs=2",
                           "data.train_subset=256", "run.log_every=3", "run.progress=false")], timeout=300)
@@ -150,6 +177,7 @@ def test_resume_continues_the_same_tracker_runs(tmp_path: Path, make_recipe: Fac
                                                 read_metrics: Factory):
     """Resumed from an earlier checkpoint, the run logs steps 5..6 again: TensorBoard's reader keeps
     the resumed values only (purge_step); MLflow continues its run and keeps both (documented)."""
+    _need_tensorboard_and_mlflow()
     kw: dict[str, Any] = dict(name="r", max_steps=6, epochs=1, log_every=1,
                               run={"log_with": ["tensorboard", "mlflow"], "checkpoint_every": 2, "keep_checkpoints": 2})
     make_trainer(tmp_path, **kw).fit()
@@ -175,6 +203,7 @@ def test_resume_continues_the_same_tracker_runs(tmp_path: Path, make_recipe: Fac
 
 def test_trackers_log_from_the_main_process_only(tmp_path: Path, make_trainer: Factory):
     """A non-main process starts no tracker (Accelerate's trackers are never created there)."""
+    _need_tensorboard_and_mlflow()
     t = make_trainer(tmp_path, name="m", max_steps=1, run={"log_with": ["tensorboard"]})
     t.is_main = False
     t.fit()

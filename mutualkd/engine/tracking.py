@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     from mutualkd.engine.step import StepResult
     from mutualkd.engine.trainer import Trainer
 
-__all__ = ["DEFAULT_PROJECT", "TRACKER_EXTRAS", "check_trackers", "scalars", "recipe_config", "TrackerLog"]
+__all__ = ["DEFAULT_PROJECT", "TRACKER_EXTRAS", "TRACKER_MIN_ACCELERATE", "check_trackers", "scalars", "recipe_config",
+           "TrackerLog"]
 
 #: The project (W&B), experiment (MLflow) and TensorBoard folder when ``run.tracker_project`` is unset.
 DEFAULT_PROJECT = "mutualkd"
@@ -57,13 +58,30 @@ TRACKER_EXTRAS: dict[str, tuple[str, str]] = {
 }
 
 
+#: The first Accelerate release that ships each tracker added after mutualkd's accelerate floor;
+#: the tracker's extra requires it, so ``pip install 'mutualkd[NAME]'`` brings it.
+TRACKER_MIN_ACCELERATE: dict[str, str] = {"swanlab": "1.8", "trackio": "1.9"}
+
+
 def check_trackers(names: Sequence[str] | None, *, file: str = "<recipe>") -> None:
-    """A RecipeError naming the extra to install for the first tracker of ``names`` that is not installed."""
+    """A RecipeError naming the extra to install for the first tracker of ``names`` that is not installed,
+    or that the installed Accelerate does not ship yet."""
+    import accelerate
     import accelerate.utils as au
 
     for i, name in enumerate(names or ()):
         extra, check = TRACKER_EXTRAS[name]
-        if not getattr(au, check)():
+        available = getattr(au, check, None)
+        if available is None:
+            need = TRACKER_MIN_ACCELERATE.get(name)
+            came = f" (its {name} tracker came in accelerate {need})" if need else ""
+            brings = f" (it brings accelerate>={need})" if need else " and upgrade accelerate"
+            raise RecipeError(
+                f"run.log_with names '{name}', which Accelerate {accelerate.__version__} does not ship{came}",
+                file=file, field=f"run.log_with[{i}]",
+                hint=f"pip install 'mutualkd[{extra}]'{brings}, or remove '{name}' from run.log_with",
+            )
+        if not available():
             raise RecipeError(
                 f"run.log_with names '{name}', which is not installed", file=file, field=f"run.log_with[{i}]",
                 hint=f"pip install 'mutualkd[{extra}]' (or remove '{name}' from run.log_with)",
