@@ -72,7 +72,7 @@ def test_environment_sets_threads_and_start_line_says_so(tmp_path, run_cli, subp
     assert json.loads((tmp_path / "env" / "summary.json").read_text())["threads"] == 2
     lines = [line for line in proc.stdout.splitlines() if re.search(r"step \d+/\d+", line)]
     assert len(lines) == 2, proc.stdout  # max_steps=2, a line after each
-    pattern = (r"^train epoch 1/1  step 1/\d+  [\d.]+ images/s  epoch \d+:\d\d, ETA \d+:\d\d"
+    pattern = (r"^progress: train epoch 1/1  step 1/\d+  [\d.]+ images/s  epoch \d+:\d\d, ETA \d+:\d\d"
                r"  run \d+:\d\d, ETA \d+:\d\d$")
     assert re.match(pattern, lines[0]), lines[0]
     assert lines[-1].rstrip().endswith("ETA 0:00")  # the last step: nothing left of the run

@@ -264,7 +264,7 @@ class ProgressLog(Callback):
         run_s = now - self.fit_start
         run_eta = (total - pos.global_step) * run_s / max(pos.global_step - self.first_step, 1)
         stage_epochs = trainer.stage_epochs[pos.stage]
-        log.info("%s epoch %d/%d  step %d/%d  %.1f images/s  epoch %s, ETA %s  run %s, ETA %s",
+        log.info("progress: %s epoch %d/%d  step %d/%d  %.1f images/s  epoch %s, ETA %s  run %s, ETA %s",
                  trainer.current_stage.name, pos.stage_epoch + 1, stage_epochs, pos.batch, steps,
                  clock.images_per_s(), _clock(epoch_s), _clock(epoch_eta), _clock(run_s), _clock(max(run_eta, 0.0)))
 
