@@ -67,10 +67,11 @@ def versions() -> dict[str, str]:
     return {"mutualkd": mutualkd.__version__, "torch": torch.__version__, "timm": timm.__version__}
 
 
-#: ``[run]`` fields a resume may change: the logging-only ones, and ``max_steps``, which
+#: ``[run]`` fields a resume may change: the logging-only ones; ``max_steps``, which
 #: changes where a run stops but not the steps before it, so a run stopped by it can be
-#: continued with a larger one.
-RESUME_MAY_CHANGE: tuple[str, ...] = (*LOGGING_ONLY_FIELDS, "max_steps")
+#: continued with a larger one; and ``threads``, which the machine a run continues on may
+#: need (the environment sets the count as well, so the recipe's value cannot pin it).
+RESUME_MAY_CHANGE: tuple[str, ...] = (*LOGGING_ONLY_FIELDS, "max_steps", "threads")
 
 
 def recipe_hash(recipe_dict: Mapping[str, Any]) -> str:

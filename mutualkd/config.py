@@ -130,7 +130,22 @@ class RunConfig(_Strict):
         False, description="torch.compile each peer network once; accelerate launch --dynamo_backend also asks for"
         " it, and then gives the backend and mode"
     )
-    progress: bool = Field(True, description="show a progress bar and one line per epoch on the console")
+    threads: PositiveInt | None = Field(
+        None,
+        description="torch's CPU threads inside one operation, per process (torch.set_num_threads); unset:"
+        " OMP_NUM_THREADS (or MKL_NUM_THREADS) when set, else 1, which does not slow down many times over when"
+        " other jobs share the cores. Results depend on it: one seed gives other accuracies with another count",
+    )
+    progress: bool = Field(
+        True,
+        description="show a progress bar and one line per epoch on the console; without a terminal (output to a"
+        " file or a pipe), a plain progress line every run.progress_every_s seconds in place of the bar",
+    )
+    progress_every_s: Annotated[float, Field(ge=0)] = Field(
+        30.0,
+        description="seconds between plain progress lines (epoch, step, images/s, elapsed and ETA) when the"
+        " output is not a terminal; 0: after every step",
+    )
     best_output: Annotated[str, Field(min_length=1)] | None = Field(
         None,
         description="the evaluated output whose top-1 chooses the best epoch and best/: a peer, <peer>_ema, a"
@@ -189,6 +204,7 @@ class RunConfig(_Strict):
 LOGGING_ONLY_FIELDS: tuple[str, ...] = (
     "out_dir",  # where the run folder lies, not what is in it
     "progress",  # a progress bar on the console
+    "progress_every_s",  # how often a progress line is printed without a terminal
     "log_every",  # how often a step record is written to metrics.jsonl
     "checkpoint_every",  # how often a checkpoint is written (saving does not change training)
     "keep_checkpoints",  # how many checkpoints stay on disk

@@ -182,6 +182,8 @@ OTHER_VALUE: dict[str, Any] = {
     "channels_last": True,
     "compile": True,
     "progress": True,
+    "progress_every_s": 5.0,
+    "threads": 2,
     "block_plugins": ["strategy:ie_dml"],
     "log_with": ["tensorboard"],
     "tracker_project": "other",
@@ -200,8 +202,8 @@ def test_every_run_field_has_another_value_to_try():
 @pytest.mark.parametrize("field", sorted(RunConfig.model_fields))
 def test_resume_and_report_agree_on_logging_only_fields(field: str, tmp_path: Path, recipe_dict: Factory):
     """Changing a logging-only field keeps the recipe hash (a resume is accepted) and the
-    report's group; changing any other field changes both, except that ``max_steps`` may
-    change on resume and the seed and the name tell the runs of a group apart."""
+    report's group; changing any other field changes both, except that ``max_steps`` and
+    ``threads`` may change on resume and the seed and the name tell the runs of a group apart."""
     base = recipe_dict(tmp_path)
     changed = copy.deepcopy(base)
     changed["run"][field] = OTHER_VALUE[field]
@@ -211,7 +213,7 @@ def test_resume_and_report_agree_on_logging_only_fields(field: str, tmp_path: Pa
     same_hash = recipe_hash(a) == recipe_hash(b)
     same_group = group_key(_run_of(a, tmp_path / "a")) == group_key(_run_of(b, tmp_path / "b"))
     logging_only = field in LOGGING_ONLY_FIELDS
-    assert same_hash == (logging_only or field == "max_steps"), f"recipe_hash and run.{field}"
+    assert same_hash == (logging_only or field in ("max_steps", "threads")), f"recipe_hash and run.{field}"
     assert same_group == (logging_only or field in ("seed", "name")), f"report grouping and run.{field}"
     assert (field in RESUME_MAY_CHANGE) == same_hash
 

@@ -1,5 +1,7 @@
 """Lifecycle hooks: the callback protocol, and the engine's own logging, progress and checkpoint cadence.
 
+Progress is a rich bar on an interactive terminal, and plain lines of the logger otherwise.
+
 A callback subclasses :class:`Callback` and overrides the hooks it needs; pass it to
 ``Trainer(..., callbacks=[...])``. Hooks run on every process, in order: the engine's
 own callbacks first (metrics.jsonl, console, progress bar, checkpoints), then the
@@ -12,6 +14,7 @@ from collections.abc import Mapping, Sequence
 import json
 import logging
 from pathlib import Path
+import time
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
@@ -24,7 +27,10 @@ if TYPE_CHECKING:
     from mutualkd.engine.step import StepResult
     from mutualkd.engine.trainer import Trainer
 
-__all__ = ["Callback", "CallbackList", "step_record", "MetricsLog", "ConsoleLog", "ProgressBar", "Checkpointing"]
+__all__ = [
+    "Callback", "CallbackList", "step_record", "MetricsLog", "ConsoleLog", "ProgressBar", "ProgressLog",
+    "progress_callback", "Checkpointing",
+]
 
 log = get_logger(__name__)
 
@@ -214,6 +220,58 @@ class ProgressBar(Callback):
 
     def on_fit_end(self, trainer: Trainer, summary: Mapping[str, Any] | None) -> None:
         self.progress.stop()
+
+
+def _clock(seconds: float) -> str:
+    """``m:ss``, or ``h:mm:ss`` from an hour on."""
+    m, s = divmod(int(max(seconds, 0.0) + 0.5), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class ProgressLog(Callback):
+    """Without a terminal (output to a file or a pipe), a plain line every ``every_s`` seconds:
+    the epoch, the step within it, images/s, and the elapsed time and ETA of the epoch and of the run.
+
+    The epoch's ETA comes from its own training rate; the run's from the rate since the fit
+    started, evaluation and checkpoints included, so both settle after a few lines.
+    """
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self.fit_start = self.last = 0.0
+        self.first_step = 0
+        self.epoch_first_batch = 0
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self.fit_start = self.last = time.perf_counter()
+        self.first_step = trainer.position.global_step
+
+    def on_epoch_start(self, trainer: Trainer, stage: Stage, epoch: int) -> None:
+        self.epoch_first_batch = trainer.position.batch  # a resumed epoch starts part-way
+
+    def on_batch_end(self, trainer: Trainer, result: StepResult) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every_s:
+            return
+        self.last = now
+        pos, clock, steps = trainer.position, trainer.clock, len(trainer.train_loader)
+        epoch_s = clock.elapsed()
+        epoch_eta = (steps - pos.batch) * epoch_s / max(pos.batch - self.epoch_first_batch, 1)
+        total = sum(trainer.stage_epochs) * steps
+        if trainer.recipe.run.max_steps is not None:
+            total = min(total, trainer.recipe.run.max_steps)
+        run_s = now - self.fit_start
+        run_eta = (total - pos.global_step) * run_s / max(pos.global_step - self.first_step, 1)
+        stage_epochs = trainer.stage_epochs[pos.stage]
+        log.info("progress: %s epoch %d/%d  step %d/%d  %.1f images/s  epoch %s, ETA %s  run %s, ETA %s",
+                 trainer.current_stage.name, pos.stage_epoch + 1, stage_epochs, pos.batch, steps,
+                 clock.images_per_s(), _clock(epoch_s), _clock(epoch_eta), _clock(run_s), _clock(max(run_eta, 0.0)))
+
+
+def progress_callback(every_s: float) -> Callback:
+    """The rich progress bar on an interactive terminal, else plain progress lines every ``every_s`` seconds."""
+    return ProgressBar() if console.is_terminal and console.is_interactive else ProgressLog(every_s)
 
 
 class Checkpointing(Callback):

@@ -226,6 +226,7 @@ def run_summary(tr: Trainer) -> dict[str, Any]:
         "outputs": _outputs(tr),
         "num_processes": tr.accelerator.num_processes,
         "mixed_precision": tr.precision_choice.mode,
+        "threads": tr.threads.count,  # per process; results depend on it (engine/threads.py)
     }
     if len(tr.stages) > 1:  # where each stage's epochs lie on the global count
         out["stages"], first = [], 1

@@ -25,7 +25,7 @@ from mutualkd.config import Recipe
 from mutualkd.engine.build import Unit, build_run, strategy_warning
 from mutualkd.engine.ema import EmaPeers
 from mutualkd.engine.evaluate import evaluate_split
-from mutualkd.engine.hooks import Callback, CallbackList, Checkpointing, ConsoleLog, MetricsLog, ProgressBar
+from mutualkd.engine.hooks import Callback, CallbackList, Checkpointing, ConsoleLog, MetricsLog, progress_callback
 from mutualkd.engine import snapshot
 from mutualkd.engine.launcher import refuse_unsupported, resolve_compile, resolve_precision, single_process_note
 from mutualkd.engine.precision import Precision
@@ -35,6 +35,7 @@ from mutualkd.engine.process import (
 from mutualkd.engine.signals import RunInterrupted, StopRequest
 from mutualkd.engine.state import EpochClock, History, Position, RunFolder, resume_folder
 from mutualkd.engine.step import BatchStep, StagePlan, StepResult, plan_stage
+from mutualkd.engine.threads import resolve_threads, threads_applied
 from mutualkd.engine.tracking import TrackerLog, check_trackers
 from mutualkd.errors import CheckpointError, UserError
 from mutualkd.runlock import ensure_not_busy
@@ -90,9 +91,13 @@ class Trainer:
         for note in filter(None, notes if self.is_main else ()):
             log.info("note: %s", note)
         configure_determinism(run)
+        #: torch's CPU threads per process and who chose them (recipe, environment, default): set
+        #: while the run builds and while it fits, the caller's count back after each (threads.py).
+        self.threads = resolve_threads(run.threads)
 
         # --- everything that can fail on bad input, before anything is written
-        built = build_run(recipe, acc, recipe_file=recipe_file, compile_with=self.compile_choice)
+        with threads_applied(self.threads):
+            built = build_run(recipe, acc, recipe_file=recipe_file, compile_with=self.compile_choice)
         self.strategy = built.strategy
         self.info = built.info
         self.train_loader, self.test_loader = built.train_loader, built.test_loader
@@ -149,8 +154,9 @@ class Trainer:
 
         own: list[Callback] = [MetricsLog()]
         if self.is_main and run.progress:
-            # The progress bar follows the log: quieting the mutualkd logger hides it too.
-            own += [ProgressBar(), ConsoleLog()] if shows_info() else [ConsoleLog()]
+            # The progress (a bar on a terminal, else plain lines) follows the log: quieting
+            # the mutualkd logger hides it too.
+            own += [progress_callback(run.progress_every_s), ConsoleLog()] if shows_info() else [ConsoleLog()]
         # EMA updates and tracker logs come before the checkpoint of the same step.
         self.ema = EmaPeers(self)
         if self.ema:
@@ -177,7 +183,7 @@ class Trainer:
             raise
         summary: dict[str, Any] | None = None
         try:
-            with self._stop.installed():
+            with self._stop.installed(), threads_applied(self.threads):
                 self.callbacks.on_fit_start(self)
                 self._run_stages()
             summary = snapshot.run_summary(self)
@@ -217,11 +223,12 @@ class Trainer:
             snapshot.repair_best(self)
 
     def _run_line(self) -> str:
-        """What the run prints first: its processes and device, its precision and compilation, and who chose them."""
+        """What the run prints first: its processes, device and CPU threads, its precision and compilation, and who chose them."""
         n, choice = self.accelerator.num_processes, self.precision_choice
         line = f"run: {n} process{'es' if n > 1 else ''} on {self.device.type}"
         line += f"{' (DDP)' if n > 1 else ''}; mixed precision {choice.mode} (from {choice.source})"
-        return line + (f"; compiled (from {self.compile_choice.source})" if self.compile_choice else "")
+        line += f"; compiled (from {self.compile_choice.source})" if self.compile_choice else ""
+        return line + f"; {self.threads.describe()}"
 
     def _data_line(self) -> str:
         """What the run prints at start: the pipeline and why, the global batch, the split choosing best."""
