@@ -32,6 +32,31 @@ def test_help(run_cli):
     assert "--version" in proc.stdout
 
 
+def test_sweep_help_keeps_the_table_name(run_cli, subprocess_env):
+    proc = run_cli(["sweep", "--help"], env={**subprocess_env(), "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    assert "[sweep]" in proc.stdout
+
+
+def test_help_keeps_every_bracketed_word():
+    """Rich reads help text as markup and drops an unescaped ``[word]`` as an unknown tag:
+    every bracket written in a command's or option's help must reach the rendered help."""
+    import re
+
+    import typer
+    from typer.testing import CliRunner
+
+    from mutualkd.cli import app
+
+    group = typer.main.get_command(app)
+    commands = [([], group), *(([name], cmd) for name, cmd in group.commands.items())]  # type: ignore[attr-defined]
+    for args, cmd in commands:
+        out = " ".join(CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": "2000"}).output.split())
+        for text in [cmd.help or "", *(getattr(p, "help", None) or "" for p in cmd.params)]:
+            for word in re.findall(r"\[[^\]]*\]", text.replace("\\[", "[")):
+                assert word in out, f"mutualkd {' '.join(args)} --help lost {word}"
+
+
 def test_version_is_the_installed_distribution_version(run_cli):
     from importlib import metadata
 
