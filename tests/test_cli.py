@@ -57,6 +57,44 @@ def test_help_keeps_every_bracketed_word():
                 assert word in out, f"mutualkd {' '.join(args)} --help lost {word}"
 
 
+QUICKSTART_YAML = """\
+# the quickstart recipe, saved as YAML under a .toml name
+run:
+  name: quickstart
+  seed: 0
+  epochs: 15
+data:
+  dataset: digits
+  batch_size: 32
+peers:
+  - model: cifar_resnet20
+  - model: cifar_wrn_16_1
+strategy:
+  name: kl_dml
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        (QUICKSTART_YAML, ["this looks like YAML (line 2: 'run:')", "`[run]`"]),
+        ("---\n" + QUICKSTART_YAML, ["this looks like YAML (line 3: 'run:')"]),
+        ("[run]\nname: quickstart\n", ["this looks like YAML (line 2:", 'write this line as `name = "quickstart"`']),
+        ('{"run": {"name": "quickstart", "epochs": 15}}\n', ["this looks like JSON"]),
+    ],
+    ids=["yaml", "yaml-document", "one-yaml-line", "json"],
+)
+def test_yaml_or_json_recipe_is_named(run_cli, tmp_path, text, says):
+    p = tmp_path / "recipe.toml"
+    p.write_text(text, encoding="utf-8")
+    proc = run_cli(["validate", str(p)])
+    assert proc.returncode == 2, proc.stderr
+    _no_traceback(proc)
+    err = " ".join(proc.stderr.split())
+    for phrase in [str(p), "mutualkd recipes are TOML", "`key = value`", *says]:
+        assert phrase in err, err
+
+
 def test_version_is_the_installed_distribution_version(run_cli):
     from importlib import metadata
 
