@@ -95,6 +95,45 @@ def test_yaml_or_json_recipe_is_named(run_cli, tmp_path, text, says):
         assert phrase in err, err
 
 
+# What setuptools' default editable install puts on sys.meta_path, after the search of sys.path:
+# a top-level name maps to its folder, and a submodule of a mapped name is searched there.
+EDITABLE_FINDER = """
+import importlib.machinery, importlib.util, sys
+MAPPING = {mapping!r}
+class Editable:
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name in MAPPING:
+            return importlib.util.spec_from_file_location(
+                name, MAPPING[name] + "/__init__.py", submodule_search_locations=[MAPPING[name]])
+        parent = name.rpartition(".")[0]
+        if parent in MAPPING:
+            return importlib.machinery.PathFinder.find_spec(name, [MAPPING[parent]])
+        return None
+sys.meta_path.insert(sys.meta_path.index(importlib.machinery.PathFinder) + 1, Editable)
+"""
+
+
+def test_clone_named_mutualkd_in_the_working_directory_does_not_hide_the_package(tmp_path, subprocess_env):
+    """A clone checked out as ``mutualkd/`` and Python started in its parent: the clone is a
+    namespace package found before the editable install; ``python -m mutualkd`` still works."""
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "mutualkd").symlink_to(repo, target_is_directory=True)
+    boot = EDITABLE_FINDER.format(mapping={"mutualkd": str(repo / "mutualkd"),
+                                           "mutualkd_builtins": str(repo / "plugins" / "mutualkd_builtins")})
+    env = {**subprocess_env(), "PYTHONPATH": ""}
+
+    def python(code: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", boot + code], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    shadow = python("import mutualkd; print(mutualkd.__file__)")
+    assert shadow.stdout.strip() == "None", shadow.stderr  # the failure is reproduced: a namespace package
+    proc = python("import runpy; sys.argv = ['mutualkd', '--version']; runpy.run_module('mutualkd', run_name='__main__')")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("mutualkd "), proc.stdout
+
+
 def test_version_is_the_installed_distribution_version(run_cli):
     from importlib import metadata
 
