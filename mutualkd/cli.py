@@ -31,6 +31,9 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Help text is rich markup (said here, not left to typer's default), so a literal bracket,
+    # a TOML table name, is escaped with a backslash or rich drops it as an unknown tag.
+    rich_markup_mode="rich",
     help="Mutual learning and knowledge distillation for timm models.",
 )
 err_console = Console(stderr=True, highlight=False)
@@ -294,7 +297,7 @@ def analyze(
 
 @app.command()
 def sweep(
-    recipe: Annotated[Path, typer.Argument(help="The TOML recipe to sweep (it may hold a [sweep] table).")],
+    recipe: Annotated[Path, typer.Argument(help="The TOML recipe to sweep (it may hold a \\[sweep] table).")],
     grid: Annotated[
         Optional[list[str]],
         typer.Option("--grid", "-g", help="A recipe key and its values, e.g. strategy.weight=0.5,1 (repeatable)."),

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import copy
 import json
 from pathlib import Path
+import re
 import tomllib
 from typing import Annotated, Any, Literal
 
@@ -912,6 +913,9 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
+        other = _other_format(text, str(e))
+        if other:
+            raise RecipeError(f"TOML syntax error: {e}; {other[0]}", file=str(p), hint=other[1]) from None
         raise RecipeError(f"TOML syntax error: {e}", file=str(p), hint="fix the TOML syntax at the line and column named") from None
     except RecursionError:
         raise RecipeError(f"arrays or tables nested more than {MAX_NESTING} deep", file=str(p),
@@ -921,6 +925,43 @@ def read_toml(path: str | Path) -> dict[str, Any]:
                           hint="write the number with fewer digits") from None
     check_nesting(data, str(p))
     return data
+
+
+_YAML_KEY = re.compile(r"^\s*([A-Za-z_][\w.-]*)\s*:(\s|$)")
+_YAML_ITEM = re.compile(r"^\s*-\s+\S")
+_TOML_HOW = "mutualkd recipes are TOML (recipes/quickstart.toml is one): `key = value` lines, strings quoted,"\
+    " `[table]` headers, `[a, b]` lists, `[[peers]]` for each peer"
+
+
+def _other_format(text: str, error: str) -> tuple[str, str] | None:
+    """``(what, hint)`` when text that TOML refused is YAML or JSON (a recipe saved in the wrong
+    format keeps its ``.toml`` name), else None. YAML is told by the line TOML stopped at, a
+    ``key: value`` mapping or a ``- item`` list entry, or by a ``---`` document start."""
+    stripped = text.lstrip()
+    if stripped.startswith("{"):
+        return "this looks like JSON", f"{_TOML_HOW}; e.g. {{\"run\": {{\"epochs\": 15}}}} is `[run]` then `epochs = 15`"
+    lines = text.splitlines()
+    at = re.search(r"at line (\d+)", error)
+    n = int(at.group(1)) if at else 0
+    yaml_like = [i for i, line in enumerate(lines, 1) if _YAML_KEY.match(line) or _YAML_ITEM.match(line)]
+    if n not in yaml_like:
+        if not (stripped.startswith("---") and yaml_like):
+            return None
+        n = yaml_like[0]
+    line = lines[n - 1]
+    key = _YAML_KEY.match(line)
+    if key and line.rstrip().endswith(":"):  # a YAML mapping that opens a table
+        example = f"write this line as the table header `[{key.group(1)}]` and its keys below it as `name = value`"
+    elif key:
+        value = line.split(":", 1)[1].strip()
+        try:
+            tomllib.loads(f"v = {value}")
+        except (tomllib.TOMLDecodeError, ValueError):
+            value = json.dumps(value.strip("'\""))  # a bare YAML string
+        example = f"write this line as `{key.group(1)} = {value}`"
+    else:
+        example = "write a list as `name = [a, b]`, a list of tables as one `[[name]]` header per entry"
+    return f"this looks like YAML (line {n}: {line.strip()[:80]!r})", f"{_TOML_HOW}; {example}"
 
 
 def check_nesting(data: Any, file: str, what: str = "") -> None:

@@ -32,6 +32,108 @@ def test_help(run_cli):
     assert "--version" in proc.stdout
 
 
+def test_sweep_help_keeps_the_table_name(run_cli, subprocess_env):
+    proc = run_cli(["sweep", "--help"], env={**subprocess_env(), "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    assert "[sweep]" in proc.stdout
+
+
+def test_help_keeps_every_bracketed_word():
+    """Rich reads help text as markup and drops an unescaped ``[word]`` as an unknown tag:
+    every bracket written in a command's or option's help must reach the rendered help."""
+    import re
+
+    import typer
+    from typer.testing import CliRunner
+
+    from mutualkd.cli import app
+
+    group = typer.main.get_command(app)
+    commands = [([], group), *(([name], cmd) for name, cmd in group.commands.items())]  # type: ignore[attr-defined]
+    for args, cmd in commands:
+        out = " ".join(CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": "2000"}).output.split())
+        for text in [cmd.help or "", *(getattr(p, "help", None) or "" for p in cmd.params)]:
+            for word in re.findall(r"\[[^\]]*\]", text.replace("\\[", "[")):
+                assert word in out, f"mutualkd {' '.join(args)} --help lost {word}"
+
+
+QUICKSTART_YAML = """\
+# the quickstart recipe, saved as YAML under a .toml name
+run:
+  name: quickstart
+  seed: 0
+  epochs: 15
+data:
+  dataset: digits
+  batch_size: 32
+peers:
+  - model: cifar_resnet20
+  - model: cifar_wrn_16_1
+strategy:
+  name: kl_dml
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        (QUICKSTART_YAML, ["this looks like YAML (line 2: 'run:')", "`[run]`"]),
+        ("---\n" + QUICKSTART_YAML, ["this looks like YAML (line 3: 'run:')"]),
+        ("[run]\nname: quickstart\n", ["this looks like YAML (line 2:", 'write this line as `name = "quickstart"`']),
+        ('{"run": {"name": "quickstart", "epochs": 15}}\n', ["this looks like JSON"]),
+    ],
+    ids=["yaml", "yaml-document", "one-yaml-line", "json"],
+)
+def test_yaml_or_json_recipe_is_named(run_cli, tmp_path, text, says):
+    p = tmp_path / "recipe.toml"
+    p.write_text(text, encoding="utf-8")
+    proc = run_cli(["validate", str(p)])
+    assert proc.returncode == 2, proc.stderr
+    _no_traceback(proc)
+    err = " ".join(proc.stderr.split())
+    for phrase in [str(p), "mutualkd recipes are TOML", "`key = value`", *says]:
+        assert phrase in err, err
+
+
+# What setuptools' default editable install puts on sys.meta_path, after the search of sys.path:
+# a top-level name maps to its folder, and a submodule of a mapped name is searched there.
+EDITABLE_FINDER = """
+import importlib.machinery, importlib.util, sys
+MAPPING = {mapping!r}
+class Editable:
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name in MAPPING:
+            return importlib.util.spec_from_file_location(
+                name, MAPPING[name] + "/__init__.py", submodule_search_locations=[MAPPING[name]])
+        parent = name.rpartition(".")[0]
+        if parent in MAPPING:
+            return importlib.machinery.PathFinder.find_spec(name, [MAPPING[parent]])
+        return None
+sys.meta_path.insert(sys.meta_path.index(importlib.machinery.PathFinder) + 1, Editable)
+"""
+
+
+def test_clone_named_mutualkd_in_the_working_directory_does_not_hide_the_package(tmp_path, subprocess_env):
+    """A clone checked out as ``mutualkd/`` and Python started in its parent: the clone is a
+    namespace package found before the editable install; ``python -m mutualkd`` still works."""
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "mutualkd").symlink_to(repo, target_is_directory=True)
+    boot = EDITABLE_FINDER.format(mapping={"mutualkd": str(repo / "mutualkd"),
+                                           "mutualkd_builtins": str(repo / "plugins" / "mutualkd_builtins")})
+    env = {**subprocess_env(), "PYTHONPATH": ""}
+
+    def python(code: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", boot + code], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    shadow = python("import mutualkd; print(mutualkd.__file__)")
+    assert shadow.stdout.strip() == "None", shadow.stderr  # the failure is reproduced: a namespace package
+    proc = python("import runpy; sys.argv = ['mutualkd', '--version']; runpy.run_module('mutualkd', run_name='__main__')")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("mutualkd "), proc.stdout
+
+
 def test_version_is_the_installed_distribution_version(run_cli):
     from importlib import metadata
 

@@ -321,3 +321,49 @@ def test_loss_panels_follow_the_peers_order():
     keys = ["peer0/ce", "peer2/ce", "peer3/ce", "peer1/ce", "peer1/kl", "ae/rec"]
     assert list(_owners(keys, ["peer0", "peer1", "peer2", "peer3"])) == ["peer0", "peer1", "peer2", "peer3", "ae"]
 
+
+
+def _epochs(run: RunData, *values: float) -> RunData:
+    """``run`` with one evaluated epoch per value, both peers at that top-1."""
+    run.epochs = [{"kind": "epoch", "epoch": i + 1, "stage": "train", "global_step": 4 * (i + 1), "loss": {},
+                   "top1": {"peer0": v, "peer1": v}} for i, v in enumerate(values)]
+    return run
+
+
+def test_comparison_axis_shows_a_fifth_of_a_point(tmp_path: Path, fake_run: Callable[..., RunData]):
+    from mutualkd.report.plots import comparison_figure
+
+    # a sweep's two values: early epochs near 37 %, final values 0.2 point apart
+    runs = [_epochs(fake_run(tmp_path, "w0.5", 0, {}, strategy__weight=0.5), 37.0, 80.0, 88.0),
+            _epochs(fake_run(tmp_path, "w1", 0, {}, strategy__weight=1.0), 37.5, 80.5, 88.2)]
+    fig = comparison_figure(group_runs(runs))
+    low, high = fig.axes[1].get_ylim()
+    assert 86.0 <= low < 88.0 and 88.2 < high <= 90.0, (low, high)
+    # the min..max interval of each final value is drawn (an error bar per group)
+    assert len(fig.axes[1].containers) == 2
+    # flat curves: the per-epoch panel is scaled to the data too
+    flat = [_epochs(fake_run(tmp_path, "f0.5", 0, {}, strategy__weight=0.5), 88.0, 88.0),
+            _epochs(fake_run(tmp_path, "f1", 0, {}, strategy__weight=1.0), 88.2, 88.2)]
+    for ax in comparison_figure(group_runs(flat)).axes:
+        low, high = ax.get_ylim()
+        assert 86.0 <= low < 88.0 and 88.2 < high <= 90.0, (low, high)
+
+
+def test_comparison_legend_names_the_swept_value(tmp_path: Path, fake_run: Callable[..., RunData]):
+    from mutualkd.report.plots import comparison_figure
+
+    runs = [fake_run(tmp_path, "run-a", 0, {"peer0": 88.0, "peer1": 88.0}, strategy__weight=0.5),
+            fake_run(tmp_path, "run-b", 0, {"peer0": 88.2, "peer1": 88.2}, strategy__weight=1.0)]
+    fig = comparison_figure(group_runs(runs))
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels[0].startswith("strategy.weight=0.5 ") and labels[1].startswith("strategy.weight=1.0 "), labels
+
+
+def test_loss_figures_say_the_terms_are_weighted(tmp_path: Path, fake_run: Callable[..., RunData]):
+    from mutualkd.report import run_figures
+
+    run = fake_run(tmp_path, "dml", 0, {"peer0": 50.0, "peer1": 60.0})
+    run.epochs[0]["loss"] = {"peer0/ce": 1.0, "peer0/kl": 0.5, "peer1/ce": 1.1, "peer1/kl": 0.4}
+    figures = run_figures(run)
+    for name in ("losses", "losses_steps"):
+        assert "already weighted by the strategy's coefficients" in figures[name].get_suptitle()

@@ -16,7 +16,8 @@ also printed with rich. Runs still in progress are read as far as they got and m
 """
 
 from mutualkd.report.make import Report, make_report
-from mutualkd.report.plots import plot_comparison, plot_run, run_figures
+from mutualkd.report.plots import comparison_figure, plot_comparison, plot_run, run_figures
 from mutualkd.report.runs import Group, RunData, group_runs, load_run
 
-__all__ = ["RunData", "Group", "Report", "load_run", "group_runs", "run_figures", "plot_run", "plot_comparison", "make_report"]
+__all__ = ["RunData", "Group", "Report", "load_run", "group_runs", "run_figures", "plot_run", "comparison_figure",
+           "plot_comparison", "make_report"]

@@ -5,8 +5,9 @@
   owner of terms, e.g. the IE-KD teacher's autoencoder), one line per term;
 - ``<run>/losses_steps.png``: the same terms at every logged step;
 - ``<run>/top1.png``: test top-1 of each peer and of the ensemble per epoch;
-- ``top1_comparison.png``: the peers' mean top-1 per epoch, one line per group of runs,
-  the band is the spread over seeds.
+- ``top1_comparison.png``: the peers' mean top-1 per epoch, one line per group of runs named by
+  its swept recipe values, the band is the spread over seeds; beside it the final values with
+  their min..max, on an axis scaled to them.
 
 matplotlib is an optional dependency (``mutualkd[report]``): it is imported by the
 functions that draw, never when this module is imported, so that the rest of the command
@@ -23,9 +24,9 @@ import statistics
 from typing import Any
 
 from mutualkd.errors import UserError
-from mutualkd.report.runs import ENSEMBLE, Group, RunData, load_run, num
+from mutualkd.report.runs import ENSEMBLE, Group, RunData, describe, load_run, num, varying_keys
 
-__all__ = ["require_matplotlib", "run_figures", "plot_run", "plot_comparison"]
+__all__ = ["require_matplotlib", "run_figures", "plot_run", "comparison_figure", "plot_comparison"]
 
 
 def require_matplotlib() -> Any:
@@ -86,6 +87,12 @@ def _stage_bounds(records: Sequence[Mapping[str, Any]], x: str) -> list[tuple[fl
     return out
 
 
+#: What a loss panel shows: the engine sums a step's terms as they are (no coefficient of its
+#: own), so each term was logged with the strategy's weight already applied (e.g. kl_dml's
+#: ``weight * KL``).
+WEIGHTED = "as logged: each term already weighted by the strategy's coefficients; the loss is their plain sum"
+
+
 def _loss_figure(flat: Sequence[Mapping[str, float]], xs: Sequence[float],
                  xlabel: str, title: str, bounds: Sequence[tuple[float, str]], thin: bool,
                  order: Sequence[str] = ()) -> Any:
@@ -98,7 +105,7 @@ def _loss_figure(flat: Sequence[Mapping[str, float]], xs: Sequence[float],
     palette = require_matplotlib().rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
     color = {t: palette[i % len(palette)] for i, t in enumerate(terms)}
     n = max(len(owners), 1)
-    fig = _figure((7.5, 2.4 * n + 0.6))
+    fig = _figure((7.5, 2.4 * n + 0.9))
     axes = fig.subplots(n, 1, sharex=True, squeeze=False)
     for ax, (owner, ks) in zip(axes[:, 0], owners.items()):
         for k in ks:
@@ -187,10 +194,10 @@ def run_figures(run: RunData | str | Path) -> dict[str, Any]:
     xs = [float(r.get("epoch", i + 1)) for i, r in enumerate(run.epochs)]
     sxs = [float(r.get("global_step", i + 1)) for i, r in enumerate(run.steps)]
     figures = {
-        "losses": _loss_figure(flat, xs, "epoch", f"{run.name}: loss terms, mean per epoch{stage_note}",
+        "losses": _loss_figure(flat, xs, "epoch", f"{run.name}: loss terms, mean per epoch{stage_note}\n{WEIGHTED}",
                                _stage_bounds(run.epochs, "epoch"), thin=False, order=run.peers),
         "losses_steps": _loss_figure(_step_terms(run), sxs, "global step",
-                                     f"{run.name}: loss terms at each logged step{stage_note}",
+                                     f"{run.name}: loss terms at each logged step{stage_note}\n{WEIGHTED}",
                                      _stage_bounds(run.steps, "global_step"), thin=True, order=run.peers),
         "top1": _top1_figure(run),
     }
@@ -240,31 +247,72 @@ def _peer_mean_curves(group: Group) -> list[list[float]]:
     return curves
 
 
-def plot_comparison(groups: Sequence[Group], path: Path) -> Path | None:
-    """Peers' mean top-1 per evaluated epoch, one line per group (band: min..max over its runs)."""
+def _band(curves: Sequence[Sequence[float]]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Epochs 1..n and, at each, the mean, min and max over the curves that reach it."""
+    xs, mean, lo, hi = [], [], [], []
+    for i in range(max(len(c) for c in curves)):
+        vals = [c[i] for c in curves if i < len(c)]
+        xs.append(i + 1)
+        mean.append(statistics.fmean(vals))
+        lo.append(min(vals))
+        hi.append(max(vals))
+    return xs, mean, lo, hi
+
+
+def _final_limits(lo: Sequence[float], hi: Sequence[float]) -> tuple[float, float]:
+    """The final panel's y range: the final values and their intervals, a quarter of their span
+    (at least 0.1 point) as margin, within 0..100."""
+    a, b = min(lo), max(hi)
+    margin = max(0.25 * (b - a), 0.1)
+    return max(a - margin, 0.0), min(b + margin, 100.0)
+
+
+def comparison_figure(groups: Sequence[Group]) -> Any:
+    """Peers' mean top-1 of each group: per evaluated epoch (left), and at the last one (right),
+    the right panel's axis scaled to the final values so that a few tenths of a point show.
+    A group is named by the recipe values that differ between the groups (a sweep's key=value),
+    else by its label. None when no group has an evaluated epoch."""
     require_matplotlib()
     series = [(g, curves) for g in groups if (curves := _peer_mean_curves(g))]
     if not series:
         return None
-    fig = _figure((7.5, 4.2))
-    ax = fig.subplots()
-    for g, curves in series:
-        length = max(len(c) for c in curves)
-        xs, mean, lo, hi = [], [], [], []
-        for i in range(length):
-            vals = [c[i] for c in curves if i < len(c)]
-            xs.append(i + 1)
-            mean.append(statistics.fmean(vals))
-            lo.append(min(vals))
-            hi.append(max(vals))
-        (line,) = ax.plot(xs, mean, marker="o", ms=4, lw=1.6, label=f"{g.label} (n={len(curves)}, final {mean[-1]:.2f})")
+    keys = varying_keys([g for g, _ in series])
+    fig = _figure((10.5, 4.4))
+    ax, fin = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1]})
+    finals_lo, finals_hi = [], []
+    for i, (g, curves) in enumerate(series):
+        xs, mean, lo, hi = _band(curves)
+        name = describe(g, keys) if keys else g.label
+        (line,) = ax.plot(xs, mean, marker="o", ms=4, lw=1.6, label=f"{name} (n={len(curves)}, final {mean[-1]:.2f})")
         if len(curves) > 1:
             ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+        # the final panel: every run's last evaluated epoch (runs of a group may stop at different ones)
+        last = [c[-1] for c in curves]
+        m = statistics.fmean(last)
+        fin.errorbar([i], [m], yerr=[[m - min(last)], [max(last) - m]], fmt="o", ms=6, capsize=5,
+                     color=line.get_color())
+        fin.annotate(f"{m:.2f}", (i, m), textcoords="offset points", xytext=(8, 0), va="center", fontsize=8)
+        finals_lo.append(min(last))
+        finals_hi.append(max(last))
     ax.xaxis.set_major_locator(_integer_locator())
     ax.set_xlabel("evaluated epoch (training epochs of the stage that is tested)")
     ax.set_ylabel("test top-1 (%), mean over a run's peers")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    ax.set_title("test top-1 per group of runs (line: mean over seeds, band: min..max)", fontsize=11)
+    ax.set_title("per epoch (line: mean over seeds, band: min..max)", fontsize=10)
+    fin.set_xlim(-0.6, len(series) - 0.4)
+    fin.set_xticks(range(len(series)))
+    fin.set_xticklabels([str(i + 1) for i in range(len(series))])
+    fin.set_xlabel("group, in the legend's order")
+    fin.set_ylim(*_final_limits(finals_lo, finals_hi))
+    fin.grid(alpha=0.3, axis="y")
+    fin.set_title("final (mean, min..max)", fontsize=10)
+    fig.suptitle("test top-1 per group of runs", fontsize=11)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
+
+
+def plot_comparison(groups: Sequence[Group], path: Path) -> Path | None:
+    """Write :func:`comparison_figure` to ``path``; None (nothing written) when no group has an evaluated epoch."""
+    fig = comparison_figure(groups)
+    return None if fig is None else _save(fig, path)
