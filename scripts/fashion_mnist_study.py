@@ -29,7 +29,7 @@ and writes ``DIR/study.md`` and ``DIR/study.json``.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 import json
 import os
@@ -453,17 +453,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_only:
         return 0
     res = collect(out, scale, args.seeds)
+    write_study(out, "study", res, markdown, argv=argv, started=t0, log=log)
+    return 0
+
+
+def write_study(out: Path, stem: str, res: dict[str, Any], render: Callable[[dict[str, Any], dict[str, Any]], str], *,
+                argv: Sequence[str] | None, started: float, log: Callable[[str], None], machine_extra: str = "") -> None:
+    """Write ``<stem>.json`` (results plus the command, machine and wall time) and ``<stem>.md``, print the table."""
     cpu = platform.processor() or platform.machine()
     meta = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]) if argv is None else " ".join(argv),
             "machine": f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}, OMP_NUM_THREADS="
-                       f"{os.environ.get('OMP_NUM_THREADS')}",
-            "wall_min": (time.time() - t0) / 60}
-    (out / "study.json").write_text(json.dumps(res | {"meta": meta}, indent=2, default=str), encoding="utf-8")
-    text = markdown(res, meta)
-    (out / "study.md").write_text(text, encoding="utf-8")
+                       f"{os.environ.get('OMP_NUM_THREADS')}{machine_extra}",
+            "wall_min": (time.time() - started) / 60}
+    (out / f"{stem}.json").write_text(json.dumps(res | {"meta": meta}, indent=2, default=str), encoding="utf-8")
+    text = render(res, meta)
+    (out / f"{stem}.md").write_text(text, encoding="utf-8")
     print(text)
-    log(f"study written to {out / 'study.md'}")
-    return 0
+    log(f"study written to {out / f'{stem}.md'}")
 
 
 if __name__ == "__main__":

@@ -381,16 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"recipes written to {out / 'recipes'}")
         return 0
     res = collect(out, scale, seeds)
-    cpu = platform.processor() or platform.machine()
-    meta = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]) if argv is None else " ".join(argv),
-            "machine": f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}, OMP_NUM_THREADS="
-                       f"{os.environ.get('OMP_NUM_THREADS')}, --jobs {args.jobs}",
-            "wall_min": (time.time() - t0) / 60}
-    (out / "online_study.json").write_text(json.dumps(res | {"meta": meta}, indent=2, default=str), encoding="utf-8")
-    text = markdown(res, meta)
-    (out / "online_study.md").write_text(text, encoding="utf-8")
-    print(text)
-    log(f"study written to {out / 'online_study.md'}")
+    fms.write_study(out, "online_study", res, markdown, argv=argv, started=t0, log=log,
+                    machine_extra=f", --jobs {args.jobs}")
     return 0
 
 

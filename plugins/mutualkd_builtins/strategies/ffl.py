@@ -15,8 +15,9 @@ import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
-from mutualkd.strategy import LossTerms, SetupContext, Step, StepContext, Strategy, StrategyParams
-from mutualkd_builtins.losses import kd_div, sigmoid_rampup
+from mutualkd.strategy import LossTerms, SetupContext, Step, StepContext, Strategy
+from mutualkd_builtins.losses import kd_div
+from mutualkd_builtins.strategies._ramped import RampedKDParams
 from mutualkd_builtins.strategies.one import one_network
 
 KD_EPS = 1e-7  # added to the target probabilities, not renormalised (the authors' KLLoss)
@@ -87,12 +88,7 @@ def ffl_terms(
 # --------------------------------------------------------------------------- the strategy
 
 
-class FFLParams(StrategyParams):
-    temperature: float = Field(3.0, ge=0.05, le=100.0, description="softmax temperature T of the distillation (3)")
-    rampup_epochs: int = Field(
-        80, ge=0, description="length L of the ramp exp(-5 (1 - e/L)^2) on the distillation weight (authors: 80 of 300"
-        " epochs; 0: full weight from the start)"
-    )
+class FFLParams(RampedKDParams):
     fusion_weight_decay: float = Field(
         1e-5, ge=0.0, description="weight decay of the fusion module's optimizer (authors: 1e-5); its other settings"
         " are the recipe's [optimizer]"
@@ -129,7 +125,7 @@ class FFL(Strategy[FFLParams]):
         outs = [ctx.output(name) for name in self.peers]
         fused = ctx.module("fusion")([o.features for o in outs])
         branches, fused_terms = ffl_terms([o.logits for o in outs], fused, ctx.labels, temperature=p.temperature,
-                                          weight=sigmoid_rampup(ctx.epoch, p.rampup_epochs))
+                                          weight=p.kd_weight(ctx.epoch))
         return {**dict(zip(self.peers, branches)), "fused": fused_terms}
 
     def outputs(self) -> Sequence[str]:

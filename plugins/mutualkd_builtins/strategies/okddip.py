@@ -15,8 +15,9 @@ import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
-from mutualkd.strategy import LossTerms, RecipeError, SetupContext, Step, StepContext, Strategy, StrategyParams
-from mutualkd_builtins.losses import kd_div, sigmoid_rampup
+from mutualkd.strategy import LossTerms, RecipeError, SetupContext, Step, StepContext, Strategy
+from mutualkd_builtins.losses import kd_div
+from mutualkd_builtins.strategies._ramped import RampedKDParams
 from mutualkd_builtins.strategies.one import one_network
 
 KD_EPS = 1e-7  # added to the target probabilities, not renormalised (the authors' KL loss)
@@ -89,12 +90,7 @@ def okddip_terms(
 # --------------------------------------------------------------------------- the strategy
 
 
-class OKDDipParams(StrategyParams):
-    temperature: float = Field(3.0, ge=0.05, le=100.0, description="softmax temperature T of the distillation (3)")
-    rampup_epochs: int = Field(
-        80, ge=0, description="length L of the ramp exp(-5 (1 - e/L)^2) on the distillation weight (authors: 80 of 300"
-        " epochs; 0: full weight from the start)"
-    )
+class OKDDipParams(RampedKDParams):
     detach_targets: bool = Field(
         False,
         description="detach the peers' attention-weighted targets and the leader's target; off (the authors' code):"
@@ -134,7 +130,7 @@ class OKDDip(Strategy[OKDDipParams]):
         attention = ctx.module("attention")([o.features.mean(dim=(2, 3)) for o in peers])
         peer_terms, leader_terms = okddip_terms(
             [o.logits for o in peers], leader.logits, attention, ctx.labels, temperature=p.temperature,
-            weight=sigmoid_rampup(ctx.epoch, p.rampup_epochs), detach_targets=p.detach_targets,
+            weight=p.kd_weight(ctx.epoch), detach_targets=p.detach_targets,
         )
         return {**dict(zip(self.peers[:-1], peer_terms)), self.peers[-1]: leader_terms}
 

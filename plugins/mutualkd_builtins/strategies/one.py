@@ -16,8 +16,9 @@ import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
-from mutualkd.strategy import LossTerms, RecipeError, SetupContext, Step, StepContext, Strategy, StrategyParams
-from mutualkd_builtins.losses import kd_div, sigmoid_rampup
+from mutualkd.strategy import LossTerms, RecipeError, SetupContext, Step, StepContext, Strategy
+from mutualkd_builtins.losses import kd_div
+from mutualkd_builtins.strategies._ramped import RampedKDParams
 
 KD_EPS = 1e-7  # added to the target probabilities, not renormalised (the authors' KLLoss)
 
@@ -79,12 +80,8 @@ def one_terms(
 # --------------------------------------------------------------------------- the strategy
 
 
-class ONEParams(StrategyParams):
-    temperature: float = Field(3.0, ge=0.05, le=100.0, description="softmax temperature T of the distillation (authors: 3)")
-    rampup_epochs: int = Field(
-        80, ge=0, description="length L of the ramp exp(-5 (1 - e/L)^2) on the distillation weight (authors: 80 of 300"
-        " epochs; 0: full weight from the start)"
-    )
+class ONEParams(RampedKDParams):
+    """ONE has no parameters of its own: the temperature and the ramp."""
 
 
 class ONE(Strategy[ONEParams]):
@@ -113,7 +110,7 @@ class ONE(Strategy[ONEParams]):
         p = self.params
         outs = [ctx.output(name) for name in self.peers]
         gate = ctx.module("gate")(outs[0].trunk)
-        weight = sigmoid_rampup(ctx.epoch, p.rampup_epochs)
+        weight = p.kd_weight(ctx.epoch)
         branches, ensemble = one_terms([o.logits for o in outs], gate, ctx.labels, temperature=p.temperature,
                                        weight=weight)
         return {**dict(zip(self.peers, branches)), "gated": ensemble}

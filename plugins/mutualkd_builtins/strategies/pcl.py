@@ -20,9 +20,10 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from mutualkd.strategy import (
-    EMA_SUFFIX, LossTerms, PeerOutput, SetupContext, Step, StepContext, Strategy, StrategyParams, TemporalMean,
+    EMA_SUFFIX, LossTerms, PeerOutput, SetupContext, Step, StepContext, Strategy, TemporalMean,
 )
-from mutualkd_builtins.losses import kd_div, sigmoid_rampup
+from mutualkd_builtins.losses import kd_div
+from mutualkd_builtins.strategies._ramped import RampedKDParams
 from mutualkd_builtins.strategies.one import one_network
 
 
@@ -93,12 +94,7 @@ def pcl_terms(
 # --------------------------------------------------------------------------- the strategy
 
 
-class PCLParams(StrategyParams):
-    temperature: float = Field(3.0, ge=0.05, le=100.0, description="softmax temperature T of the distillation (3)")
-    rampup_epochs: int = Field(
-        80, ge=0, description="length L of the ramp exp(-5 (1 - e/L)^2) on the distillation weight (paper: 80 of 300"
-        " epochs; 0: full weight from the start)"
-    )
+class PCLParams(RampedKDParams):
     ema_cap: float = Field(
         0.999, gt=0.0, lt=1.0, description="the temporal mean's decay a_t = min(1 - 1/(t+1), ema_cap) (0.999)"
     )
@@ -147,7 +143,7 @@ class PCL(Strategy[PCLParams]):
         outs = [ctx.output(name) for name in self.peers]
         means = [ctx.output(name + EMA_SUFFIX).logits for name in self.peers]  # the temporal mean: no graph
         branches, ensemble = pcl_terms([o.logits for o in outs], self._ensemble(ctx, outs), means, ctx.labels,
-                                       temperature=p.temperature, weight=sigmoid_rampup(ctx.epoch, p.rampup_epochs))
+                                       temperature=p.temperature, weight=p.kd_weight(ctx.epoch))
         return {**dict(zip(self.peers, branches)), "peer_ensemble": ensemble}
 
     def outputs(self) -> Sequence[str]:
