@@ -134,8 +134,12 @@ def linear_cka(x: Tensor, y: Tensor, *, debiased: bool = False) -> float:
 
 # --------------------------------------------------------------------------- one run
 def _strategy_teacher(recipe: Any, run_dir: Path) -> tuple[str, str | int]:
-    params = dict(recipe.strategy.params)
-    if "teacher" not in params:
+    """The teacher the run's strategy names, from its parameters as the recipe's load resolved them."""
+    from mutualkd.config import resolve_strategy
+
+    _, resolved = resolve_strategy(recipe, str(run_dir / "recipe.toml"))
+    params = resolved.model_dump()
+    if params.get("teacher") is None:
         raise UserError(
             f"the run in {run_dir} has no teacher: its strategy '{recipe.strategy.name}' names none",
             hint="give one with --teacher RUN_OR_CHECKPOINT_DIR [--teacher-peer NAME]; for two peers of one"

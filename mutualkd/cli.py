@@ -166,11 +166,11 @@ def validate(
 
 def _explain_rows(rec: Recipe, recipe_file: str) -> list[ExplainRow]:
     """Every key of ``rec`` resolved, the strategy's parameters with their defaults filled in."""
-    from mutualkd import get_strategy
+    from mutualkd.config import resolve_strategy
     from mutualkd.recipe_doc import explain
 
-    cls = get_strategy(rec.strategy.name, where=f"{recipe_file} [strategy.name]", blocked=rec.run.block_plugins or ())
-    return explain(rec, cls.Params.model_validate(rec.strategy.params))
+    _, params = resolve_strategy(rec, recipe_file)  # resolved when the recipe was loaded: not validated again
+    return explain(rec, params)
 
 
 def _explain_table(recipe_file: str, rows: list[ExplainRow]) -> Table:
