@@ -135,9 +135,9 @@ def linear_cka(x: Tensor, y: Tensor, *, debiased: bool = False) -> float:
 # --------------------------------------------------------------------------- one run
 def _strategy_teacher(recipe: Any, run_dir: Path) -> tuple[str, str | int]:
     """The teacher the run's strategy names, from its parameters as the recipe's load resolved them."""
-    from mutualkd.config import resolve_strategy
+    from mutualkd.config import resolve_params
 
-    _, resolved = resolve_strategy(recipe, str(run_dir / "recipe.toml"))
+    _, resolved = resolve_params(recipe, str(run_dir / "recipe.toml"))
     params = resolved.model_dump()
     if params.get("teacher") is None:
         raise UserError(

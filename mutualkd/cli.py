@@ -85,6 +85,14 @@ def _load(recipe: Path, overrides: list[str] | None):
     return load_recipe(recipe, overrides or [])
 
 
+def _check_fit(rec: Recipe, recipe_file: str) -> None:
+    """The recipe's peers and schedule fit its strategy (exit 2 before any Accelerator, tracker or lock)."""
+    from mutualkd.config import check_strategy_fit, resolve_params
+
+    cls, _ = resolve_params(rec, recipe_file)
+    check_strategy_fit(rec, recipe_file, cls)
+
+
 @app.command()
 def run(
     recipe: Annotated[Optional[Path], typer.Argument(help="The TOML recipe to run.")] = None,
@@ -106,7 +114,8 @@ def run(
             if resume is None:
                 raise UserError("no recipe given", hint="run `mutualkd run RECIPE.toml` or `mutualkd run --resume RUN_DIR`")
             recipe = run_folder_of(resume) / "recipe.toml"
-        rec = _load(recipe, set_)
+        rec = _load(recipe, set_)  # the strategy's parameters and the data keys are resolved here
+        _check_fit(rec, str(recipe))
         # A run folder another process is writing is refused before torch is even loaded (by the
         # main process of a launch: the others' own rank 0 takes the lock later, in the Trainer).
         if os.environ.get("RANK", "0") == "0":
@@ -166,10 +175,10 @@ def validate(
 
 def _explain_rows(rec: Recipe, recipe_file: str) -> list[ExplainRow]:
     """Every key of ``rec`` resolved, the strategy's parameters with their defaults filled in."""
-    from mutualkd.config import resolve_strategy
+    from mutualkd.config import resolve_params
     from mutualkd.recipe_doc import explain
 
-    _, params = resolve_strategy(rec, recipe_file)  # resolved when the recipe was loaded: not validated again
+    _, params = resolve_params(rec, recipe_file)  # resolved when the recipe was loaded: not validated again
     return explain(rec, params)
 
 

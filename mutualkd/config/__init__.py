@@ -23,7 +23,7 @@ from mutualkd.config.overrides import apply_overrides
 from mutualkd.config.peers import EmaConfig, OptimizerConfig, PeerConfig, SchedulerConfig
 from mutualkd.config.reading import check_nesting, read_toml
 from mutualkd.config.recipe import Recipe, ScheduleConfig, StrategyConfig, load_recipe, parse_recipe, peer_names_of
-from mutualkd.config.resolve import check_pipeline_keys, resolve_recipe, resolve_strategy
+from mutualkd.config.resolve import check_pipeline_keys, check_strategy_fit, resolve_params, resolve_recipe
 from mutualkd.config.run import LOGGING_ONLY_FIELDS, RunConfig, TrackerName
 from mutualkd.recipe_errors import format_validation_error
 
@@ -48,7 +48,8 @@ __all__ = [
     "check_nesting",
     "apply_overrides",
     "resolve_recipe",
-    "resolve_strategy",
+    "resolve_params",
+    "check_strategy_fit",
     "check_pipeline_keys",
     "format_validation_error",
     "MAX_IMAGE_SIZE",

@@ -34,7 +34,7 @@ class StrategyConfig(BaseModel):
     """``[strategy]``: the strategy's name; every other key belongs to the strategy.
 
     The other keys are checked against the strategy's own ``Params`` model when the recipe
-    is loaded (:func:`mutualkd.config.resolve.resolve_strategy`), which keeps the result in
+    is loaded (:func:`mutualkd.config.resolve.resolve_params`), which keeps the result in
     :attr:`resolved`; the engine, ``validate --explain`` and ``analyze`` read it from there.
     """
 

@@ -6,10 +6,11 @@ recipe is loaded, so that ``mutualkd validate`` and ``mutualkd run`` refuse a ba
 (exit 2) before anything is built, written or locked:
 
 * the strategy is looked up in the registry (its entry point, or a block naming it) and its
-  parameters are validated by the strategy's own ``Params`` model; the peer count, the
-  schedule's mode, frozen peers and branches are checked against the class. The result is
-  kept on ``recipe.strategy`` (:attr:`~mutualkd.config.StrategyConfig.resolved`): the engine,
-  ``validate --explain`` and ``analyze`` use it, none validates again;
+  parameters are validated by the strategy's own ``Params`` model. The result is kept on
+  ``recipe.strategy`` (:attr:`~mutualkd.config.StrategyConfig.resolved`): the engine,
+  ``validate --explain`` and ``analyze`` use it, none validates again. Whether the peers and
+  the schedule fit the class (:func:`check_strategy_fit`) is checked by the engine's first
+  build step and by ``mutualkd run`` before anything is built;
 * a ``[data]`` key the chosen pipeline would not use is refused (the stream pipeline's
   transforms and workers when the pipeline resolves to ``device``), naming the key, why and
   the fix, instead of being ignored.
@@ -32,19 +33,19 @@ if TYPE_CHECKING:
     from mutualkd.config.recipe import Recipe
     from mutualkd.strategy import Strategy
 
-__all__ = ["resolve_recipe", "resolve_strategy", "check_pipeline_keys"]
+__all__ = ["resolve_recipe", "resolve_params", "check_strategy_fit", "check_pipeline_keys"]
 
 
 def resolve_recipe(recipe: Recipe, file: str = "<recipe>") -> None:
     """Everything about ``recipe`` that needs no model, settled once; a RecipeError (exit 2) otherwise."""
-    resolve_strategy(recipe, file)
+    resolve_params(recipe, file)
     check_pipeline_keys(recipe.data, file)
 
 
 # --------------------------------------------------------------------------- the strategy
 
 
-def resolve_strategy(recipe: Recipe, file: str = "<recipe>") -> tuple[type[Strategy[Any]], Any]:
+def resolve_params(recipe: Recipe, file: str = "<recipe>") -> tuple[type[Strategy[Any]], Any]:
     """The recipe's strategy class and its validated parameters, or a RecipeError.
 
     The class is looked up through the registry each time (a block applies; a class
@@ -70,16 +71,25 @@ def resolve_strategy(recipe: Recipe, file: str = "<recipe>") -> tuple[type[Strat
                 for k in unknown
             )
         raise err from None
+    recipe.strategy._resolved = (cls, params)
+    return cls, params
+
+
+def check_strategy_fit(recipe: Recipe, file: str, cls: type[Strategy[Any]]) -> None:
+    """The recipe's peers and schedule fit the strategy: peer count, mode, frozen peers, branches.
+
+    Recipe-only checks, made by the engine's first build step (:func:`mutualkd.engine.resolve_strategy`)
+    and by ``mutualkd run`` before anything is built; a recipe that parses need not fit a strategy yet
+    (a sweep or a test may set the peers later).
+    """
     _check_peer_count(recipe, file, cls)
     if recipe.schedule.mode not in cls.modes:
         raise RecipeError(
-            f"strategy '{name}' does not support mode '{recipe.schedule.mode}'",
+            f"strategy '{recipe.strategy.name}' does not support mode '{recipe.schedule.mode}'",
             file=file, field="schedule.mode", hint=f"use one of: {', '.join(cls.modes)}",
         )
     _check_frozen(recipe, file, cls)
     _check_topology(recipe, file, cls)
-    recipe.strategy._resolved = (cls, params)
-    return cls, params
 
 
 def _check_peer_count(recipe: Recipe, file: str, cls: type[Strategy[Any]]) -> None:
@@ -141,11 +151,12 @@ def _check_frozen(recipe: Recipe, file: str, cls: type[Strategy[Any]]) -> None:
 def check_pipeline_keys(cfg: DataConfig, file: str = "<recipe>") -> None:
     """A RecipeError for a ``[data]`` key the user set that the chosen pipeline would ignore.
 
-    Only keys set in the recipe (or by an override) count (``model_fields_set``): a default
-    is never refused. The pipeline is chosen only when such a key is set, since ``auto``
-    may count the images of a folder.
+    Only keys the recipe (or an override) sets (``model_fields_set``) to a value other than
+    their default count: a recipe written out in full (a run folder's ``recipe.toml``) holds
+    every default, and ignoring a default changes nothing. The pipeline is chosen only when
+    such a key is set, since ``auto`` may count the images of a folder.
     """
-    given = cfg.model_fields_set
+    given = {k for k in cfg.model_fields_set if getattr(cfg, k) != DataConfig.model_fields[k].get_default()}
     if cfg.pipeline != "auto":
         unused = [k for k in PIPELINE_CHOICE_FIELDS if k in given]
         if unused:

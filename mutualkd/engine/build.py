@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from mutualkd.config import OptimizerConfig, Recipe, SchedulerConfig
-from mutualkd.config.resolve import resolve_strategy
+from mutualkd.config.resolve import check_strategy_fit, resolve_params
 from mutualkd.data import DatasetInfo, Pipeline, build_pipeline, check_data
 from mutualkd.errors import DataError, RecipeError, UserError, in_file, unknown_name_hint
 from mutualkd.optim import build_optimizer, build_scheduler, check_optimizer
@@ -60,6 +60,14 @@ class Built:
     @property
     def test_loader(self) -> Any:
         return self.data.test
+
+
+def resolve_strategy(recipe: Recipe, recipe_file: str = "<recipe>") -> tuple[type[Strategy[Any]], Any]:
+    """The recipe's strategy class and its parameters (validated when the recipe was loaded), checked against
+    the recipe's peers and schedule; a RecipeError otherwise."""
+    cls, params = resolve_params(recipe, recipe_file)
+    check_strategy_fit(recipe, recipe_file, cls)
+    return cls, params
 
 
 def _strategy(cls: type[Strategy[Any]], params: Any, recipe: Recipe) -> Strategy[Any]:
