@@ -42,8 +42,9 @@ class StrategyConfig(BaseModel):
     name: str = Field(
         "kl_dml", description="the strategy plugin (`mutualkd plugins` lists them); its parameters sit next to name"
     )
-    # (strategy class, its validated Params) once resolved; None for a recipe not loaded through parse_recipe.
-    _resolved: tuple[Any, BaseModel] | None = PrivateAttr(default=None)
+    # (strategy class, the raw parameters it validated, its Params) once resolved; None for a recipe
+    # not loaded through parse_recipe. Not a field: it is no part of the recipe's value.
+    _resolved: tuple[Any, dict[str, Any], BaseModel] | None = PrivateAttr(default=None)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -52,8 +53,23 @@ class StrategyConfig(BaseModel):
 
     @property
     def resolved(self) -> tuple[Any, BaseModel] | None:
-        """``(strategy class, validated Params)`` as the recipe's load resolved them, else None."""
-        return self._resolved
+        """``(strategy class, validated Params)`` as the recipe's load resolved them, else None.
+
+        None as well when the raw parameters changed since (an assignment after loading).
+        """
+        if self._resolved is None or self._resolved[1] != self.params:
+            return None
+        return self._resolved[0], self._resolved[2]
+
+    def remember(self, cls: Any, params: BaseModel) -> None:
+        """Keep ``params``, validated by ``cls.Params`` from the current raw parameters (see :attr:`resolved`)."""
+        self._resolved = (cls, self.params, params)
+
+    def __eq__(self, other: object) -> bool:
+        # Two tables are equal when they say the same; whether one was resolved already does not count.
+        if not isinstance(other, StrategyConfig):
+            return NotImplemented
+        return self.name == other.name and self.params == other.params
 
 
 class ScheduleConfig(_Strict):

@@ -71,7 +71,7 @@ def resolve_params(recipe: Recipe, file: str = "<recipe>") -> tuple[type[Strateg
                 for k in unknown
             )
         raise err from None
-    recipe.strategy._resolved = (cls, params)
+    recipe.strategy.remember(cls, params)
     return cls, params
 
 
