@@ -37,7 +37,11 @@ __all__ = ["resolve_recipe", "resolve_params", "check_strategy_fit", "check_pipe
 
 
 def resolve_recipe(recipe: Recipe, file: str = "<recipe>") -> None:
-    """Everything about ``recipe`` that needs no model, settled once; a RecipeError (exit 2) otherwise."""
+    """What ``recipe`` names, settled when it loads: its strategy's parameters, its pipeline's keys.
+
+    A RecipeError (or, for a strategy that is not installed or is blocked, a PluginError)
+    otherwise: exit 2 from the command line.
+    """
     resolve_params(recipe, file)
     check_pipeline_keys(recipe.data, file)
 
