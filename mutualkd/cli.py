@@ -157,6 +157,7 @@ def validate(
     The keys, their defaults and what they do: docs/recipes.md, or --explain for this recipe.
     """
     from mutualkd.engine import check_recipe
+    from mutualkd.recipe_doc import explain as explain_rows
 
     try:
         rec = _load(recipe, set_)
@@ -164,22 +165,13 @@ def validate(
         # and, with the data, every peer probed at the data's size and the strategy's set-up.
         # Nothing is blocked process-wide: the recipe's run.block_plugins apply to it only.
         check_recipe(rec, recipe_file=str(recipe), data=data)
-        rows = _explain_rows(rec, str(recipe)) if explain else []
+        rows = explain_rows(rec) if explain else []  # the strategy's parameters as the load resolved them
     except UserError as e:
         _fail(in_file(e, str(recipe)))
     if explain:
         out_console.print(_explain_table(str(recipe), rows))
     names = ", ".join(f"{n} ({p.model})" for n, p in zip(rec.peer_names(), rec.peers))
     out_console.print(f"[green]ok[/] {recipe}: strategy {rec.strategy.name}, {len(rec.peers)} peers: {names}; data {rec.data.dataset}")
-
-
-def _explain_rows(rec: Recipe, recipe_file: str) -> list[ExplainRow]:
-    """Every key of ``rec`` resolved, the strategy's parameters with their defaults filled in."""
-    from mutualkd.config import resolve_params
-    from mutualkd.recipe_doc import explain
-
-    _, params = resolve_params(rec, recipe_file)  # resolved when the recipe was loaded: not validated again
-    return explain(rec, params)
 
 
 def _explain_table(recipe_file: str, rows: list[ExplainRow]) -> Table:

@@ -56,8 +56,8 @@ def test_a_misspelt_strategy_parameter_exits_2_before_anything_is_built(
 
 
 def test_the_parameters_are_validated_once_at_load(quickstart_recipe: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mutualkd.cli import _explain_rows
     from mutualkd.engine import check_recipe, resolve_strategy
+    from mutualkd.recipe_doc import explain
 
     recipe = load_recipe(quickstart_recipe, ["strategy.temperature=3"])
     cls, params = recipe.strategy.resolved  # type: ignore[misc]
@@ -69,7 +69,7 @@ def test_the_parameters_are_validated_once_at_load(quickstart_recipe: Path, monk
     monkeypatch.setattr(cls.Params, "model_validate", classmethod(again))
     assert resolve_strategy(recipe, FILE) == (cls, params)
     check_recipe(recipe, recipe_file=FILE, data=False)
-    rows = {r.key: r for r in _explain_rows(recipe, FILE)}
+    rows = {r.key: r for r in explain(recipe)}  # what validate --explain prints
     assert rows["strategy.temperature"].value == "3.0" and rows["strategy.temperature"].source == "recipe"
 
 
