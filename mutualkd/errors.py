@@ -35,17 +35,20 @@ def close_matches(name: str, known: Iterable[str], n: int = 3) -> list[str]:
 
 
 def unknown_name_hint(kind: str, name: str, known: Sequence[str], *, label: str | None = None,
-                      max_shown: int = 30) -> str:
+                      max_shown: int = 30, list_matched: bool = True) -> str:
     """A one-paragraph hint for an unknown name: close matches first, then everything known.
 
     The one "did you mean" of mutualkd: plugin names, recipe keys, a strategy's parameters.
-    ``label`` names the list (default ``known <kind> names``; e.g. ``keys`` for a table's
-    keys); more than ``max_shown`` known names are counted instead of listed.
+    ``label`` names the list (default ``known <kind> names``; e.g. ``known keys``); more
+    than ``max_shown`` known names are counted instead of listed; ``list_matched=False``
+    lists them only when nothing is close.
     """
     matches = close_matches(name, known)
     parts = []
     if matches:
         parts.append("did you mean " + " or ".join(repr(m) for m in matches) + "?")
+        if not list_matched:
+            return parts[0]
     shown = sorted(known)
     if len(shown) > max_shown:
         parts.append(f"{len(shown)} {kind} names are known")

@@ -222,7 +222,8 @@ def _with_key_suggestions(rerr: RecipeError, err: ValidationError, data: dict[st
             known = list(_SECTION_KEYS[str(loc[0])].model_fields)
         else:
             continue
-        hints.append(f"'{key}': " + unknown_name_hint("key", key, known, label="known keys", max_shown=100))
+        hints.append(f"'{key}': " + unknown_name_hint("key", key, known, label="known keys", max_shown=100,
+                                                         list_matched=False))
     if hints:
         rerr.hint = "; ".join(hints)
     return rerr
