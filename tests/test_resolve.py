@@ -120,6 +120,13 @@ def test_a_full_recipe_written_out_loads_again(tmp_path: Path, quickstart_recipe
     assert load_recipe(p) == recipe
 
 
+def test_augmentation_keys_with_augment_off_are_refused() -> None:
+    with pytest.raises(RecipeError) as ei:
+        parse_recipe({"peers": PEERS, "data": {"pipeline": "stream", "augment": False, "reprob": 0.25}}, file=FILE)
+    assert ei.value.field == "data.reprob" and "data.augment = false" in str(ei.value)
+    parse_recipe({"peers": PEERS, "data": {"pipeline": "stream", "augment": False, "num_workers": 0}}, file=FILE)
+
+
 def test_memory_budget_only_with_the_auto_pipeline() -> None:
     with pytest.raises(RecipeError) as ei:
         parse_recipe({"peers": PEERS, "data": {"pipeline": "device", "memory_budget_gb": 8}}, file=FILE)

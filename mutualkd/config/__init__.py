@@ -18,7 +18,7 @@ One module per job:
 from __future__ import annotations
 
 from mutualkd.config._fields import MAX_IMAGE_SIZE, MAX_LR, MAX_NAME_BYTES, MAX_NESTING, MAX_RECIPE_BYTES, MAX_SEED
-from mutualkd.config.data import PIPELINE_CHOICE_FIELDS, STREAM_ONLY_FIELDS, DataConfig
+from mutualkd.config.data import AUGMENT_FIELDS, PIPELINE_CHOICE_FIELDS, STREAM_ONLY_FIELDS, DataConfig
 from mutualkd.config.overrides import apply_overrides
 from mutualkd.config.peers import EmaConfig, OptimizerConfig, PeerConfig, SchedulerConfig
 from mutualkd.config.reading import check_nesting, read_toml
@@ -34,6 +34,7 @@ __all__ = [
     "peer_names_of",
     "DataConfig",
     "STREAM_ONLY_FIELDS",
+    "AUGMENT_FIELDS",
     "PIPELINE_CHOICE_FIELDS",
     "PeerConfig",
     "OptimizerConfig",

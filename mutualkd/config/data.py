@@ -8,7 +8,7 @@ from pydantic import Field, field_validator
 
 from mutualkd.config._fields import MAX_IMAGE_SIZE, MAX_SEED, PositiveInt, _seed_in_range, _Strict
 
-__all__ = ["DataConfig", "STREAM_ONLY_FIELDS", "PIPELINE_CHOICE_FIELDS"]
+__all__ = ["DataConfig", "STREAM_ONLY_FIELDS", "AUGMENT_FIELDS", "PIPELINE_CHOICE_FIELDS"]
 
 #: ``[data]`` keys only the stream pipeline reads (its workers, its reader and timm's
 #: transforms); set under a pipeline that resolves to ``device`` they are refused, not ignored
@@ -17,6 +17,10 @@ __all__ = ["DataConfig", "STREAM_ONLY_FIELDS", "PIPELINE_CHOICE_FIELDS"]
 STREAM_ONLY_FIELDS: tuple[str, ...] = (
     "num_workers", "prefetch_factor", "skip_corrupt", "config_from", "mean", "std", "scale", "ratio", "hflip",
     "vflip", "color_jitter", "auto_augment", "interpolation", "crop_pct", "reprob", "remode", "recount",
+)
+#: The stream pipeline's training augmentation keys: unused with ``augment = false``.
+AUGMENT_FIELDS: tuple[str, ...] = (
+    "scale", "ratio", "hflip", "vflip", "color_jitter", "auto_augment", "reprob", "remode", "recount",
 )
 #: ``[data]`` keys read only when ``pipeline = "auto"`` chooses the pipeline.
 PIPELINE_CHOICE_FIELDS: tuple[str, ...] = ("memory_budget_gb",)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from mutualkd.config.data import PIPELINE_CHOICE_FIELDS, STREAM_ONLY_FIELDS, DataConfig
+from mutualkd.config.data import AUGMENT_FIELDS, PIPELINE_CHOICE_FIELDS, STREAM_ONLY_FIELDS, DataConfig
 from mutualkd.errors import RecipeError, unknown_name_hint
 from mutualkd.recipe_errors import format_validation_error
 
@@ -168,6 +168,15 @@ def check_pipeline_keys(cfg: DataConfig, file: str = "<recipe>") -> None:
                 f"data.{unused[0]} is used only to choose the pipeline when data.pipeline = \"auto\"; this recipe sets"
                 f" data.pipeline = \"{cfg.pipeline}\"", file=file, field=f"data.{unused[0]}",
                 hint=f"remove data.{unused[0]}, or set data.pipeline = \"auto\"",
+            )
+    if not cfg.augment:
+        unused = [k for k in AUGMENT_FIELDS if k in given]
+        if unused:
+            keys = ", ".join(f"data.{k}" for k in unused)
+            raise RecipeError(
+                f"{keys} {'is' if len(unused) == 1 else 'are'} training augmentation, and this recipe sets"
+                " data.augment = false", file=file, field=f"data.{unused[0]}",
+                hint=f"remove {keys}, or set data.augment = true",
             )
     stream_keys = [k for k in STREAM_ONLY_FIELDS if k in given]
     if not stream_keys:
