@@ -12,6 +12,11 @@ bundled sets, and image folders whose decoded images fit ``data.memory_budget_gb
 device pipeline needs their ``image_size``, as before); a larger folder and tar shards stream. :func:`choose_pipeline`
 says which and why; the run prints it at start.
 
+:func:`resolve_data` resolves the ``[data]`` table once: the pipeline, the data set and
+the input spec (:func:`~mutualkd.data.transforms.resolve_input`, for both pipelines: the
+device pipeline resizes its splits to the spec's size once). ``mutualkd validate``
+(:func:`check_data`) and a run (:func:`build_pipeline`) both start from it.
+
 Mixup, cutmix and label smoothing (:class:`~mutualkd.data.transforms.BatchMixup`) act on
 training batches on the device, in both pipelines. A validation split held out of train
 (``data.val_fraction``) is evaluated like the test split.
@@ -27,7 +32,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from mutualkd.data._base import DatasetInfo, Split, check_image_memory, dataset_entrypoint, resize_images, stratified_subset
+from mutualkd.data._base import (
+    DatasetInfo,
+    Split,
+    check_image_memory,
+    dataset_entrypoint,
+    resize_images,
+    stratified_subset,
+)
 from mutualkd.data.datasets import load_splits, split_indices
 from mutualkd.data.loader import BatchLoader
 from mutualkd.data.sources import Source, SplitSource, count_folder_images, folder_sources, tar_sources
@@ -194,7 +206,8 @@ def plan_device(cfg: DataConfig, *, seed: int, peers: Mapping[str, str]) -> Devi
                             field="data.image_size", hint="set data.image_size, or data.pipeline = \"stream\"")
         n = len(train) + len(test) + (len(val) if val is not None else 0)
         check_image_memory(n, info.in_chans, h, what=f"the {n} images of {info.name}")
-        train, test = Split(resize_images(train.images, h), train.labels), Split(resize_images(test.images, h), test.labels)
+        train = Split(resize_images(train.images, h), train.labels)
+        test = Split(resize_images(test.images, h), test.labels)
         if val is not None:
             val = Split(resize_images(val.images, h), val.labels)
         padding = max(1, round(info.padding * h / info.image_size[0])) if info.padding > 0 else 0

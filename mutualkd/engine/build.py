@@ -22,7 +22,7 @@ from mutualkd.data import DatasetInfo, Pipeline, build_pipeline, check_data
 from mutualkd.errors import DataError, RecipeError, UserError, in_file, unknown_name_hint
 from mutualkd.optim import build_optimizer, build_scheduler, check_optimizer
 from mutualkd.peers import input_norm
-from mutualkd.registry import get_metric, get_strategy
+from mutualkd.registry import get_metric
 from mutualkd.engine.launcher import CompileChoice
 from mutualkd._logging import get_logger
 from mutualkd.engine.networks import Slot, Unit, make_networks, networks_of, peer_views, temporal_means
