@@ -134,8 +134,12 @@ def linear_cka(x: Tensor, y: Tensor, *, debiased: bool = False) -> float:
 
 # --------------------------------------------------------------------------- one run
 def _strategy_teacher(recipe: Any, run_dir: Path) -> tuple[str, str | int]:
-    params = dict(recipe.strategy.params)
-    if "teacher" not in params:
+    """The teacher the run's strategy names, from its parameters as the recipe's load resolved them."""
+    from mutualkd.config import resolve_params
+
+    _, resolved = resolve_params(recipe, str(run_dir / "recipe.toml"))
+    params = resolved.model_dump()
+    if params.get("teacher") is None:
         raise UserError(
             f"the run in {run_dir} has no teacher: its strategy '{recipe.strategy.name}' names none",
             hint="give one with --teacher RUN_OR_CHECKPOINT_DIR [--teacher-peer NAME]; for two peers of one"
@@ -145,15 +149,16 @@ def _strategy_teacher(recipe: Any, run_dir: Path) -> tuple[str, str | int]:
 
 
 def _test_split(run_recipe: Any, run_dir: Path) -> tuple[Any, Any]:
-    """The run's test split and data set info, as its recipe defines them."""
-    from mutualkd.data import load_dataset
+    """The run's test split and data set info, resolved as the run's device pipeline resolves them."""
+    from mutualkd.data.pipeline import plan_device
     from mutualkd.errors import DataError
 
+    peers = dict(zip(run_recipe.network_names(), (pc.model for pc in run_recipe.peers)))
     try:
-        _, test, info = load_dataset(run_recipe.data, seed=run_recipe.run.seed)
+        plan = plan_device(run_recipe.data, seed=run_recipe.run.seed, peers=peers)
     except DataError as e:
         raise UserError(f"{run_dir}: the run's test split cannot be loaded: {e.message}", hint=e.hint) from None
-    return test, info
+    return plan.test, plan.info
 
 
 def _batches(run_recipe: Any, test: Any, info: Any, max_samples: int | None) -> Iterator[tuple[Tensor, Tensor]]:

@@ -85,6 +85,14 @@ def _load(recipe: Path, overrides: list[str] | None):
     return load_recipe(recipe, overrides or [])
 
 
+def _check_fit(rec: Recipe, recipe_file: str) -> None:
+    """The recipe's peers and schedule fit its strategy (exit 2 before any Accelerator, tracker or lock)."""
+    from mutualkd.config import check_strategy_fit, resolve_params
+
+    cls, _ = resolve_params(rec, recipe_file)
+    check_strategy_fit(rec, recipe_file, cls)
+
+
 @app.command()
 def run(
     recipe: Annotated[Optional[Path], typer.Argument(help="The TOML recipe to run.")] = None,
@@ -106,7 +114,8 @@ def run(
             if resume is None:
                 raise UserError("no recipe given", hint="run `mutualkd run RECIPE.toml` or `mutualkd run --resume RUN_DIR`")
             recipe = run_folder_of(resume) / "recipe.toml"
-        rec = _load(recipe, set_)
+        rec = _load(recipe, set_)  # the strategy's parameters and the data keys are resolved here
+        _check_fit(rec, str(recipe))
         # A run folder another process is writing is refused before torch is even loaded (by the
         # main process of a launch: the others' own rank 0 takes the lock later, in the Trainer).
         if os.environ.get("RANK", "0") == "0":
@@ -148,6 +157,7 @@ def validate(
     The keys, their defaults and what they do: docs/recipes.md, or --explain for this recipe.
     """
     from mutualkd.engine import check_recipe
+    from mutualkd.recipe_doc import explain as explain_rows
 
     try:
         rec = _load(recipe, set_)
@@ -155,22 +165,13 @@ def validate(
         # and, with the data, every peer probed at the data's size and the strategy's set-up.
         # Nothing is blocked process-wide: the recipe's run.block_plugins apply to it only.
         check_recipe(rec, recipe_file=str(recipe), data=data)
-        rows = _explain_rows(rec, str(recipe)) if explain else []
+        rows = explain_rows(rec) if explain else []  # the strategy's parameters as the load resolved them
     except UserError as e:
         _fail(in_file(e, str(recipe)))
     if explain:
         out_console.print(_explain_table(str(recipe), rows))
     names = ", ".join(f"{n} ({p.model})" for n, p in zip(rec.peer_names(), rec.peers))
     out_console.print(f"[green]ok[/] {recipe}: strategy {rec.strategy.name}, {len(rec.peers)} peers: {names}; data {rec.data.dataset}")
-
-
-def _explain_rows(rec: Recipe, recipe_file: str) -> list[ExplainRow]:
-    """Every key of ``rec`` resolved, the strategy's parameters with their defaults filled in."""
-    from mutualkd import get_strategy
-    from mutualkd.recipe_doc import explain
-
-    cls = get_strategy(rec.strategy.name, where=f"{recipe_file} [strategy.name]", blocked=rec.run.block_plugins or ())
-    return explain(rec, cls.Params.model_validate(rec.strategy.params))
 
 
 def _explain_table(recipe_file: str, rows: list[ExplainRow]) -> Table:

@@ -19,6 +19,7 @@ __all__ = [
     "CheckpointError",
     "NonFiniteLossError",
     "close_matches",
+    "unknown_name_hint",
     "in_file",
 ]
 
@@ -33,17 +34,28 @@ def close_matches(name: str, known: Iterable[str], n: int = 3) -> list[str]:
     return difflib.get_close_matches(name, sorted(known), n=n, cutoff=0.5)
 
 
-def unknown_name_hint(kind: str, name: str, known: Sequence[str]) -> str:
-    """A one-paragraph hint for an unknown name: close matches first, then everything known."""
+def unknown_name_hint(kind: str, name: str, known: Sequence[str], *, label: str | None = None,
+                      max_shown: int = 30, list_matched: bool = True) -> str:
+    """A one-paragraph hint for an unknown name: close matches first, then everything known.
+
+    The one "did you mean" of mutualkd: plugin names, recipe keys, a strategy's parameters.
+    ``label`` names the list (default ``known <kind> names``; e.g. ``known keys``); more
+    than ``max_shown`` known names are counted instead of listed; ``list_matched=False``
+    lists them only when nothing is close.
+    """
     matches = close_matches(name, known)
     parts = []
     if matches:
         parts.append("did you mean " + " or ".join(repr(m) for m in matches) + "?")
+        if not list_matched:
+            return parts[0]
     shown = sorted(known)
-    if len(shown) > 30:
+    if len(shown) > max_shown:
         parts.append(f"{len(shown)} {kind} names are known")
-    else:
+    elif label is None:
         parts.append(f"known {kind} names: " + (", ".join(shown) if shown else "(none installed)"))
+    else:
+        parts.append(f"{label}: " + (", ".join(shown) if shown else "(none)"))
     return "; ".join(parts)
 
 

@@ -311,9 +311,12 @@ def explain(recipe: Recipe, strategy_params: BaseModel | None = None) -> list[Ex
     """Every key of ``recipe``, resolved: sections in order, each peer, then the strategy's parameters.
 
     ``strategy_params`` is the strategy's validated ``Params`` object (its defaults
-    filled in); without it the ``[strategy]`` keys are listed as the recipe gives them.
+    filled in); unset, the one the recipe's load resolved (``recipe.strategy.resolved``),
+    and for a recipe never resolved the ``[strategy]`` keys as the recipe gives them.
     A peer without a table of its own (optimizer, schedule, ...) shows the shared one it uses.
     """
+    if strategy_params is None and recipe.strategy.resolved is not None:
+        strategy_params = recipe.strategy.resolved[1]
     rows: list[ExplainRow] = []
     names = recipe.peer_names()
     for section, section_info in Recipe.model_fields.items():

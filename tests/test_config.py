@@ -187,8 +187,18 @@ def test_nesterov_needs_momentum(base):
 
 def test_strategy_params_are_kept_for_the_plugin(base):
     d = copy.deepcopy(base)
-    d["strategy"]["anything"] = 1  # validated by the strategy's own model, later
-    assert parse_recipe(d).strategy.params["anything"] == 1
+    d["strategy"]["temperature"] = 3  # validated by the strategy's own model when the recipe loads
+    recipe = parse_recipe(d)
+    assert recipe.strategy.params["temperature"] == 3
+    assert recipe.strategy.resolved is not None and recipe.strategy.resolved[1].temperature == 3.0
+
+
+def test_a_key_the_strategy_does_not_take_is_refused_at_load(base):
+    d = copy.deepcopy(base)
+    d["strategy"]["anything"] = 1
+    with pytest.raises(RecipeError) as ei:
+        parse_recipe(d, file=FILE)
+    assert ei.value.field == "strategy.anything" and "parameters of 'kl_dml'" in str(ei.value)
 
 
 # --------------------------------------------------------------------------- --set overrides

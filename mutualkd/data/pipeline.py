@@ -12,6 +12,11 @@ bundled sets, and image folders whose decoded images fit ``data.memory_budget_gb
 device pipeline needs their ``image_size``, as before); a larger folder and tar shards stream. :func:`choose_pipeline`
 says which and why; the run prints it at start.
 
+:func:`resolve_data` resolves the ``[data]`` table once: the pipeline, the data set and
+the input spec (:func:`~mutualkd.data.transforms.resolve_input`, for both pipelines: the
+device pipeline resizes its splits to the spec's size once). ``mutualkd validate``
+(:func:`check_data`) and a run (:func:`build_pipeline`) both start from it.
+
 Mixup, cutmix and label smoothing (:class:`~mutualkd.data.transforms.BatchMixup`) act on
 training batches on the device, in both pipelines. A validation split held out of train
 (``data.val_fraction``) is evaluated like the test split.
@@ -20,24 +25,34 @@ training batches on the device, in both pipelines. A validation split held out o
 from __future__ import annotations
 
 from collections.abc import Mapping
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from mutualkd.data._base import DatasetInfo, dataset_entrypoint, stratified_subset
+from mutualkd.data._base import (
+    DatasetInfo,
+    Split,
+    check_image_memory,
+    dataset_entrypoint,
+    resize_images,
+    stratified_subset,
+)
 from mutualkd.data.datasets import load_splits, split_indices
 from mutualkd.data.loader import BatchLoader
 from mutualkd.data.sources import Source, SplitSource, count_folder_images, folder_sources, tar_sources
 from mutualkd.data.sampling import check_balanced
 from mutualkd.data.stream import StreamDataset, StreamLoader
 from mutualkd.data.transforms import BatchMixup, InputConfig, build_mixup, build_transform, resolve_input
+from mutualkd.errors import DataError
 
 if TYPE_CHECKING:
     from mutualkd.config import DataConfig
 
-__all__ = ["Loader", "Pipeline", "StreamPlan", "build_pipeline", "check_data", "choose_pipeline", "plan_stream"]
+__all__ = ["Loader", "Pipeline", "StreamPlan", "DevicePlan", "ResolvedData", "build_pipeline", "check_data",
+           "check_resolved", "choose_pipeline", "plan_stream", "plan_device", "resolve_data"]
 
 #: What the engine iterates over: either pipeline's loader.
 Loader = BatchLoader | StreamLoader
@@ -54,7 +69,7 @@ class Pipeline:
     test: Loader
     val: Loader | None = None
     mixup: BatchMixup | None = None
-    input: InputConfig | None = None  # stream: the input size and normalisation the transforms use
+    input: InputConfig | None = None  # the resolved input: size and normalisation of what the peers are fed
 
     def describe(self, batch_size: int, world: int, num_workers: int) -> str:
         """The pipeline and why, and the global batch (a line of what a run prints at start)."""
@@ -77,6 +92,38 @@ class StreamPlan:
     train_idx: np.ndarray
     val_idx: np.ndarray | None
     test_idx: np.ndarray
+
+
+@dataclass
+class DevicePlan:
+    """A device pipeline's splits, decoded and brought to the resolved input size (no loader yet)."""
+
+    info: DatasetInfo
+    input: InputConfig
+    train: Split
+    val: Split | None
+    test: Split
+
+
+@dataclass
+class ResolvedData:
+    """A recipe's ``[data]`` resolved once: the pipeline and why, the data set, the input spec, the plan.
+
+    What ``mutualkd validate`` checks (:func:`check_data`) and what a run builds its loaders
+    from (:func:`build_pipeline`): both come from :func:`resolve_data`.
+    """
+
+    kind: str
+    reason: str
+    plan: DevicePlan | StreamPlan
+
+    @property
+    def info(self) -> DatasetInfo:
+        return self.plan.info
+
+    @property
+    def input(self) -> InputConfig:
+        return self.plan.input
 
 
 # --------------------------------------------------------------------------- choosing
@@ -140,6 +187,43 @@ def plan_stream(cfg: DataConfig, *, seed: int, peers: Mapping[str, str]) -> Stre
                       _arange_or(test_idx, len(test_src)))
 
 
+def plan_device(cfg: DataConfig, *, seed: int, peers: Mapping[str, str]) -> DevicePlan:
+    """The device pipeline's splits at the resolved input size, with the subsets the recipe asks for.
+
+    The data set is read at its native size (an image folder: at ``image_size``, which it
+    needs to decode), the input spec is resolved from that native info and the recipe
+    (:func:`~mutualkd.data.transforms.resolve_input`, the stream pipeline's resolution too),
+    and every split is resized once to the spec's size (bilinear, antialiased), the crop
+    padding scaled with it.
+    """
+    train, val, test, info = load_splits(cfg, seed=seed, resize=False)
+    inp = resolve_input(cfg, dataset=info.name, in_chans=info.in_chans, native_size=info.image_size,
+                        mean=info.mean, std=info.std, peers=peers)
+    _, h, w = inp.input_size
+    if (h, w) != info.image_size:
+        if h != w:
+            raise DataError(f"the device pipeline resizes to square images; the resolved input is {h}x{w}",
+                            field="data.image_size", hint="set data.image_size, or data.pipeline = \"stream\"")
+        n = len(train) + len(test) + (len(val) if val is not None else 0)
+        check_image_memory(n, info.in_chans, h, what=f"the {n} images of {info.name}")
+        train = Split(resize_images(train.images, h), train.labels)
+        test = Split(resize_images(test.images, h), test.labels)
+        if val is not None:
+            val = Split(resize_images(val.images, h), val.labels)
+        padding = max(1, round(info.padding * h / info.image_size[0])) if info.padding > 0 else 0
+        info = dataclasses.replace(info, image_size=(h, w), padding=padding)
+    info = dataclasses.replace(info, mean=inp.mean, std=inp.std)
+    return DevicePlan(info, inp, train, val, test)
+
+
+def resolve_data(cfg: DataConfig, *, seed: int, peers: Mapping[str, str] | None = None) -> ResolvedData:
+    """The pipeline :func:`choose_pipeline` picks and its plan, with the one resolved input spec."""
+    kind, reason = choose_pipeline(cfg)
+    if kind == "device":
+        return ResolvedData(kind, reason, plan_device(cfg, seed=seed, peers=peers or {}))
+    return ResolvedData(kind, reason, plan_stream(cfg, seed=seed, peers=peers or {}))
+
+
 # --------------------------------------------------------------------------- building
 
 
@@ -161,10 +245,11 @@ def build_pipeline(cfg: DataConfig, *, seed: int, device: torch.device | str, ra
     ``views > 1``: the train loader yields ``x`` as ``[views, B, C, H, W]``, each view an
     independent augmentation of the same images (view 0 is the one a single-view run draws).
     """
-    kind, reason = choose_pipeline(cfg)
+    resolved = resolve_data(cfg, seed=seed, peers=peers)
+    kind, reason, plan = resolved.kind, resolved.reason, resolved.plan
     common: dict[str, Any] = dict(device=device, rank=rank, world_size=world_size, channels_last=channels_last)
-    if kind == "device":
-        train, val, test, info = load_splits(cfg, seed=seed)
+    if isinstance(plan, DevicePlan):
+        train, val, test, info = plan.train, plan.val, plan.test, plan.info
         reason += _clamped(cfg, len(train), len(test))
         pipe = Pipeline(
             kind, reason, info,
@@ -175,10 +260,10 @@ def build_pipeline(cfg: DataConfig, *, seed: int, device: torch.device | str, ra
         if val is not None:
             pipe.val = BatchLoader(val, info, batch_size=cfg.eval_batch_size, train=False, augment=False, seed=seed,
                                    **common)
+        pipe.input = plan.input
         pipe.mixup = build_mixup(cfg, info.num_classes, seed=seed)
         return pipe
 
-    plan = plan_stream(cfg, seed=seed, peers=peers or {})
     stream: dict[str, Any] = dict(seed=seed, num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor,
                                   skip_corrupt=cfg.skip_corrupt, **common)
     train_tf = build_transform(cfg, plan.input, dataset=plan.info.name, train=True)
@@ -209,15 +294,23 @@ def build_pipeline(cfg: DataConfig, *, seed: int, device: torch.device | str, ra
 
 
 def check_data(cfg: DataConfig, *, seed: int, peers: Mapping[str, str]) -> tuple[DatasetInfo, str, str]:
-    """What ``mutualkd validate`` checks of the data: ``(info, kind, reason)``, building no loader."""
-    kind, reason = choose_pipeline(cfg)
-    if kind == "device":
-        train, _, _, info = load_splits(cfg, seed=seed)
-        labels = train.labels.numpy()
+    """What ``mutualkd validate`` checks of the data: ``(info, kind, reason)``, building no loader.
+
+    The same resolution as a run's (:func:`resolve_data`); :func:`check_resolved` gives all of it.
+    """
+    resolved = check_resolved(cfg, seed=seed, peers=peers)
+    return resolved.info, resolved.kind, resolved.reason
+
+
+def check_resolved(cfg: DataConfig, *, seed: int, peers: Mapping[str, str]) -> ResolvedData:
+    """:func:`resolve_data`, then what the loaders would check of it (transforms, class-balanced batches)."""
+    resolved = resolve_data(cfg, seed=seed, peers=peers)
+    plan = resolved.plan
+    if isinstance(plan, DevicePlan):
+        labels = plan.train.labels.numpy()
     else:
-        plan = plan_stream(cfg, seed=seed, peers=peers)
         build_transform(cfg, plan.input, dataset=plan.info.name, train=True)
-        info, labels = plan.info, np.asarray(plan.train.labels)[plan.train_idx]
+        labels = np.asarray(plan.train.labels)[plan.train_idx]
     if cfg.images_per_class is not None:  # the loaders' own check, without building them
         check_balanced(labels, cfg.batch_size, cfg.images_per_class)
-    return info, kind, reason
+    return resolved

@@ -1,9 +1,10 @@
-"""The stream pipeline's image transforms and the batch mixing of both pipelines, from the recipe.
+"""The input spec of both pipelines, the stream pipeline's image transforms, and the batch mixing of both.
 
-Transforms are timm's: :func:`resolve_input` settles the input size, normalisation,
-interpolation and ``crop_pct`` the way ``timm.data.resolve_data_config`` does (the
-recipe's keys first, then the pretrained config of ``[data] config_from``, then the data
-set's own), and :func:`build_transform` hands them with the recipe's augmentation keys
+:func:`resolve_input` settles the input size, normalisation, interpolation and ``crop_pct``
+once per run, the way ``timm.data.resolve_data_config`` does (the recipe's keys first,
+then the pretrained config of ``[data] config_from``, then the data set's own); the
+device pipeline resizes its splits to that size (:func:`mutualkd.data.pipeline.plan_device`),
+and :func:`build_transform` hands it with the recipe's augmentation keys
 to ``timm.data.create_transform``: RandomResizedCrop (``scale``, ``ratio``), flips, colour
 jitter, RandAugment / AutoAugment / AugMix strings, random erasing for training; resize to
 ``size / crop_pct`` and a centre crop for evaluation.
@@ -96,7 +97,7 @@ def resolve_input(
     cfg: DataConfig, *, dataset: str, in_chans: int, native_size: tuple[int, int] | None,
     mean: tuple[float, ...] | None, std: tuple[float, ...] | None, peers: Mapping[str, str],
 ) -> InputConfig:
-    """The stream pipeline's input config; ``native_size``/``mean``/``std`` are the data set's (None: none).
+    """A run's input spec (both pipelines); ``native_size``/``mean``/``std`` are the data set's (None: none).
 
     Order for each value: the recipe's key, ``config_from``'s pretrained config, the data
     set's own value, timm's default (224 px, ImageNet statistics, bilinear, crop_pct 0.875

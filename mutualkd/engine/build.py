@@ -13,16 +13,16 @@ from typing import Any
 
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from pydantic import ValidationError
 import torch
 from torch import nn
 
-from mutualkd.config import OptimizerConfig, Recipe, SchedulerConfig, format_validation_error
+from mutualkd.config import OptimizerConfig, Recipe, SchedulerConfig
+from mutualkd.config.resolve import check_strategy_fit, resolve_params
 from mutualkd.data import DatasetInfo, Pipeline, build_pipeline, check_data
-from mutualkd.errors import DataError, RecipeError, UserError, close_matches, in_file, unknown_name_hint
+from mutualkd.errors import DataError, RecipeError, UserError, in_file, unknown_name_hint
 from mutualkd.optim import build_optimizer, build_scheduler, check_optimizer
 from mutualkd.peers import input_norm
-from mutualkd.registry import get_metric, get_strategy
+from mutualkd.registry import get_metric
 from mutualkd.engine.launcher import CompileChoice
 from mutualkd._logging import get_logger
 from mutualkd.engine.networks import Slot, Unit, make_networks, networks_of, peer_views, temporal_means
@@ -63,78 +63,11 @@ class Built:
 
 
 def resolve_strategy(recipe: Recipe, recipe_file: str = "<recipe>") -> tuple[type[Strategy[Any]], Any]:
-    """The recipe's strategy class and its validated parameters, or a RecipeError."""
-    cls = get_strategy(recipe.strategy.name, where=f"{recipe_file} [strategy.name]", blocked=recipe.run.block_plugins or ())
-    try:
-        params = cls.Params.model_validate(recipe.strategy.params)
-    except ValidationError as e:
-        err = format_validation_error(e, recipe_file, prefix="strategy")
-        unknown = [str(x["loc"][-1]) for x in e.errors() if x["type"] == "extra_forbidden"]
-        if unknown:
-            known = sorted(cls.Params.model_fields)
-            err.hint = "; ".join(
-                f"'{k}': " + (f"did you mean {' or '.join(repr(m) for m in close_matches(k, known))}?"
-                              if close_matches(k, known) else "not a parameter of this strategy")
-                for k in unknown
-            ) + f"; parameters of '{recipe.strategy.name}': {', '.join(known)}"
-        raise err from None
-    n = len(recipe.peer_names())
-    if n < cls.min_peers or (cls.max_peers is not None and n > cls.max_peers):
-        if cls.max_peers is None:
-            want = f"at least {cls.min_peers}"
-        elif cls.min_peers == cls.max_peers:
-            want = f"exactly {cls.min_peers}"
-        else:
-            want = f"{cls.min_peers} to {cls.max_peers}"
-        raise RecipeError(
-            f"strategy '{recipe.strategy.name}' needs {want} peer(s), the recipe has {n}",
-            file=recipe_file, field="peers", hint="add or remove [[peers]] tables",
-        )
-    if recipe.schedule.mode not in cls.modes:
-        raise RecipeError(
-            f"strategy '{recipe.strategy.name}' does not support mode '{recipe.schedule.mode}'",
-            file=recipe_file, field="schedule.mode", hint=f"use one of: {', '.join(cls.modes)}",
-        )
-    _check_frozen(recipe, recipe_file, cls)
-    _check_topology(recipe, recipe_file, cls)
+    """The recipe's strategy class and its parameters (validated when the recipe was loaded), checked against
+    the recipe's peers and schedule; a RecipeError otherwise."""
+    cls, params = resolve_params(recipe, recipe_file)
+    check_strategy_fit(recipe, recipe_file, cls)
     return cls, params
-
-
-def _check_topology(recipe: Recipe, file: str, cls: type[Strategy[Any]]) -> None:
-    """Branched networks only for strategies that accept them."""
-    branched = [i for i, pc in enumerate(recipe.peers) if pc.branches is not None]
-    if branched and "branched" not in cls.topologies:
-        raise RecipeError(
-            f"strategy '{recipe.strategy.name}' trains whole networks and takes no branched peers",
-            file=file, field=f"peers[{branched[0]}].branches",
-            hint="remove branches and split_after, or use a strategy made for branches (e.g. one, cl_ilr, okddip, pcl)",
-        )
-    if len(branched) < len(recipe.peers) and "independent" not in cls.topologies:
-        i = next(i for i, pc in enumerate(recipe.peers) if pc.branches is None)
-        raise RecipeError(
-            f"strategy '{recipe.strategy.name}' trains the branches of a network split into a shared trunk and"
-            " branches", file=file, field=f"peers[{i}]",
-            hint="set branches (e.g. 3) and split_after (e.g. \"layer2\") in the [[peers]] table",
-        )
-
-
-def _check_frozen(recipe: Recipe, file: str, cls: type[Strategy[Any]]) -> None:
-    """Frozen peers only for strategies that take them, and at least one peer that trains."""
-    frozen = [i for i, pc in enumerate(recipe.peers) if pc.frozen]
-    if not frozen:
-        return
-    names = recipe.network_names()
-    i = frozen[0]
-    if not cls.accepts_frozen:
-        raise RecipeError(
-            f"strategy '{recipe.strategy.name}' trains every peer and takes no frozen peer (peer '{names[i]}' has"
-            " frozen = true)", file=file, field=f"peers[{i}].frozen",
-            hint="remove frozen, or use a strategy made for a frozen teacher: kl_dml (classic KD: the other peers"
-            " learn from the frozen one) or ie_kd (strategy.teacher = the same weights source)",
-        )
-    if len(frozen) == len(recipe.peers):
-        raise RecipeError("every peer is frozen: nothing would train", file=file, field=f"peers[{i}].frozen",
-                          hint="leave at least one peer unfrozen (the student)")
 
 
 def _strategy(cls: type[Strategy[Any]], params: Any, recipe: Recipe) -> Strategy[Any]:
@@ -238,22 +171,60 @@ def _check_optimizers(recipe: Recipe, file: str,
         check_optimizer(cfg, file=file, field=f"strategy (the optimizer of unit '{name}')")
 
 
+@dataclass
+class _Modules:
+    """What the build steps after the data make: networks, the strategy's modules, their units and stages."""
+
+    slots: dict[str, Slot]
+    units: dict[str, Unit]
+    unit_cfg: dict[str, tuple[OptimizerConfig, SchedulerConfig]]
+    means: dict[str, TemporalMean]
+    stages: list[Stage]
+    stage_epochs: list[int]
+    best_keys: list[str]
+
+
+def _strategy_step(recipe: Recipe, file: str) -> tuple[type[Strategy[Any]], Strategy[Any], dict[str, int], int]:
+    """The strategy (class and parameters as the recipe's load resolved them) and the views of the batch it asks for."""
+    cls, params = resolve_strategy(recipe, file)
+    strategy = _strategy(cls, params, recipe)
+    views, num_views = peer_views(strategy, recipe, file)
+    return cls, strategy, views, num_views
+
+
+def _module_steps(recipe: Recipe, file: str, cls: type[Strategy[Any]], strategy: Strategy[Any], info: DatasetInfo,
+                  device: torch.device, *, channels_last: bool = False, warn: Any = None) -> _Modules:
+    """Peers, the strategy's set-up, units, temporal means, stages and the best output, on ``device``."""
+    # --- peers: timm models (probed at the data's size)
+    peers, infos = make_networks(recipe, file, info, cls.needs_feature_maps, device, channels_last)
+    # --- strategy set-up: auxiliary modules and the units they train with
+    setup = _setup_strategy(strategy, recipe, file, info, infos, device, warn)
+    slots, units, unit_cfg = _attach(setup, recipe, peers, device)
+    # --- temporal means: copies of the networks a strategy averages (made before DDP wraps anything)
+    means = temporal_means(strategy, recipe, file, slots)
+    stages, stage_epochs = _stages(strategy, recipe, units)
+    best_keys = check_best_output(recipe, file, strategy, _evaluated_names(recipe, strategy, means))
+    _check_optimizers(recipe, file, unit_cfg)
+    return _Modules(slots, units, unit_cfg, means, stages, stage_epochs, best_keys)
+
+
 def check_recipe(recipe: Recipe, *, recipe_file: str = "<recipe>", data: bool = True) -> None:
     """Everything a run checks before training, on the CPU, writing nothing.
 
-    With ``data``, the data set is loaded, every peer is built and probed with one forward
-    pass at the data's size, and the strategy sets up its modules (loading a teacher).
+    The same build steps as :func:`build_run`, without an Accelerator, optimizers or
+    loaders. With ``data``, the data set is checked as the run's pipeline reads it, every
+    peer is built and probed with one forward pass at the data's size, and the strategy
+    sets up its modules (loading a teacher).
     """
+    from mutualkd.engine.tracking import check_trackers
     from mutualkd.peers import check_model_name
 
-    cls, params = resolve_strategy(recipe, recipe_file)
+    cls, strategy, _, _ = _strategy_step(recipe, recipe_file)
     for i, pc in enumerate(recipe.peers):
         check_model_name(pc.model, file=recipe_file, field=f"peers[{i}]")
         if pc.weights is not None:  # the source exists and is of a known kind (loaded with the data)
             parse_source(pc.weights, where=f"{recipe_file} [peers[{i}].weights]")
     _check_optimizers(recipe, recipe_file)
-    from mutualkd.engine.tracking import check_trackers
-
     check_trackers(recipe.run.log_with, file=recipe_file)
     if not data:
         return
@@ -261,16 +232,7 @@ def check_recipe(recipe: Recipe, *, recipe_file: str = "<recipe>", data: bool = 
         info, _, _ = check_data(recipe.data, seed=recipe.run.seed, peers=_peer_models(recipe))
     except DataError as e:
         raise in_file(e, recipe_file) from None
-    cpu = torch.device("cpu")
-    strategy = _strategy(cls, params, recipe)
-    peer_views(strategy, recipe, recipe_file)
-    peers, infos = make_networks(recipe, recipe_file, info, cls.needs_feature_maps, cpu)
-    setup = _setup_strategy(strategy, recipe, recipe_file, info, infos, cpu)
-    slots, units, unit_cfg = _attach(setup, recipe, peers, cpu)
-    means = temporal_means(strategy, recipe, recipe_file, slots)
-    _stages(strategy, recipe, units)
-    _check_optimizers(recipe, recipe_file, unit_cfg)
-    check_best_output(recipe, recipe_file, strategy, _evaluated_names(recipe, strategy, means))
+    _module_steps(recipe, recipe_file, cls, strategy, info, torch.device("cpu"))
 
 
 # --------------------------------------------------------------------------- the whole run
@@ -310,11 +272,9 @@ def build_run(recipe: Recipe, accelerator: Accelerator, *, recipe_file: str = "<
     run, acc = recipe.run, accelerator
     device = acc.device
 
-    # --- strategy: looked up by name in the registry, parameters validated by its model
-    cls, params = resolve_strategy(recipe, recipe_file)
+    # --- strategy: looked up by name in the registry when the recipe was loaded, parameters validated then
+    cls, strategy, views, num_views = _strategy_step(recipe, recipe_file)
     peer_names = recipe.peer_names()
-    strategy = _strategy(cls, params, recipe)
-    views, num_views = peer_views(strategy, recipe, recipe_file)
 
     # --- data: held on the training device (device pipeline) or read by worker processes
     # (stream pipeline), see mutualkd.data.pipeline
@@ -326,20 +286,13 @@ def build_run(recipe: Recipe, accelerator: Accelerator, *, recipe_file: str = "<
         raise in_file(e, recipe_file) from None
     info, train_loader = data.info, data.train
 
-    # --- peers: timm models, identical initialisation on every process
+    # --- peers (identical initialisation on every process), the strategy's modules, units, stages
     set_seed(run.seed)
-    peers, infos = make_networks(recipe, recipe_file, info, cls.needs_feature_maps, device, run.channels_last)
-
-    # --- strategy set-up: auxiliary modules and the units they train with
-    setup = _setup_strategy(strategy, recipe, recipe_file, info, infos, device, warn)
-    slots, units, unit_cfg = _attach(setup, recipe, peers, device)
-    # --- temporal means: copies of the networks a strategy averages (made before DDP wraps anything)
-    means = temporal_means(strategy, recipe, recipe_file, slots)
-    stages, stage_epochs = _stages(strategy, recipe, units)
-    best_keys = check_best_output(recipe, recipe_file, strategy, _evaluated_names(recipe, strategy, means))
+    mods = _module_steps(recipe, recipe_file, cls, strategy, info, device, channels_last=run.channels_last, warn=warn)
+    slots, units, unit_cfg, means, stages, stage_epochs = (mods.slots, mods.units, mods.unit_cfg, mods.means,
+                                                           mods.stages, mods.stage_epochs)
 
     # --- one optimizer (mutualkd's sgd / adamw, or timm.optim's) and one per-step schedule per unit
-    _check_optimizers(recipe, recipe_file, unit_cfg)
     steps_per_epoch = len(train_loader)
     global_batch = recipe.data.batch_size * acc.num_processes
     lr_notes: list[str] = []
@@ -376,7 +329,7 @@ def build_run(recipe: Recipe, accelerator: Accelerator, *, recipe_file: str = "<
         for name in recipe.network_names():
             slots[name].wrapped = compile_with.apply(slots[name].wrapped)
     return Built(strategy, info, data, peer_names, slots, units, stages, stage_epochs,
-                 "; ".join(lr_notes) or None, networks_of(recipe), means, views, num_views, best_keys)
+                 "; ".join(lr_notes) or None, networks_of(recipe), means, views, num_views, mods.best_keys)
 
 
 def _peer_models(recipe: Recipe) -> dict[str, str]:
