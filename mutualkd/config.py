@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mutualkd.errors import RecipeError
+from mutualkd.errors import RecipeError, unknown_name_hint
 from mutualkd.names import check_name, look_alikes
 
 __all__ = [
@@ -219,11 +219,11 @@ LOGGING_ONLY_FIELDS: tuple[str, ...] = (
 class DataConfig(_Strict):
     """``[data]``: which data set, where it lies, and how batches are drawn."""
 
-    dataset: Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "image_folder", "image_tar"] = Field(
+    dataset: str = Field(
         "digits",
-        description="the data set; digits is bundled with scikit-learn, the others are read from root; image_tar"
-        " (tar shards, stream pipeline only) reads root/train and root/val, each a .tar file or a folder of .tar"
-        " shards",
+        description="the data set, a plugin (`mutualkd plugins` lists them); digits is bundled with scikit-learn,"
+        " the others are read from root; image_tar (tar shards, stream pipeline only) reads root/train and"
+        " root/val, each a .tar file or a folder of .tar shards",
     )
     root: str | None = Field(
         None, description="folder of the data set's files; unset: ./data (Fashion-MNIST also /usr/share/datasets)"
@@ -345,6 +345,17 @@ class DataConfig(_Strict):
         " cross-entropy gets soft targets",
     )
 
+
+    @field_validator("dataset")
+    @classmethod
+    def _installed_dataset(cls, v: str) -> str:
+        from mutualkd import registry
+
+        known = sorted({i.name for i in registry.infos(load=False) if i.kind == "dataset"})
+        if v not in known:
+            raise ValueError(f"unknown data set {v!r}: " + unknown_name_hint("data set", v, known)
+                             + "; `mutualkd plugins` lists the installed ones")
+        return v
 
     @field_validator("subset_seed", mode="before")
     @classmethod
