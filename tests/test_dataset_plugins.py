@@ -23,7 +23,6 @@ from mutualkd.config import DataConfig, parse_recipe
 from mutualkd.data import (
     DatasetPlugin,
     DataSources,
-    Split,
     SplitSource,
     build_pipeline,
     dataset_plugin,
