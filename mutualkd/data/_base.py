@@ -12,6 +12,7 @@ Normalisation and augmentation happen later, per batch (see :mod:`mutualkd.data.
 from __future__ import annotations
 
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass
 import os
 from pathlib import Path
@@ -155,8 +156,18 @@ def _guarded(cfg: DataConfig, method: str) -> Any:
 
 
 def dataset_sources(cfg: DataConfig) -> DataSources:
-    """The map-style sources of ``cfg.dataset`` (the stream pipeline's view)."""
-    return _guarded(cfg, "sources")  # type: ignore[no-any-return]
+    """The map-style sources of ``cfg.dataset`` (the stream pipeline's view).
+
+    Grey images of unknown statistics get ImageNet's averaged over its channels, as the
+    stream pipeline's default (ImageNet's own) has three.
+    """
+    src: DataSources = _guarded(cfg, "sources")
+    if src.in_chans == 1 and (src.mean is None or src.std is None):
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+        grey = (sum(IMAGENET_DEFAULT_MEAN) / 3,), (sum(IMAGENET_DEFAULT_STD) / 3,)
+        src = dataclasses.replace(src, mean=grey[0], std=grey[1])
+    return src
 
 
 def dataset_splits(cfg: DataConfig) -> tuple[Split, Split, DatasetInfo]:

@@ -61,7 +61,8 @@ class DataSources:
     ``(height, width)`` when every image has it, None when sizes vary (the device pipeline
     then needs ``[data] image_size``). ``mean``/``std`` are per channel in [0, 1] pixel
     units; None: unknown (the device pipeline computes them from the decoded train split,
-    the stream pipeline uses ``config_from``'s or ImageNet's). ``augment`` is the device
+    the stream pipeline uses ``config_from``'s or ImageNet's, averaged over its channels
+    for grey images). ``augment`` is the device
     pipeline's training augmentation (one of :data:`AUGMENTS`: ``"crop_flip"`` for natural
     images, ``"crop"`` where a flip changes the class, as for digits), ``padding`` its crop
     padding in pixels at the native size (None: a height / 8).

@@ -87,6 +87,22 @@ def test_device_pipeline_decodes_at_image_size(tmp_path: Path) -> None:
     assert info.image_size == (16, 16) and len(info.mean) == 1 and 0 < info.mean[0] < 1
 
 
+def test_stream_pipeline_reads_the_files(tmp_path: Path) -> None:
+    from mutualkd import registry
+    from mutualkd.data import build_pipeline
+    from mutualkd.testing import registered
+
+    write_digits(tmp_path, n=100)
+    registry.reset()
+    with registered("dataset", "csv_images_local", CsvImages):
+        cfg = DataConfig(dataset="csv_images_local", root=str(tmp_path), image_size=16, pipeline="stream",
+                         num_workers=0, batch_size=8)
+        pipe = build_pipeline(cfg, seed=0, device="cpu")
+        x, y = next(iter(pipe.train))
+    assert pipe.kind == "stream" and x.shape == (8, 1, 16, 16) and y.dtype == torch.int64
+    assert pipe.input is not None and len(pipe.input.mean) == 1  # grey: ImageNet's statistics averaged
+
+
 # --------------------------------------------------------------------------- errors the user can fix
 
 
