@@ -27,8 +27,8 @@ from mutualkd.data import (
 from mutualkd.data._base import register_dataset
 from mutualkd.errors import DataError, UserError, in_file
 
-Writer = Callable[..., Path]
-BUILTIN_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "image_folder", "image_tar")  # the factory fixtures of conftest.py: write_fake_cifar, write_fake_mnist
+Writer = Callable[..., Path]  # the factory fixtures of conftest.py: write_fake_cifar, write_fake_mnist
+BUILTIN_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "image_folder", "image_tar")
 
 # --------------------------------------------------------------------------- fixtures
 
