@@ -192,7 +192,7 @@ def plugins(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
     block_plugin: BlockOpt = None,
 ) -> None:
-    """List the installed strategy and metric plugins and their status.
+    """List the installed strategy, metric and data set plugins and their status.
 
     A plugin whose import or validation fails is listed with status "error" and the
     reason; the others keep working. MUTUALKD_DISABLE_PLUGIN_AUTOLOAD=1 switches off

@@ -1,6 +1,7 @@
-"""The plugin registry: strategies and metrics found through Python entry points.
+"""The plugin registry: strategies, metrics and data sets found through Python entry points.
 
-Two entry-point groups are read, ``mutualkd.strategies`` and ``mutualkd.metrics``.
+Three entry-point groups are read, ``mutualkd.strategies``, ``mutualkd.metrics`` and
+``mutualkd.datasets`` (the contract of a data set: :mod:`mutualkd.data.plugin`).
 mutualkd's own built-ins are declared in its pyproject.toml through the same groups, so
 they load exactly like third-party plugins. The registry is data plus small functions:
 one name table per kind (a name and its providers; more than one provider is an error
@@ -17,7 +18,7 @@ Plugins are blocked by ``name`` or ``kind:name``, and a blocked plugin is not im
 
 * process-wide, by :func:`block` (the command-line option ``--block-plugin``) and by the
   environment variable ``MUTUALKD_BLOCK_PLUGINS`` (comma separated);
-* for one lookup, by the ``blocked=`` argument of :func:`get_strategy` / :func:`get_metric`
+* for one lookup, by the ``blocked=`` argument of :func:`get` (and :func:`get_strategy` ...)
   (a recipe's ``run.block_plugins``), which changes nothing for the next lookup.
 
 Objects can also be registered in-process with :func:`register` (tests, notebooks, and
@@ -43,13 +44,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GROUPS", "ENV_DISABLE_AUTOLOAD", "ENV_BLOCK", "RECIPE_BLOCK", "Kind", "PluginInfo",
-    "get_strategy", "get_metric", "get", "names", "infos", "autoload",
+    "get_strategy", "get_metric", "get_dataset", "get", "names", "infos", "provider", "autoload",
     "block", "blocks", "is_blocked", "register", "unregister", "reset", "validate_plugin",
 ]
 
-Kind = Literal["strategy", "metric"]
+Kind = Literal["strategy", "metric", "dataset"]
 Status = Literal["ok", "error", "blocked", "disabled", "not loaded"]
-GROUPS: dict[Kind, str] = {"strategy": "mutualkd.strategies", "metric": "mutualkd.metrics"}
+GROUPS: dict[Kind, str] = {
+    "strategy": "mutualkd.strategies", "metric": "mutualkd.metrics", "dataset": "mutualkd.datasets",
+}
 CORE_DISTRIBUTION = "mutualkd"
 ENV_DISABLE_AUTOLOAD = "MUTUALKD_DISABLE_PLUGIN_AUTOLOAD"
 ENV_BLOCK = "MUTUALKD_BLOCK_PLUGINS"
@@ -90,12 +93,13 @@ class PluginInfo:
 # The name tables, one per kind: name -> its providers. Filled on first use by _discover().
 _strategies: dict[str, list[PluginInfo]] = {}
 _metrics: dict[str, list[PluginInfo]] = {}
-_tables: dict[Kind, dict[str, list[PluginInfo]]] = {"strategy": _strategies, "metric": _metrics}
+_datasets: dict[str, list[PluginInfo]] = {}
+_tables: dict[Kind, dict[str, list[PluginInfo]]] = {"strategy": _strategies, "metric": _metrics, "dataset": _datasets}
 _discovered = False
 # Third-party entry points switched off by ENV_DISABLE_AUTOLOAD: listed, never imported.
 _disabled: list[PluginInfo] = []
 # Objects added with register(); kept over reset(), put back into the tables on discovery.
-_registered: dict[Kind, dict[str, PluginInfo]] = {"strategy": {}, "metric": {}}
+_registered: dict[Kind, dict[str, PluginInfo]] = {"strategy": {}, "metric": {}, "dataset": {}}
 # Process-wide blocks: (source, "name" or "kind:name"). ENV_BLOCK is read at each lookup.
 _blocked: set[tuple[str, str]] = set()
 
@@ -169,6 +173,7 @@ def reset() -> None:
     global _discovered
     _strategies.clear()
     _metrics.clear()
+    _datasets.clear()
     _disabled.clear()
     _discovered = False
 
@@ -268,6 +273,19 @@ def names(kind: Kind) -> list[str]:
     return sorted(_table(kind))
 
 
+def provider(kind: Kind, name: str, *, disabled: bool = False) -> PluginInfo | None:
+    """The one provider of ``name`` (the first of a duplicate), not loaded; None if there is none.
+
+    ``disabled``: also look among the third-party plugins switched off by ``MUTUALKD_DISABLE_PLUGIN_AUTOLOAD``.
+    """
+    providers = _table(kind).get(name)
+    if providers:
+        return providers[0]
+    if disabled:
+        return next((i for i in _disabled if i.kind == kind and i.name == name), None)
+    return None
+
+
 def infos(load: bool = True) -> list[PluginInfo]:
     """Every plugin of every kind, loaded when ``load`` (so that broken ones show their error).
 
@@ -305,6 +323,10 @@ def validate_plugin(kind: Kind, obj: Any) -> str | None:
         if len(params) != 2:
             return f"a metric takes exactly two required arguments (a, b); {obj!r} takes {len(params)}"
         return None
+    if kind == "dataset":
+        from mutualkd.data.plugin import is_dataset_plugin  # imports torch: only once a data set is checked
+
+        return is_dataset_plugin(obj)
     if kind != "strategy":
         return f"unknown plugin kind {kind!r}; use one of {', '.join(GROUPS)}"
     from mutualkd.strategy import Strategy  # imports torch: only once a strategy is checked
@@ -396,3 +418,9 @@ def get_metric(
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """The distance function registered under ``name`` (``blocked``: names refused for this lookup)."""
     return get("metric", name, where=where, blocked=blocked)  # type: ignore[no-any-return]
+
+
+def get_dataset(name: str, *, where: str | None = None, blocked: Iterable[str] | None = ()) -> Any:
+    """The data set plugin registered under ``name`` (see :mod:`mutualkd.data.plugin`; the data
+    package's :func:`~mutualkd.data.dataset_plugin` adds the recipe-field error for an unknown name)."""
+    return get("dataset", name, where=where, blocked=blocked)

@@ -420,6 +420,6 @@ def test_disable_autoload_in_a_fresh_process(broken_site: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     rows = _by_name(json.loads(proc.stdout))
     assert {n: r["status"] for n, r in rows.items() if r["distribution"] != "mutualkd"} == {
-        "cosine": "disabled", "hinton_kd": "disabled", "broken_metric": "disabled",
+        "cosine": "disabled", "hinton_kd": "disabled", "csv_images": "disabled", "broken_metric": "disabled",
     }
     assert {r["status"] for r in rows.values() if r["distribution"] == "mutualkd"} == {"ok"}

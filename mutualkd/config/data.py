@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 
 from mutualkd.config._fields import MAX_IMAGE_SIZE, MAX_SEED, PositiveInt, _seed_in_range, _Strict
+from mutualkd.errors import unknown_name_hint
 
 __all__ = ["DataConfig", "STREAM_ONLY_FIELDS", "AUGMENT_FIELDS", "PIPELINE_CHOICE_FIELDS"]
 
@@ -29,11 +30,11 @@ PIPELINE_CHOICE_FIELDS: tuple[str, ...] = ("memory_budget_gb",)
 class DataConfig(_Strict):
     """``[data]``: which data set, where it lies, and how batches are drawn."""
 
-    dataset: Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "image_folder", "image_tar"] = Field(
+    dataset: str = Field(
         "digits",
-        description="the data set; digits is bundled with scikit-learn, the others are read from root; image_tar"
-        " (tar shards, stream pipeline only) reads root/train and root/val, each a .tar file or a folder of .tar"
-        " shards",
+        description="the data set, a plugin (`mutualkd plugins` lists them); digits is bundled with scikit-learn,"
+        " the others are read from root; image_tar (tar shards, stream pipeline only) reads root/train and"
+        " root/val, each a .tar file or a folder of .tar shards",
     )
     root: str | None = Field(
         None, description="folder of the data set's files; unset: ./data (Fashion-MNIST also /usr/share/datasets)"
@@ -155,6 +156,17 @@ class DataConfig(_Strict):
         " cross-entropy gets soft targets",
     )
 
+
+    @field_validator("dataset")
+    @classmethod
+    def _installed_dataset(cls, v: str) -> str:
+        from mutualkd import registry
+
+        known = sorted({i.name for i in registry.infos(load=False) if i.kind == "dataset"})
+        if v not in known:
+            raise ValueError(f"unknown data set {v!r}: " + unknown_name_hint("data set", v, known)
+                             + "; `mutualkd plugins` lists the installed ones")
+        return v
 
     @field_validator("subset_seed", mode="before")
     @classmethod

@@ -1,9 +1,12 @@
 """Data: two pipelines, one recipe vocabulary.
 
-The device pipeline: :func:`load_dataset` (:mod:`.datasets`) looks the ``[data] dataset``
-name up in the table of :mod:`._base`, which the sources fill: :mod:`.digits`, :mod:`.idx`
-(MNIST, Fashion-MNIST), :mod:`.cifar`, :mod:`.folder` (image folders); :class:`BatchLoader`
-(:mod:`.loader`) serves batches from the training device.
+A data set is a plugin (:class:`DatasetPlugin`, :mod:`.plugin`) found by its ``[data] dataset``
+name in the entry-point group ``mutualkd.datasets``; the built-ins are declared there too:
+:mod:`.digits`, :mod:`.idx` (MNIST, Fashion-MNIST), :mod:`.cifar`, :mod:`.images` (image
+folders, tar shards). A plugin gives map-style sources (:class:`DataSources`) that serve both pipelines.
+
+The device pipeline: :func:`load_dataset` (:mod:`.datasets`) decodes the data set once;
+:class:`BatchLoader` (:mod:`.loader`) serves batches from the training device.
 
 The stream pipeline: :class:`StreamLoader` (:mod:`.stream`), a torch DataLoader with
 worker processes over timm's readers or an in-memory split (:mod:`.sources`), with timm's
@@ -16,7 +19,9 @@ from mutualkd.data._base import (
     DEFAULT_ROOT,
     DatasetInfo,
     Split,
+    dataset_plugin,
     list_datasets,
+    register_dataset,
     resize_images,
     stratified_subset,
 )
@@ -24,6 +29,8 @@ from mutualkd.data.datasets import load_dataset
 from mutualkd.data.idx import FASHION_MNIST_SYSTEM_DIR, IDX_FILES, read_idx, write_idx
 from mutualkd.data.loader import BatchLoader, augment_batch
 from mutualkd.data.pipeline import Pipeline, build_pipeline, check_data, choose_pipeline
+from mutualkd.data.plugin import DataSources, DatasetPlugin, InMemoryDataset, decode_sources
+from mutualkd.data.sources import Source, SplitSource
 from mutualkd.data.stream import StreamLoader
 
 __all__ = [
@@ -31,6 +38,14 @@ __all__ = [
     "Split",
     "load_dataset",
     "list_datasets",
+    "register_dataset",
+    "dataset_plugin",
+    "DatasetPlugin",
+    "DataSources",
+    "InMemoryDataset",
+    "Source",
+    "SplitSource",
+    "decode_sources",
     "BatchLoader",
     "augment_batch",
     "StreamLoader",

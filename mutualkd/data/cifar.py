@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from mutualkd.data._base import DatasetInfo, Split, register_dataset, resolve_root, torchvision_download
+from mutualkd.data._base import DatasetInfo, Split, resolve_root, torchvision_download
+from mutualkd.data.plugin import InMemoryDataset
 from mutualkd.errors import DataError
 from mutualkd.trust import load_data_pickle
 
@@ -185,13 +186,20 @@ _CIFAR100 = _CifarSpec(
 )
 
 
-@register_dataset
-def cifar10(cfg: DataConfig) -> tuple[Split, Split, DatasetInfo]:
+# The plugins, declared in pyproject.toml's entry-point group mutualkd.datasets.
+
+
+def _cifar10(cfg: DataConfig) -> tuple[Split, Split, DatasetInfo]:
     """CIFAR-10: 50000 train and 10000 test images, 3x32x32, 10 classes."""
     return _load_cifar(_CIFAR10, cfg.root, cfg.download)
 
 
-@register_dataset
-def cifar100(cfg: DataConfig) -> tuple[Split, Split, DatasetInfo]:
+def _cifar100(cfg: DataConfig) -> tuple[Split, Split, DatasetInfo]:
     """CIFAR-100: 50000 train and 10000 test images, 3x32x32, 100 fine classes."""
     return _load_cifar(_CIFAR100, cfg.root, cfg.download)
+
+
+cifar10 = InMemoryDataset(
+    _cifar10, ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+)
+cifar100 = InMemoryDataset(_cifar100)

@@ -1,9 +1,10 @@
 """Loading a data set by its ``[data] dataset`` name, with the subsets and resizing the recipe asks for.
 
-Each source registers its names in :mod:`._base`'s table: ``digits`` (:mod:`.digits`),
-``mnist`` and ``fashion_mnist`` (:mod:`.idx`), ``cifar10`` and ``cifar100``
-(:mod:`.cifar`), ``image_folder`` (:mod:`.folder`); their module docstrings say where
-the files are looked for and how each set is augmented.
+Each data set is a plugin of the entry-point group ``mutualkd.datasets`` (the contract:
+:mod:`.plugin`). The built-ins are ``digits`` (:mod:`.digits`), ``mnist`` and
+``fashion_mnist`` (:mod:`.idx`), ``cifar10`` and ``cifar100`` (:mod:`.cifar`),
+``image_folder`` and ``image_tar`` (:mod:`.images`); their module docstrings say where the
+files are looked for and how each set is augmented.
 
 Subsets and resizing
 --------------------
@@ -24,12 +25,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mutualkd.data import cifar, digits, folder, idx, sources  # noqa: F401  (each registers its data sets)
 from mutualkd.data._base import (
     DatasetInfo,
     Split,
     check_image_memory,
-    dataset_entrypoint,
+    dataset_splits,
     resize_images,
     stratified_subset,
     take,
@@ -77,7 +77,7 @@ def load_splits(cfg: DataConfig, *, seed: int = 0, resize: bool = True) -> tuple
     ``val`` is None without ``cfg.val_fraction``. ``resize=False`` keeps the native size
     (the stream pipeline resizes per image in its transforms).
     """
-    train, test, info = dataset_entrypoint(cfg.dataset)(cfg)
+    train, test, info = dataset_splits(cfg)
 
     train_idx, val_idx = split_indices(train.labels, cfg, seed=seed)
     val = take(train, val_idx) if val_idx is not None else None

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from mutualkd.data._base import DatasetInfo, Split, mean_std, register_dataset
+from mutualkd.data._base import DatasetInfo, Split, mean_std
+from mutualkd.data.plugin import InMemoryDataset
 
 if TYPE_CHECKING:
     from mutualkd.config import DataConfig
@@ -61,7 +62,12 @@ _SPLIT_SEED = 0  # the split never follows the run seed
 _PADDING = 1  # crop padding in pixels at 8x8
 
 
-@register_dataset
-def digits(cfg: DataConfig) -> tuple[Split, Split, DatasetInfo]:
+# The plugin, declared in pyproject.toml's entry-point group mutualkd.datasets.
+
+
+def _digits(cfg: DataConfig) -> tuple[Split, Split, DatasetInfo]:
     """scikit-learn's digits: 1347 train and 450 test images, 1x8x8, 10 classes."""
     return _load_digits()
+
+
+digits = InMemoryDataset(_digits)

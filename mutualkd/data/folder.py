@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 import torch
 
-from mutualkd.data._base import DatasetInfo, Split, check_image_memory, mean_std, register_dataset
+from mutualkd.data._base import DatasetInfo, Split, check_image_memory, mean_std
 from mutualkd.errors import DataError
 
 if TYPE_CHECKING:
@@ -132,7 +132,6 @@ _TEST_NAMES = ("test", "val")  # the test split's folder, in the order they are 
 _PADDING_DIVISOR = 8  # crop padding is image_size / 8: 4 px at 32 px, as for CIFAR
 
 
-@register_dataset
 def image_folder(cfg: DataConfig) -> tuple[Split, Split, DatasetInfo]:
     """Images in ``<root>/{train,test}/<class>/``, RGB, brought to ``image_size``."""
     return _load_image_folder(cfg.root, cfg.image_size)

@@ -24,7 +24,8 @@ import zlib
 import numpy as np
 import torch
 
-from mutualkd.data._base import DatasetInfo, Split, register_dataset, resolve_root, torchvision_download
+from mutualkd.data._base import DatasetInfo, Split, resolve_root, torchvision_download
+from mutualkd.data.plugin import InMemoryDataset
 from mutualkd.errors import DataError
 
 if TYPE_CHECKING:
@@ -260,13 +261,21 @@ _FASHION_MNIST = _IdxSpec(
 )
 
 
-@register_dataset
-def mnist(cfg: DataConfig) -> tuple[Split, Split, DatasetInfo]:
+# The plugins, declared in pyproject.toml's entry-point group mutualkd.datasets.
+
+
+def _mnist(cfg: DataConfig) -> tuple[Split, Split, DatasetInfo]:
     """MNIST: 60000 train and 10000 test handwritten digits, 1x28x28, 10 classes."""
     return _load_idx(_MNIST, cfg.root, cfg.download)
 
 
-@register_dataset
-def fashion_mnist(cfg: DataConfig) -> tuple[Split, Split, DatasetInfo]:
+def _fashion_mnist(cfg: DataConfig) -> tuple[Split, Split, DatasetInfo]:
     """Fashion-MNIST: 60000 train and 10000 test clothing images, 1x28x28, 10 classes."""
     return _load_idx(_FASHION_MNIST, cfg.root, cfg.download)
+
+
+mnist = InMemoryDataset(_mnist)
+fashion_mnist = InMemoryDataset(
+    _fashion_mnist,
+    ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+)

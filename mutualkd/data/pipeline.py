@@ -36,13 +36,14 @@ from mutualkd.data._base import (
     DatasetInfo,
     Split,
     check_image_memory,
-    dataset_entrypoint,
+    dataset_pipeline,
+    dataset_sources,
     resize_images,
     stratified_subset,
 )
 from mutualkd.data.datasets import load_splits, split_indices
 from mutualkd.data.loader import BatchLoader
-from mutualkd.data.sources import Source, SplitSource, count_folder_images, folder_sources, tar_sources
+from mutualkd.data.sources import Source
 from mutualkd.data.sampling import check_balanced
 from mutualkd.data.stream import StreamDataset, StreamLoader
 from mutualkd.data.transforms import BatchMixup, InputConfig, build_mixup, build_transform, resolve_input
@@ -133,20 +134,7 @@ def choose_pipeline(cfg: DataConfig) -> tuple[str, str]:
     """``(kind, reason)``: the pipeline ``cfg`` asks for, or the one ``auto`` picks, and why."""
     if cfg.pipeline != "auto":
         return cfg.pipeline, f'data.pipeline = "{cfg.pipeline}"'
-    if cfg.dataset == "image_tar":
-        return "stream", "tar shards are read as they are needed"
-    if cfg.dataset != "image_folder":
-        return "device", f"{cfg.dataset} fits in memory"
-    if cfg.image_size is None:  # the device loader asks for it, naming pipeline = "stream" as the other way
-        return "device", "image folder (data.image_size unset)"
-    n = count_folder_images(cfg.root)
-    if n is None:  # no folder there: the device loader names what is missing
-        return "device", "image folder (size unknown)"
-    need = n * 3 * cfg.image_size**2 / 2**30
-    budget = cfg.memory_budget_gb
-    if need > budget:
-        return "stream", f"{n} images at {cfg.image_size} px are {need:.2f} GiB decoded, over data.memory_budget_gb = {budget:g}"
-    return "device", f"{n} images at {cfg.image_size} px are {need:.2f} GiB decoded, within data.memory_budget_gb = {budget:g}"
+    return dataset_pipeline(cfg)  # the data set plugin's choice (image folders: by data.memory_budget_gb)
 
 
 # --------------------------------------------------------------------------- the stream plan
@@ -161,19 +149,9 @@ def plan_stream(cfg: DataConfig, *, seed: int, peers: Mapping[str, str]) -> Stre
 
     ``peers`` maps each peer's recipe name to its timm model (for ``config_from``).
     """
-    native: tuple[int, int] | None = None
-    mean = std = None
-    if cfg.dataset == "image_folder":
-        train_src, test_src = folder_sources(cfg.root)
-        name = "image_folder"
-    elif cfg.dataset == "image_tar":
-        train_src, test_src = tar_sources(cfg.root, cfg.skip_corrupt)
-        name = "image_tar"
-    else:
-        train, test, base = dataset_entrypoint(cfg.dataset)(cfg)
-        train_src = SplitSource(train, base.num_classes, f"{base.name} train")
-        test_src = SplitSource(test, base.num_classes, f"{base.name} test")
-        native, mean, std, name = base.image_size, base.mean, base.std, base.name
+    src = dataset_sources(cfg)  # the data set plugin's map-style splits
+    train_src, test_src, name = src.train, src.test, cfg.dataset
+    native, mean, std = src.image_size, src.mean, src.std
     inp = resolve_input(cfg, dataset=name, in_chans=train_src.in_chans, native_size=native, mean=mean, std=std,
                         peers=peers)
     train_idx, val_idx = split_indices(torch.from_numpy(train_src.labels), cfg, seed=seed)

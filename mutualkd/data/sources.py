@@ -20,15 +20,12 @@ from __future__ import annotations
 
 from pathlib import Path
 import tarfile
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
-from mutualkd.data._base import DatasetInfo, Split, register_dataset
+from mutualkd.data._base import Split
 from mutualkd.errors import DataError
-
-if TYPE_CHECKING:
-    from mutualkd.config import DataConfig
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -38,7 +35,6 @@ __all__ = [
     "count_folder_images",
     "eval_split_dir",
     "folder_sources",
-    "image_tar",
     "tar_sources",
 ]
 
@@ -313,12 +309,3 @@ def count_folder_images(root: str | None) -> int | None:
                 n += sum(1 for f in cls.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
     return n
 
-
-@register_dataset
-def image_tar(cfg: DataConfig) -> tuple[Split, Split, DatasetInfo]:
-    """Tar shards stream: the device pipeline (which decodes everything up front) does not read them."""
-    raise DataError(
-        "image_tar is read by the stream pipeline only",
-        field="data.pipeline",
-        hint='set data.pipeline = "stream" (or "auto"), or extract the shards into an image folder',
-    )
