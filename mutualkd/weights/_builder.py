@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from mutualkd.errors import UserError
-from mutualkd.peers import create_peer
 from mutualkd.weights._fit import finite, load_into, read_weights_file
 from mutualkd.weights._hub import default_tag, load as load_pretrained
 from mutualkd.weights._run import load_run_peer
@@ -45,6 +44,8 @@ def load_network(
     model itself ``model_field`` (both default: ``field``). Raises a UserError (exit 2; a
     CheckpointError for a run source) for anything that does not fit.
     """
+    from mutualkd.peers import create_peer  # timm: imported when a network is built
+
     where = f"{file} [{field}]"
     model_field = model_field or field
     arch_where = f"{file} [{arch_field or field}]"

@@ -26,12 +26,13 @@ def finite(net: Network, where: str) -> Network:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             src = net.source.describe() if net.source is not None else "the weights"
             raise error_for(net)(f"{src} holds non-finite values (NaN or Inf) in {name!r}", where=where,
-                              hint="name weights saved before training diverged (an earlier checkpoint),"
-                              " or other weights")
+                                 hint="name weights saved before training diverged (an earlier checkpoint),"
+                                 " or other weights")
     return net
 
 
 def as_tuple(v: Any) -> tuple[float, ...] | None:
+    """A per-channel list from meta.json (a mean, a std) as floats; None when absent or empty."""
     return tuple(float(x) for x in v) if isinstance(v, (list, tuple)) and v else None
 
 

@@ -13,7 +13,6 @@ from typing import Any
 
 from mutualkd import checkpoint as ckpt
 from mutualkd.errors import CheckpointError, unknown_name_hint
-from mutualkd.peers import create_peer
 from mutualkd.trust import UnsafeFileError
 from mutualkd.weights._fit import as_tuple, load_into
 from mutualkd.weights._source import Network, Source
@@ -34,6 +33,8 @@ def load_run_peer(path: str | Path, peer: str | int = 0, *, num_classes: int, in
     ``text``: the source as the recipe wrote it. Raises a CheckpointError for anything that
     does not fit, an UnsafeFileError for a checkpoint that asks to run code.
     """
+    from mutualkd.peers import create_peer  # timm: imported when a network is built
+
     folder = ckpt.resolve_checkpoint(Path(path), where=where)
     meta = ckpt.read_meta(folder)
     peers: dict[str, Any] = meta.get("peers", {})
