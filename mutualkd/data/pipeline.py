@@ -29,6 +29,7 @@ import torch
 from mutualkd.data._base import DatasetInfo, dataset_entrypoint, stratified_subset
 from mutualkd.data.datasets import load_splits, split_indices
 from mutualkd.data.loader import BatchLoader
+from mutualkd.data.protocol import Loader  # what the engine iterates over: either pipeline's loader
 from mutualkd.data.sources import Source, SplitSource, count_folder_images, folder_sources, tar_sources
 from mutualkd.data.sampling import check_balanced
 from mutualkd.data.stream import StreamDataset, StreamLoader
@@ -38,9 +39,6 @@ if TYPE_CHECKING:
     from mutualkd.config import DataConfig
 
 __all__ = ["Loader", "Pipeline", "StreamPlan", "build_pipeline", "check_data", "choose_pipeline", "plan_stream"]
-
-#: What the engine iterates over: either pipeline's loader.
-Loader = BatchLoader | StreamLoader
 
 
 @dataclass
