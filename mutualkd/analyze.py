@@ -192,9 +192,10 @@ def analyze_run(
         UserError: the folder is not a run, it names no teacher and none is given, or a
         checkpoint does not fit.
     """
-    from mutualkd.checkpoint import load_peer_model, resolve_checkpoint
+    from mutualkd.checkpoint import resolve_checkpoint
     from mutualkd.config import load_recipe
     from mutualkd.peers import PeerModule
+    from mutualkd.weights import load_run_peer
 
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.toml").is_file():
@@ -212,11 +213,12 @@ def analyze_run(
     ckpt = resolve_checkpoint(Path(checkpoint) if checkpoint is not None else run_dir, where=str(run_dir))
 
     test, info = _test_split(recipe, run_dir)
-    s_model, s_arch = load_peer_model(ckpt, student_name, num_classes=info.num_classes, in_chans=info.in_chans,
-                                      where=f"{run_dir} (student)")
-    t_model, t_arch = load_peer_model(teacher, teacher_peer, num_classes=info.num_classes, in_chans=info.in_chans,
-                                      where=f"{run_dir} (teacher {teacher})")
-    student, teacher_net = PeerModule(s_model, s_arch).eval(), PeerModule(t_model, t_arch).eval()
+    s = load_run_peer(ckpt, student_name, num_classes=info.num_classes, in_chans=info.in_chans,
+                      where=f"{run_dir} (student)")
+    t = load_run_peer(teacher, teacher_peer, num_classes=info.num_classes, in_chans=info.in_chans,
+                      where=f"{run_dir} (teacher {teacher})")
+    s_arch, t_arch = s.model_name, t.model_name
+    student, teacher_net = (PeerModule(net.model.requires_grad_(False), net.model_name).eval() for net in (s, t))
 
     maps_s, maps_t, correct_s, correct_t, n = [], [], 0, 0, 0
     with torch.no_grad():

@@ -17,7 +17,6 @@ complete one back under its name instead of deleting them.
 from __future__ import annotations
 
 from collections.abc import Mapping
-import errno
 import hashlib
 import io
 import json
@@ -31,7 +30,8 @@ from typing import Any
 import torch
 
 from mutualkd.config import LOGGING_ONLY_FIELDS
-from mutualkd.errors import CheckpointError, UserError
+from mutualkd.errors import CheckpointError, UserError, os_reason
+from mutualkd.trust import safe_load
 
 __all__ = [
     "MARKER",
@@ -47,7 +47,6 @@ __all__ = [
     "prune_checkpoints",
     "recipe_hash",
     "versions",
-    "load_peer_model",
 ]
 
 MARKER = "COMPLETE"
@@ -155,12 +154,6 @@ def save_checkpoint(dest: Path, state: Mapping[str, Any], meta: Mapping[str, Any
             ) from None
         raise
     return dest
-
-
-def os_reason(e: OSError) -> str:
-    """``strerror (ENAME)`` of an OSError, e.g. ``No space left on device (ENOSPC)``."""
-    name = errno.errorcode.get(e.errno or 0)
-    return f"{e.strerror or e} ({name})" if name else str(e.strerror or e)
 
 
 def marker_hash(path: Path) -> str | None:
@@ -274,7 +267,6 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", verify
             raise CheckpointError(problem or f"{STATE} cannot be read", where=str(path), hint=OLDER_HINT)
     else:
         data = (path / STATE).read_bytes()
-    from mutualkd.trust import safe_load
 
     try:
         # Never full unpickling: a state.pt that asks to run code is refused (mutualkd.trust).
@@ -430,48 +422,3 @@ def peer_weights(state: Mapping[str, Any], spec: Mapping[str, Any], name: str, *
     if spec.get("branch") is not None:
         return branch_state_dict(weights, int(spec["branch"]))
     return dict(weights)
-
-
-def load_peer_model(
-    path: str | Path, peer: str | int, *, num_classes: int, in_chans: int, where: str | None = None
-) -> tuple[torch.nn.Module, str]:
-    """Rebuild peer ``peer`` (name or index) of a saved run and load its weights (eval, frozen).
-
-    Returns the timm model and its architecture name.
-    """
-    from mutualkd.errors import unknown_name_hint
-    from mutualkd.peers import create_peer
-
-    folder = resolve_checkpoint(Path(path), where)
-    meta = read_meta(folder)
-    peers = meta.get("peers", {})
-    names = list(peers)
-    name = names[peer] if isinstance(peer, int) and 0 <= peer < len(names) else str(peer)
-    if name not in peers:
-        raise CheckpointError(
-            f"the run in {folder} has no peer {peer!r}", where=where, hint=unknown_name_hint("peer", str(peer), names)
-        )
-    ds = meta.get("dataset", {})
-    if ds.get("num_classes") != num_classes or ds.get("in_chans") != in_chans:
-        raise CheckpointError(
-            f"peer '{name}' of {folder} was trained on {ds.get('name')} with {ds.get('num_classes')} classes and"
-            f" {ds.get('in_chans')} channels; this recipe's data has {num_classes} classes and {in_chans} channels",
-            where=where,
-            hint="use a teacher trained on the same data set",
-        )
-    spec = peers[name]
-    model = create_peer(spec["model"], num_classes=num_classes, in_chans=in_chans, kwargs=spec.get("kwargs", {}))
-    state = load_checkpoint(folder)
-    try:
-        weights = peer_weights(state, spec, name)
-        if weights is None:
-            raise KeyError(name)
-        model.load_state_dict(weights)
-    except (KeyError, RuntimeError) as e:
-        raise CheckpointError(
-            f"the weights of peer '{name}' do not fit model '{spec['model']}': {str(e)[:300]}",
-            where=where,
-            hint="the checkpoint is of another architecture; name the right run or peer",
-        ) from None
-    model.eval().requires_grad_(False)
-    return model, spec["model"]

@@ -412,7 +412,7 @@ def convert_checkpoint(
         if answer.strip().lower() not in ("y", "yes"):
             err_console.print("nothing converted", markup=False)
             raise typer.Exit(EXIT_BAD_INPUT)
-    from mutualkd.trust import convert_checkpoint as convert
+    from mutualkd.convert import convert_checkpoint as convert
 
     try:
         done = convert(path)

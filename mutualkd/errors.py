@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 import difflib
+import errno
 
 __all__ = [
     "EXIT_BAD_INPUT",
@@ -21,6 +22,7 @@ __all__ = [
     "close_matches",
     "unknown_name_hint",
     "in_file",
+    "os_reason",
 ]
 
 #: Exit code for input the user has to fix (recipe, data, paths, command line).
@@ -143,3 +145,9 @@ class NonFiniteLossError(RuntimeError):
     """A loss term became NaN or Inf; training stops on every process."""
 
     exit_code = EXIT_NON_FINITE
+
+
+def os_reason(e: OSError) -> str:
+    """``strerror (ENAME)`` of an OSError, e.g. ``No space left on device (ENOSPC)``."""
+    name = errno.errorcode.get(e.errno or 0)
+    return f"{e.strerror or e} ({name})" if name else str(e.strerror or e)

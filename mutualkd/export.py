@@ -196,7 +196,7 @@ def export_run(run_or_checkpoint: str | Path, out: str | Path, *, peer: str | No
 
 
 def _cannot_write(out: Path, e: OSError) -> UserError:
-    from mutualkd.checkpoint import os_reason
+    from mutualkd.errors import os_reason
 
     return UserError(f"cannot write the export: {os_reason(e)}", where=str(out),
                      hint="choose an --out on a disk you can write to, with free space")

@@ -41,7 +41,7 @@ def _clean(obj: Any) -> Any:
 
 def write_failed(path: Path, e: OSError) -> UserError:
     """A file of the run could not be written (a full disk, a read-only file system, a folder in its place)."""
-    from mutualkd.checkpoint import os_reason
+    from mutualkd.errors import os_reason
 
     then = "then continue with `mutualkd run --resume RUN_DIR`"
     if e.errno in (errno.EISDIR, errno.ENOTDIR):

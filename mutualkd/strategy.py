@@ -58,10 +58,13 @@ from pydantic import BaseModel, ConfigDict
 import torch
 from torch import Tensor, nn
 
-from mutualkd.config import OptimizerConfig, Recipe, SchedulerConfig
+# The schema's leaf module: mutualkd.config itself validates a recipe's strategy through the registry,
+# which checks classes against this contract.
+from mutualkd.config.peers import OptimizerConfig, SchedulerConfig
 from mutualkd.errors import RecipeError
 
 if TYPE_CHECKING:
+    from mutualkd.config import Recipe
     from mutualkd.data import DatasetInfo
 
 __all__ = [

@@ -14,29 +14,25 @@ CIFAR-100's ``train``, ``test``, ``meta``) are read by :func:`load_data_pickle`,
 dicts, lists, strings, bytes and numbers: NumPy arrays, dtypes and scalars
 (:data:`DATA_PICKLE_GLOBALS`). Any other global is refused before it is called.
 
-A checkpoint from a version of mutualkd that wrote other objects, or from a script that
-added some, can be converted after its owner confirms they trust it:
-``mutualkd convert-checkpoint PATH`` loads it once with full unpickling, keeps only plain
-values (paths become strings, NumPy scalars numbers, namespaces dicts) and rewrites it as an
-atomic checkpoint that then loads safely.
+This module is the policy only, and sits at the bottom of the package: it imports nothing of
+mutualkd but the errors. Converting a checkpoint that breaks the policy (its owner trusts it) is
+``mutualkd convert-checkpoint``, in :mod:`mutualkd.convert`, above :mod:`mutualkd.checkpoint`.
 """
 
 from __future__ import annotations
 
-from argparse import Namespace
-from collections.abc import Mapping
 import io
-from pathlib import Path, PurePath
+from pathlib import Path
 import pickle
 from typing import Any
 
 import numpy as np
 import torch
 
-from mutualkd.errors import CheckpointError, UserError
+from mutualkd.errors import DataError, UserError
 
 __all__ = ["UnsafeFileError", "SAFE_GLOBALS", "DATA_PICKLE_GLOBALS", "safe_load", "load_data_pickle", "unsafe_globals",
-           "convert_checkpoint", "plain"]
+           "convert_hint"]
 
 
 class UnsafeFileError(UserError):
@@ -65,6 +61,7 @@ def unsafe_globals(data: bytes) -> list[str]:
 
 
 def convert_hint(path: Path) -> str:
+    """The fix for a checkpoint folder ``path`` that :func:`safe_load` refused."""
     return (f"if you wrote this checkpoint yourself (an earlier mutualkd version, your own callback) and trust it,"
             f" convert it once: mutualkd convert-checkpoint {path}; otherwise delete it")
 
@@ -134,8 +131,6 @@ def load_data_pickle(path: Path, *, fix: str, what: str = "pickle") -> Any:
     Raises :class:`UnsafeFileError` naming the file and the first global refused, and
     :class:`~mutualkd.errors.DataError` when the file cannot be read or is not a pickle.
     """
-    from mutualkd.errors import DataError
-
     try:
         with open(path, "rb") as f:
             unpickler = _DataUnpickler(f)
@@ -153,77 +148,3 @@ def load_data_pickle(path: Path, *, fix: str, what: str = "pickle") -> Any:
                                 hint=fix) from None
     except OSError as e:
         raise DataError(f"{path}: cannot be read ({e.strerror or e})", hint=fix) from None
-
-
-# --------------------------------------------------------------------------- conversion
-def plain(obj: Any, where: str = "state") -> Any:
-    """``obj`` with only what :func:`safe_load` reads back: tensors, numbers, strings, containers, NumPy arrays.
-
-    Paths become strings, NumPy scalars Python numbers, ``argparse.Namespace`` a dict; anything
-    else is a UserError naming where in the state it is.
-    """
-    if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, torch.Tensor, torch.Size,
-                                       torch.dtype, torch.device)):
-        return obj
-    if isinstance(obj, np.ndarray):
-        if obj.dtype.hasobject:
-            return [plain(v, f"{where}[{i}]") for i, v in enumerate(obj.tolist())]
-        return obj
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, PurePath):
-        return str(obj)
-    if isinstance(obj, Namespace):
-        obj = vars(obj)
-    if isinstance(obj, Mapping):
-        return {k if isinstance(k, (str, int)) else str(k): plain(v, f"{where}.{k}") for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        items = [plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
-        return items if isinstance(obj, list) else tuple(items)
-    raise UserError(f"cannot convert a {type(obj).__module__}.{type(obj).__qualname__} at {where}",
-                    hint="this object is not part of a mutualkd checkpoint; convert it by hand or delete the checkpoint")
-
-
-def _checkpoint_folders(path: Path) -> list[Path]:
-    from mutualkd import checkpoint as ckpt
-
-    if (path / ckpt.STATE).is_file():
-        return [path]
-    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    found = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / ckpt.STATE).is_file()) \
-        if folder.is_dir() else []
-    if not found:
-        raise CheckpointError("no checkpoint here", where=str(path),
-                              hint="name a run folder or one of its checkpoints/ folders")
-    return found
-
-
-def convert_checkpoint(path: str | Path) -> list[tuple[Path, str]]:
-    """Rewrite every checkpoint under ``path`` (a run or checkpoint folder) so that it loads safely.
-
-    Call only for files the user trusts: a checkpoint that does not load safely is unpickled in
-    full (which runs whatever it holds). Its hash is checked first; the rewrite is atomic
-    (:func:`mutualkd.checkpoint.save_checkpoint`). Returns ``(folder, what was done)`` pairs.
-    """
-    from mutualkd import checkpoint as ckpt
-
-    done: list[tuple[Path, str]] = []
-    for folder in _checkpoint_folders(Path(path)):
-        problem = ckpt.verify_checkpoint(folder)
-        if problem is not None:
-            raise CheckpointError(f"cannot convert: {problem}", where=str(folder), hint="convert a complete checkpoint")
-        data = (folder / ckpt.STATE).read_bytes()
-        try:
-            safe_load(data, file=folder / ckpt.STATE)
-            done.append((folder, "already loads safely; left as it is"))
-            continue
-        except UnsafeFileError:
-            pass
-        names = unsafe_globals(data)
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)  # trusted by the user
-        converted = plain(state)
-        meta = {k: v for k, v in ckpt.read_meta(folder).items() if k != "folder"}
-        ckpt.save_checkpoint(folder, converted, meta)
-        safe_load((folder / ckpt.STATE).read_bytes(), file=folder / ckpt.STATE)  # it reads back safely now
-        done.append((folder, f"converted ({', '.join(names) or 'no foreign globals'} replaced by plain values)"))
-    return done

@@ -24,7 +24,7 @@ from mutualkd.data import (
     read_idx,
     write_idx,
 )
-from mutualkd.data._base import register_dataset
+from mutualkd.data.lookup import register_dataset
 from mutualkd.errors import DataError, UserError, in_file
 
 Writer = Callable[..., Path]  # the factory fixtures of conftest.py: write_fake_cifar, write_fake_mnist

@@ -19,13 +19,11 @@ from mutualkd.data._base import (
     DEFAULT_ROOT,
     DatasetInfo,
     Split,
-    dataset_plugin,
-    list_datasets,
-    register_dataset,
     resize_images,
     stratified_subset,
 )
 from mutualkd.data.datasets import load_dataset
+from mutualkd.data.lookup import dataset_plugin, list_datasets, register_dataset
 from mutualkd.data.idx import FASHION_MNIST_SYSTEM_DIR, IDX_FILES, read_idx, write_idx
 from mutualkd.data.loader import BatchLoader, augment_batch
 from mutualkd.data.pipeline import Pipeline, build_pipeline, check_data, choose_pipeline

@@ -29,11 +29,11 @@ from mutualkd.data._base import (
     DatasetInfo,
     Split,
     check_image_memory,
-    dataset_splits,
     resize_images,
     stratified_subset,
     take,
 )
+from mutualkd.data.lookup import dataset_splits
 from mutualkd.errors import DataError
 
 if TYPE_CHECKING:

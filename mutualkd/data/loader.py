@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from mutualkd.data._base import DatasetInfo, Split
+from mutualkd.data.protocol import Loader
 from mutualkd.data.sampling import balanced_order, num_balanced_batches
 from mutualkd.errors import DataError
 
@@ -104,7 +105,7 @@ def augment_batch(
     return out.permute(0, 3, 1, 2)
 
 
-class BatchLoader:
+class BatchLoader(Loader):
     """Iterates over a :class:`Split` held on ``device``, yielding ``(x, y)`` batches.
 
     ``x`` is float32 ``[B, C, H, W]`` normalised with ``info.mean``/``info.std``

@@ -36,13 +36,13 @@ from mutualkd.data._base import (
     DatasetInfo,
     Split,
     check_image_memory,
-    dataset_pipeline,
-    dataset_sources,
     resize_images,
     stratified_subset,
 )
 from mutualkd.data.datasets import load_splits, split_indices
+from mutualkd.data.lookup import dataset_pipeline, dataset_sources
 from mutualkd.data.loader import BatchLoader
+from mutualkd.data.protocol import Loader  # what the engine iterates over: either pipeline's loader
 from mutualkd.data.sources import Source
 from mutualkd.data.sampling import check_balanced
 from mutualkd.data.stream import StreamDataset, StreamLoader
@@ -54,9 +54,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Loader", "Pipeline", "StreamPlan", "DevicePlan", "ResolvedData", "build_pipeline", "check_data",
            "check_resolved", "choose_pipeline", "plan_stream", "plan_device", "resolve_data"]
-
-#: What the engine iterates over: either pipeline's loader.
-Loader = BatchLoader | StreamLoader
 
 
 @dataclass

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from mutualkd.data.protocol import Loader
 from mutualkd.data.sources import Source
 from mutualkd.data.transforms import seeded
 from mutualkd.data.sampling import balanced_order, num_balanced_batches
@@ -164,7 +165,7 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-class StreamLoader:
+class StreamLoader(Loader):
     """Iterates over a :class:`StreamDataset` with worker processes, yielding ``(x, y)`` on ``device``.
 
     ``x`` float32 ``[B, C, H, W]`` normalised by the transform (channels_last when asked),

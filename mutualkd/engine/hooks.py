@@ -5,7 +5,9 @@ Progress is a rich bar on an interactive terminal, and plain lines of the logger
 A callback subclasses :class:`Callback` and overrides the hooks it needs; pass it to
 ``Trainer(..., callbacks=[...])``. Hooks run on every process, in order: the engine's
 own callbacks first (metrics.jsonl, console, progress bar, checkpoints), then the
-user's. Use ``trainer.is_main`` to act on one process only.
+user's. Use ``trainer.is_main`` to act on one process only. A callback with state to
+keep across a resume satisfies :class:`StatefulCallback`: its state goes into every
+checkpoint under its ``state_key``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import logging
 from pathlib import Path
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
     from mutualkd.engine.trainer import Trainer
 
 __all__ = [
-    "Callback", "CallbackList", "step_record", "MetricsLog", "ConsoleLog", "ProgressBar", "ProgressLog",
+    "Callback", "StatefulCallback", "CallbackList", "step_record", "MetricsLog", "ConsoleLog", "ProgressBar", "ProgressLog",
     "progress_callback", "Checkpointing",
 ]
 
@@ -68,6 +70,33 @@ class Callback:
     def on_fit_end(self, trainer: Trainer, summary: Mapping[str, Any] | None) -> None:
         """The run ended: ``summary`` as written to summary.json, or None when it stopped early
         (a signal, a non-finite loss, an error)."""
+
+    @property
+    def state_key(self) -> str:
+        """The name of this callback's state in a checkpoint, when it is a :class:`StatefulCallback`
+        (default: the class name; set it as a class attribute to keep it stable across renames)."""
+        return type(self).__name__
+
+
+@runtime_checkable
+class StatefulCallback(Protocol):
+    """A callback whose state is saved in every checkpoint and restored on resume (an EMA, a tracker).
+
+    ``state_dict()`` returns what :meth:`load_state_dict` needs to continue exactly: tensors,
+    numbers, strings and containers only (checkpoints are read with torch's restricted
+    unpickler, :mod:`mutualkd.trust`). The state is saved under ``state_key``, which must be
+    unique among a trainer's callbacks and stable from run to run: a resumed run gives each
+    callback the state saved under its key, and a callback whose key the checkpoint lacks
+    (added on resume) starts afresh. ``load_state_dict`` is called before ``on_fit_start``.
+    """
+
+    state_key: str
+
+    def state_dict(self) -> dict[str, Any]:
+        ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        ...
 
 
 class CallbackList(Callback):

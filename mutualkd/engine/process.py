@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 import os
 from pathlib import Path
+from typing import TypeVar
 
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
 import torch
 from torch import Tensor
 
 from mutualkd.config import RunConfig
+from mutualkd.errors import UserError
 
-__all__ = ["has_gpu", "make_accelerator", "configure_determinism", "reduce_max"]
+__all__ = ["has_gpu", "make_accelerator", "configure_determinism", "reduce_max", "broadcast_from_main", "on_main"]
+
+T = TypeVar("T")
 
 
 def has_gpu() -> bool:
@@ -63,3 +68,29 @@ def broadcast_from_main(tensors: list[Tensor]) -> None:
     torch.distributed.broadcast(flat, src=0)
     for t, v in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
         t.copy_(v)
+
+
+def on_main(acc: Accelerator, work: Callable[[], T], *, error: type[UserError] = UserError,
+            if_failed: Callable[[], object] | None = None) -> T | None:
+    """``work()`` on the main process only; its result, or the UserError it raised, reaches every process.
+
+    Every process must call it: with several, it is a collective (and so a barrier). A
+    UserError raised by ``work`` (after ``if_failed()``, on the main process) is raised on
+    every process as ``error`` with the same message, place and fix, so that all of them stop
+    together instead of the others waiting in their next collective until it times out.
+    Returns ``work()``'s result on every process.
+    """
+    result: T | None = None
+    problem: tuple[str, str | None, str | None] | None = None
+    if acc.is_main_process:
+        try:
+            result = work()
+        except UserError as e:
+            if if_failed is not None:
+                if_failed()
+            problem = (e.message, e.where, e.hint)
+    if acc.num_processes > 1:
+        result, problem = broadcast_object_list([result, problem], from_process=0)
+    if problem is not None:
+        raise error(problem[0], where=problem[1], hint=problem[2])
+    return result

@@ -1,9 +1,11 @@
-"""The trainer's state in and out: what a checkpoint holds, its metadata, the run's summary.
+"""The trainer's state in and out: the pieces a checkpoint holds, its metadata, the run's summary.
 
-:func:`capture` and :func:`restore` are the two halves of an exact resume: modules,
-optimizers, schedulers, the loss scaler, the strategy, the position and histories, the
-data order, the epoch's running sums, the forward cache's versions, every process's RNG
-streams, the offset into metrics.jsonl, and the state of stateful callbacks (EMA, trackers).
+:meth:`Trainer.state_dict <mutualkd.engine.trainer.Trainer.state_dict>` and ``load_state_dict``
+are the two halves of an exact resume; the trainer owns its state and assembles it from the
+pieces here: the modules, optimizers and schedulers (:func:`module_state`), every process's
+RNG streams (:func:`rng_states`), and the state of the callbacks that satisfy
+:class:`~mutualkd.engine.hooks.StatefulCallback` (EMA, trackers; :func:`callback_state`).
+Nothing here assigns the trainer's attributes.
 """
 
 from __future__ import annotations
@@ -12,21 +14,24 @@ from collections.abc import Iterable, Mapping
 import random
 from typing import TYPE_CHECKING, Any
 
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate import Accelerator
+from accelerate.utils import gather_object
 import numpy as np
 import torch
 
 from mutualkd import checkpoint as ckpt
-from mutualkd.engine.hooks import Callback
-from mutualkd.engine.state import History, Position
+from mutualkd.engine.hooks import StatefulCallback
+from mutualkd.engine.process import on_main
 from mutualkd.errors import CheckpointError, UserError
 from mutualkd.peers import PeerModule
 from mutualkd._logging import get_logger
 
 if TYPE_CHECKING:
+    from mutualkd.engine.build import Unit
     from mutualkd.engine.trainer import Trainer
 
-__all__ = ["capture", "restore", "repair_best", "stateful_callbacks", "checkpoint_meta", "run_summary"]
+__all__ = ["module_state", "load_module_state", "rng_states", "set_rng_states", "stateful_callbacks",
+           "callback_state", "load_callback_state", "repair_best", "checkpoint_meta", "run_summary"]
 
 log = get_logger(__name__)
 
@@ -48,17 +53,42 @@ def _set_rng_state(rng: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def stateful_callbacks(callbacks: Iterable[Callback]) -> dict[str, Any]:
-    """Callbacks whose state is saved in checkpoints (those with ``state_dict`` and
-    ``load_state_dict``), under their ``state_key`` (default: the class name)."""
-    out: dict[str, Any] = {}
+def rng_states(acc: Accelerator) -> list[dict[str, Any]]:
+    """Every process's RNG streams, by process index. Collective with several processes (a gather)."""
+    rng = _rng_state()
+    return gather_object([rng]) if acc.num_processes > 1 else [rng]
+
+
+def set_rng_states(rngs: list[Mapping[str, Any]], process_index: int) -> None:
+    """This process's RNG streams from :func:`rng_states` (process 0's when it was saved with fewer processes)."""
+    _set_rng_state(rngs[process_index] if process_index < len(rngs) else rngs[0])
+
+
+def stateful_callbacks(callbacks: Iterable[object]) -> dict[str, StatefulCallback]:
+    """The callbacks whose state is saved in checkpoints (each a :class:`StatefulCallback`), by ``state_key``."""
+    out: dict[str, StatefulCallback] = {}
     for cb in callbacks:
-        if callable(getattr(cb, "state_dict", None)) and callable(getattr(cb, "load_state_dict", None)):
-            key = str(getattr(cb, "state_key", type(cb).__name__))
+        if isinstance(cb, StatefulCallback):
+            key = str(cb.state_key)
             if key in out:
                 raise UserError(f"two callbacks save their state under '{key}'", hint="give one of them another state_key")
             out[key] = cb
     return out
+
+
+def callback_state(callbacks: Iterable[object]) -> dict[str, Any]:
+    """``state_key`` -> ``state_dict()`` of each stateful callback."""
+    return {key: cb.state_dict() for key, cb in stateful_callbacks(callbacks).items()}
+
+
+def load_callback_state(callbacks: Iterable[object], saved: Mapping[str, Any], *, where: str) -> None:
+    """Give each stateful callback its saved state; one the checkpoint has none for (added on resume) starts afresh."""
+    try:
+        for key, cb in stateful_callbacks(callbacks).items():
+            if key in saved:
+                cb.load_state_dict(saved[key])
+    except (KeyError, RuntimeError) as e:
+        raise _mismatch(e, where) from None
 
 
 def _bare(module: torch.nn.Module) -> torch.nn.Module:
@@ -67,73 +97,37 @@ def _bare(module: torch.nn.Module) -> torch.nn.Module:
     return module.model if isinstance(module, PeerModule) else module
 
 
-def capture(tr: Trainer) -> dict[str, Any]:
-    """Everything a resume needs. Collective with several processes (it gathers RNG states)."""
-    slots, nets = tr._slots, tr._batch.nets.peers
-    modules = {k: (_bare(s.inner) if k in nets else s.inner).state_dict() for k, s in slots.items()}
-    rng = _rng_state()
-    units = tr.units.values()
+def _saved_modules(slots: Mapping[str, Any], networks: Mapping[str, Any]) -> dict[str, torch.nn.Module]:
+    return {k: _bare(s.inner) if k in networks else s.inner for k, s in slots.items()}
+
+
+def module_state(slots: Mapping[str, Any], networks: Mapping[str, Any], units: Iterable[Unit]) -> dict[str, Any]:
+    """The weights of every slot (``networks``: the peer networks, saved without their wrappers), and
+    each unit's optimizer and learning-rate schedule."""
+    units = list(units)
     return {
-        "modules": modules,
+        "modules": {k: m.state_dict() for k, m in _saved_modules(slots, networks).items()},
         "optimizers": {u.name: u.optimizer.state_dict() for u in units},  # type: ignore[union-attr]
         "schedulers": {u.name: u.scheduler.state_dict() for u in units},
-        "scaler": tr.precision.state_dict(),
-        "strategy": tr.strategy.state_dict(),
-        "position": vars(tr.position).copy(),
-        "history": vars(tr.history).copy(),
-        "val_history": vars(tr.val_history).copy() if tr.val_history is not None else None,
-        "data": tr.train_loader.state_dict() if hasattr(tr.train_loader, "state_dict") else {},
-        "epoch_acc": {k: float(v) for k, v in tr._epoch_sums.items()},
-        "epoch_count": tr._epoch_count,
-        "epoch_scalars": {k: [float(v), int(n)] for k, (v, n) in tr._scalar_sums.items()},
-        "versions": dict(tr._batch.versions),
-        "mean_updates": dict(tr._batch.mean_updates),
-        "rng": gather_object([rng]) if tr.accelerator.num_processes > 1 else [rng],
-        "metrics_offset": tr.writer.offset() if tr.is_main else 0,
-        "metrics_log": tr.writer.snapshot(),  # metrics.jsonl up to here, compressed (main process)
-        "last_eval": tr.last_eval,  # summary.json's top-5 after a resume with no evaluation left
-        "callbacks": {key: cb.state_dict() for key, cb in stateful_callbacks(tr.callbacks.callbacks).items()},
     }
 
 
-def restore(tr: Trainer, state: Mapping[str, Any]) -> None:
-    """Put ``state`` (from :func:`capture`) back into ``tr``; a state of other models is a :class:`CheckpointError`."""
-    slots, nets = tr._slots, tr._batch.nets.peers
+def load_module_state(slots: Mapping[str, Any], networks: Mapping[str, Any], units: Iterable[Unit],
+                      state: Mapping[str, Any], *, where: str) -> None:
+    """Put :func:`module_state`'s output back; a state of other models is a :class:`CheckpointError` at ``where``."""
     try:
-        for k, s in slots.items():
-            (_bare(s.inner) if k in nets else s.inner).load_state_dict(state["modules"][k])
-        for u in tr.units.values():
+        for k, m in _saved_modules(slots, networks).items():
+            m.load_state_dict(state["modules"][k])
+        for u in units:
             u.optimizer.load_state_dict(state["optimizers"][u.name])  # type: ignore[union-attr]
             u.scheduler.load_state_dict(state["schedulers"][u.name])
-        saved = state.get("callbacks", {})
-        for key, cb in stateful_callbacks(tr.callbacks.callbacks).items():
-            if key in saved:  # a callback added on resume (e.g. a tracker) starts afresh
-                cb.load_state_dict(saved[key])
     except (KeyError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint does not match the recipe's models: {e}", where=str(tr.resumed_from),
-                              hint="resume with the recipe the run was started with") from None
-    tr.precision.load_state_dict(state.get("scaler"))
-    tr.strategy.load_state_dict(state.get("strategy", {}))
-    tr.position = Position(**state["position"])
-    tr.history = History(**state["history"])
-    if tr.val_history is not None and state.get("val_history"):
-        tr.val_history = History(**state["val_history"])
-    if hasattr(tr.train_loader, "load_state_dict"):
-        tr.train_loader.load_state_dict(state.get("data") or {})
-    tr._epoch_sums = dict(state.get("epoch_acc", {}))
-    tr._epoch_count = int(state.get("epoch_count", 0))
-    tr._scalar_sums = {k: [float(v), int(n)] for k, (v, n) in state.get("epoch_scalars", {}).items()}
-    tr.last_eval = dict(state.get("last_eval", {}))
-    versions = state.get("versions", {})
-    if isinstance(versions, list):  # checkpoints of earlier releases: one per peer, in recipe order
-        versions = dict(zip(tr.peer_names, versions))
-    for name, v in versions.items():
-        if name in tr._batch.versions:
-            tr._batch.versions[name] = int(v)
-    for name, v in state.get("mean_updates", {}).items():
-        tr._batch.mean_updates[name] = int(v)
-    rngs, i = state["rng"], tr.accelerator.process_index
-    _set_rng_state(rngs[i] if i < len(rngs) else rngs[0])
+        raise _mismatch(e, where) from None
+
+
+def _mismatch(e: Exception, where: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint does not match the recipe's models: {e}", where=where,
+                           hint="resume with the recipe the run was started with")
 
 
 def repair_best(tr: Trainer) -> None:
@@ -143,9 +137,7 @@ def repair_best(tr: Trainer) -> None:
     elsewhere it cannot be rebuilt; best/ is then rewritten at the next best epoch.
     """
     pos, best_epoch = tr.position, tr.history.best_epoch
-    stale = tr.folder.best_is_stale(best_epoch) if tr.is_main else None
-    if tr.accelerator.num_processes > 1:
-        stale = broadcast_object_list([stale], from_process=0)[0]
+    stale = on_main(tr.accelerator, lambda: tr.folder.best_is_stale(best_epoch))
     if stale is None:
         return
     if pos.epoch == best_epoch and pos.batch == 0:
@@ -178,10 +170,9 @@ def checkpoint_meta(tr: Trainer, kind: str) -> dict[str, Any]:
 
 def _outputs(tr: Trainer) -> dict[str, list[str]]:
     """What was evaluated, by kind: the peers, the strategy's temporal means and declared outputs, EMA peers."""
-    nets = tr._batch.nets
     return {
         "peers": list(tr.peer_names),
-        "temporal_means": [p for m in nets.means for p in nets.peers[m]],
+        "temporal_means": [p for m in tr.temporal_means for p in tr.network_peers[m]],
         "declared": list(tr.strategy.outputs()),
         "ema": list(tr.eval_models),
     }
@@ -191,7 +182,7 @@ def _peer_meta(tr: Trainer) -> dict[str, Any]:
     """meta.json's peers: architecture and kwargs, where a branch's weights are (``network``, ``branch``),
     the module holding its temporal mean (``mean_module``), its own input normalisation."""
     out: dict[str, Any] = {}
-    recipe, means = tr.recipe, tr._batch.nets.source
+    recipe, means = tr.recipe, {m: src for m, (src, _) in tr.temporal_means.items()}
     names = recipe.network_names()
     for peer, i, k in recipe.peer_tables():
         pc, net = recipe.peers[i], names[i]

@@ -14,22 +14,25 @@ run killed before its first checkpoint starts again from the beginning.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
 
 from mutualkd import checkpoint as ckpt
 from mutualkd.config import Recipe
+from mutualkd.engine.process import on_main
 from mutualkd.runlock import RunLock, run_folder_of
 from mutualkd.errors import CheckpointError, UserError
 from mutualkd.names import inside
 
-__all__ = ["Position", "History", "EpochClock", "RunFolder", "resume_folder", "resume_checkpoint", "recipe_changes"]
+if TYPE_CHECKING:
+    from torch import Tensor
+
+__all__ = ["Position", "History", "EpochTotals", "EpochClock", "RunFolder", "resume_folder", "resume_checkpoint", "recipe_changes"]
 
 
 @dataclass
@@ -77,6 +80,52 @@ class History:
             if epoch in epochs:
                 out[name] = values[epochs.index(epoch)]
         return out
+
+
+
+class EpochTotals:
+    """The running sums behind an epoch's record: each loss term's sum (kept on the device, read
+    once at the epoch's end), the batches counted, and the strategy's logged scalars as [sum, batches].
+
+    Saved in checkpoints (:meth:`state_dict`) so that the record of an epoch resumed mid-way is the
+    one the uninterrupted run writes.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """A new epoch: nothing counted."""
+        self.sums: dict[str, Any] = {}
+        self.count = 0
+        self.scalars: dict[str, list[Any]] = {}
+
+    def add(self, terms: Mapping[str, Mapping[str, Tensor]], scalars: Mapping[str, Tensor] | None) -> None:
+        """One batch: its loss terms (step -> term -> value) and the scalars the strategy logged."""
+        for step_terms in terms.values():
+            for key, v in step_terms.items():
+                self.sums[key] = self.sums.get(key, 0.0) + v.float()
+        self.count += 1
+        for key, v in (scalars or {}).items():
+            acc = self.scalars.setdefault(key, [0.0, 0])
+            acc[0], acc[1] = acc[0] + v.float(), acc[1] + 1
+
+    def loss(self) -> dict[str, float]:
+        """Each term's mean over the epoch's batches."""
+        return {k: float(v) / max(self.count, 1) for k, v in self.sums.items()}
+
+    def scalar_means(self) -> dict[str, float]:
+        """Each logged scalar's mean over the batches that logged it."""
+        return {k: float(v) / max(n, 1) for k, (v, n) in self.scalars.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch_acc": {k: float(v) for k, v in self.sums.items()}, "epoch_count": self.count,
+                "epoch_scalars": {k: [float(v), int(n)] for k, (v, n) in self.scalars.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.sums = dict(state.get("epoch_acc", {}))
+        self.count = int(state.get("epoch_count", 0))
+        self.scalars = {k: [float(v), int(n)] for k, (v, n) in state.get("epoch_scalars", {}).items()}
 
 
 def resume_checkpoint(path: str | Path) -> Path | None:
@@ -214,26 +263,16 @@ class RunFolder:
         return self.path / "checkpoints"
 
     # ------------------------------------------------------------------ locking (main process), together
-    def _on_main(self, work: Any) -> None:
-        """Run ``work()`` on the main process; every process raises the UserError it raised, if any."""
-        acc = self.accelerator
-        problem: tuple[str, str | None, str | None] | None = None
-        notes: list[str] = []
-        if acc.is_main_process:
+    def _on_main(self, work: Callable[[], list[str] | None]) -> None:
+        """Run ``work()`` on the main process (it returns notes); every process raises the UserError it raised, if any."""
+        def guarded() -> list[str]:
             try:
-                notes = work() or []
-            except UserError as e:
-                self.lock.release()
-                problem = (e.message, e.where, e.hint)
+                return work() or []
             except OSError as e:
-                self.lock.release()
-                problem = (f"cannot write the run folder: {e.strerror or e}", str(self.path),
-                           "set run.out_dir to a folder you can write to")
-        if acc.num_processes > 1:
-            problem, notes = broadcast_object_list([problem, notes], from_process=0)
-        if problem is not None:
-            raise UserError(problem[0], where=problem[1], hint=problem[2])
-        self.notes.extend(notes)
+                raise UserError(f"cannot write the run folder: {e.strerror or e}", where=str(self.path),
+                                hint="set run.out_dir to a folder you can write to") from None
+
+        self.notes.extend(on_main(self.accelerator, guarded, if_failed=self.lock.release) or [])
 
     def _lock(self) -> list[str]:
         self.lock.acquire()

@@ -261,7 +261,7 @@ class TrackerLog(Callback):
 
 
 def _tracker_failed(run_dir: Path, e: OSError) -> UserError:
-    from mutualkd.checkpoint import os_reason
+    from mutualkd.errors import os_reason
 
     return UserError(
         f"the experiment trackers cannot write {tracking_dir(run_dir)}: {os_reason(e)}; the checkpoints and"

@@ -4,7 +4,8 @@ Reading order: ``Trainer.__init__`` builds everything that can fail on bad input
 (:mod:`.build`) and checks the run folder (:mod:`.state`) before anything is written;
 :meth:`Trainer.fit` is the loop, its phases labelled; :meth:`Trainer.train_step` is one
 batch (:mod:`.step`); lifecycle hooks (:mod:`.hooks`) do the logging, the progress bar and
-the checkpoint cadence; what a checkpoint holds is :mod:`.snapshot`'s.
+the checkpoint cadence. The trainer owns its state: :meth:`Trainer.state_dict` and
+:meth:`Trainer.load_state_dict` assemble it from :mod:`.snapshot`'s pieces.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import time
 from typing import Any
 
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
 import torch
 from torch import Tensor, nn
 
@@ -30,14 +30,15 @@ from mutualkd.engine import snapshot
 from mutualkd.engine.launcher import refuse_unsupported, resolve_compile, resolve_precision, single_process_note
 from mutualkd.engine.precision import Precision
 from mutualkd.engine.process import (
-    broadcast_from_main, configure_determinism, has_gpu, make_accelerator, reduce_max,
+    broadcast_from_main, configure_determinism, has_gpu, make_accelerator, on_main, reduce_max,
 )
 from mutualkd.engine.signals import RunInterrupted, StopRequest
-from mutualkd.engine.state import EpochClock, History, Position, RunFolder, resume_folder
+from mutualkd.engine.state import EpochClock, EpochTotals, History, Position, RunFolder, resume_folder
 from mutualkd.engine.step import BatchStep, StagePlan, StepResult, plan_stage
 from mutualkd.engine.threads import resolve_threads, threads_applied
 from mutualkd.engine.tracking import TrackerLog, check_trackers
-from mutualkd.errors import CheckpointError, UserError
+from mutualkd.data.protocol import Loader
+from mutualkd.errors import CheckpointError
 from mutualkd.runlock import ensure_not_busy
 from mutualkd._logging import get_logger, shows_info
 from mutualkd.runlog import MetricsWriter, atomic_write_text, dump_toml
@@ -100,9 +101,10 @@ class Trainer:
             built = build_run(recipe, acc, recipe_file=recipe_file, compile_with=self.compile_choice)
         self.strategy = built.strategy
         self.info = built.info
-        self.train_loader, self.test_loader = built.train_loader, built.test_loader
+        self.train_loader: Loader = built.train_loader
+        self.test_loader: Loader = built.test_loader
         #: The validation split held out of train (data.val_fraction), None without one.
-        self.val_loader = built.data.val
+        self.val_loader: Loader | None = built.data.val
         self.data = built.data  # the pipeline: its kind, why it was chosen, the batch mixing
         self._lr_note = built.lr_note
         self.peer_names = built.peer_names
@@ -134,9 +136,7 @@ class Trainer:
         self.last_step_record: dict[str, Any] | None = None  # the latest step record of metrics.jsonl
         #: Models evaluated after each epoch next to the peers (not in their ensemble), e.g. EMA copies.
         self.eval_models: dict[str, nn.Module] = {}
-        self._epoch_sums: dict[str, Tensor] = {}  # per-term sums over the epoch, kept on the device
-        self._epoch_count = 0
-        self._scalar_sums: dict[str, list[Any]] = {}  # strategy scalars (ctx.log): [sum, batches] over the epoch
+        self._totals = EpochTotals()  # the epoch's loss terms and strategy scalars (ctx.log), summed
         self._stop = StopRequest()
 
         # --- the run folder: refuse to touch an existing run unless resuming it
@@ -295,15 +295,15 @@ class Trainer:
             "stage": stage.name,
             "epoch": pos.epoch + 1,
             "global_step": pos.global_step,
-            "loss": {k: float(v) / max(self._epoch_count, 1) for k, v in self._epoch_sums.items()},
+            "loss": self._totals.loss(),
             "lr": self.learning_rates(),
             "images_per_s": clock.images / max(train_time, 1e-9),
             "train_seconds": train_time,
             "data_wait_share": clock.data_wait / max(train_time, 1e-9),
         }
-        if self._scalar_sums:  # what the strategy logged (ctx.log), averaged over the batches that logged it
-            record["scalars"] = {k: float(v) / max(n, 1) for k, (v, n) in self._scalar_sums.items()}
-        skipped = getattr(self.train_loader, "skipped", None)
+        if self._totals.scalars:  # what the strategy logged (ctx.log), averaged over the batches that logged it
+            record["scalars"] = self._totals.scalar_means()
+        skipped = self.train_loader.skipped
         if self.recipe.data.skip_corrupt and skipped is not None:  # unreadable images left out, all processes
             n = torch.tensor([float(skipped)], device=self.device)
             if self.accelerator.num_processes > 1:
@@ -322,7 +322,7 @@ class Trainer:
                 # the validation split chooses the best epoch (best/ and the summary follow it)
                 self.history.best_score = self.val_history.best_score
                 self.history.best_epoch = self.val_history.best_epoch
-        self._epoch_sums, self._epoch_count, self._scalar_sums = {}, 0, {}
+        self._totals.reset()
         pos.epoch += 1
         pos.stage_epoch += 1
         pos.batch = 0
@@ -344,13 +344,7 @@ class Trainer:
             self._set_train_mode(plan)
         result = self._batch.run(plan, inputs, labels, epoch=self.position.epoch, global_step=self.position.global_step,
                                  stop=self._stop.signum or 0)
-        for terms in result.terms.values():
-            for key, v in terms.items():
-                self._epoch_sums[key] = self._epoch_sums.get(key, 0.0) + v.float()
-        self._epoch_count += 1
-        for key, v in (result.scalars or {}).items():
-            acc = self._scalar_sums.setdefault(key, [0.0, 0])
-            acc[0], acc[1] = acc[0] + v.float(), acc[1] + 1
+        self._totals.add(result.terms, result.scalars)
         self.last_forward_passes = result.forward_passes
         return result
 
@@ -377,6 +371,11 @@ class Trainer:
         return {name: (nets.source[name], nets.means[name]) for name in nets.means}
 
     @property
+    def network_peers(self) -> dict[str, list[str]]:
+        """Every network, temporal means included, -> its peers (``<peer>_ema`` for a temporal mean's)."""
+        return {name: list(peers) for name, peers in self._batch.nets.peers.items()}
+
+    @property
     def network_names(self) -> list[str]:
         """One per ``[[peers]]`` table (a whole network, or a branched one), in recipe order."""
         return self.recipe.network_names()
@@ -396,7 +395,7 @@ class Trainer:
         self.last_eval = self.evaluate_split(self.test_loader)
         return self.last_eval["top1"]
 
-    def evaluate_split(self, loader: Any) -> dict[str, dict[str, float]]:
+    def evaluate_split(self, loader: Loader) -> dict[str, dict[str, float]]:
         """``{"top1": ..., "top5": ...}`` (%) of each peer, the ensemble, the strategy's temporal means and
         declared outputs, and :attr:`eval_models` on ``loader``."""
         extra = self.eval_models
@@ -411,31 +410,66 @@ class Trainer:
 
     # ------------------------------------------------------------------ state and checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resume needs (:func:`.snapshot.capture`). Collective with several processes."""
-        return snapshot.capture(self)
+        """Everything an exact resume needs; :meth:`load_state_dict` puts it back. Collective with several
+        processes (it gathers their RNG states): every process calls it."""
+        batch = self._batch
+        return {
+            **snapshot.module_state(self._slots, batch.nets.peers, self.units.values()),
+            "scaler": self.precision.state_dict(),
+            "strategy": self.strategy.state_dict(),
+            "position": vars(self.position).copy(),
+            "history": vars(self.history).copy(),
+            "val_history": vars(self.val_history).copy() if self.val_history is not None else None,
+            "data": self.train_loader.state_dict(),
+            **self._totals.state_dict(),  # the epoch's running sums, so a mid-epoch resume logs the same record
+            "versions": dict(batch.versions),  # the forward cache's
+            "mean_updates": dict(batch.mean_updates),
+            "rng": snapshot.rng_states(self.accelerator),
+            "metrics_offset": self.writer.offset() if self.is_main else 0,
+            "metrics_log": self.writer.snapshot(),  # metrics.jsonl up to here, compressed (main process)
+            "last_eval": self.last_eval,  # summary.json's top-5 after a resume with no evaluation left
+            "callbacks": snapshot.callback_state(self.callbacks.callbacks),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue from ``state`` (:func:`.snapshot.restore`)."""
-        snapshot.restore(self, state)
+        """Continue from ``state`` (:meth:`state_dict`); a state of other models is a :class:`CheckpointError`."""
+        batch, where = self._batch, str(self.resumed_from)
+        snapshot.load_module_state(self._slots, batch.nets.peers, self.units.values(), state, where=where)
+        snapshot.load_callback_state(self.callbacks.callbacks, state.get("callbacks", {}), where=where)
+        self.precision.load_state_dict(state.get("scaler"))
+        self.strategy.load_state_dict(state.get("strategy", {}))
+        self.position = Position(**state["position"])
+        self.history = History(**state["history"])
+        if self.val_history is not None and state.get("val_history"):
+            self.val_history = History(**state["val_history"])
+        self.train_loader.load_state_dict(state.get("data") or {})
+        self._totals.load_state_dict(state)
+        self.last_eval = dict(state.get("last_eval", {}))
+        versions = state.get("versions", {})
+        if isinstance(versions, list):  # checkpoints of earlier releases: one per peer, in recipe order
+            versions = dict(zip(self.peer_names, versions))
+        for name, v in versions.items():
+            if name in batch.versions:
+                batch.versions[name] = int(v)
+        for name, v in state.get("mean_updates", {}).items():
+            batch.mean_updates[name] = int(v)
+        snapshot.set_rng_states(state["rng"], self.accelerator.process_index)
 
     def save_checkpoint(self, kind: str) -> Path:
         """Write a ``"step"`` checkpoint (pruning old ones) or ``best/``; every process must call it."""
         dest = self.folder.step_checkpoint(self.position.global_step) if kind == "step" else self.folder.best_checkpoint()
-        problem: tuple[str, str | None, str | None] | None = None
         state = self.state_dict()  # collective (RNG states of every process): all call it
-        if self.is_main:
-            try:
-                self.writer.sync()  # what the checkpoint's metrics offset points at is on disk first
-                ckpt.save_checkpoint(dest, state, snapshot.checkpoint_meta(self, kind))
-                if kind == "step":
-                    ckpt.prune_checkpoints(self.folder.checkpoints, self.recipe.run.keep_checkpoints,
-                                           upto=self.position.global_step)
-            except UserError as e:  # a full disk: every process stops with the same message
-                problem = (e.message, e.where, e.hint)
-        if self.accelerator.num_processes > 1:  # also the barrier after the write
-            problem = broadcast_object_list([problem], from_process=0)[0]
-        if problem is not None:
-            raise CheckpointError(problem[0], where=problem[1], hint=problem[2])
+
+        def write() -> None:
+            self.writer.sync()  # what the checkpoint's metrics offset points at is on disk first
+            ckpt.save_checkpoint(dest, state, snapshot.checkpoint_meta(self, kind))
+            if kind == "step":
+                ckpt.prune_checkpoints(self.folder.checkpoints, self.recipe.run.keep_checkpoints,
+                                       upto=self.position.global_step)
+
+        # A full disk: every process stops with the same message; with several, this is also the
+        # barrier after the write.
+        on_main(self.accelerator, write, error=CheckpointError)
         if kind == "step":
             self._last_saved_step = self.position.global_step
         self.callbacks.on_checkpoint(self, dest, kind)
