@@ -1,11 +1,11 @@
-"""What every data source shares: the split and info types, the plugin lookup, common steps.
+"""What every data source shares: the split and info types and the common steps (subsets, resizing, memory).
 
 A data set is a plugin (:mod:`.plugin` states the contract) found by its ``[data] dataset``
-name in the entry-point group ``mutualkd.datasets`` through :mod:`mutualkd.registry`; the
-built-in ones (:mod:`.digits`, :mod:`.idx`, :mod:`.cifar`, :mod:`.images`) are declared
-there by mutualkd's pyproject.toml like any other. :func:`dataset_splits` gives the device
+name in the entry-point group ``mutualkd.datasets`` (:mod:`.lookup`); the built-in ones
+(:mod:`.digits`, :mod:`.idx`, :mod:`.cifar`, :mod:`.images`) are declared there by
+mutualkd's pyproject.toml like any other. ``lookup.dataset_splits`` gives the device
 pipeline ``(train, test, info)``: images ``uint8 [N, C, H, W]`` and labels ``int64 [N]`` on
-the CPU; :func:`dataset_sources` gives the stream pipeline map-style sources.
+the CPU; ``lookup.dataset_sources`` gives the stream pipeline map-style sources.
 Normalisation and augmentation happen later, per batch (see :mod:`mutualkd.data.loader`).
 """
 
