@@ -156,11 +156,11 @@ def validate(
 
     The keys, their defaults and what they do: docs/recipes.md, or --explain for this recipe.
     """
-    from mutualkd.engine import check_recipe
-    from mutualkd.recipe_doc import explain as explain_rows
-
     try:
-        rec = _load(recipe, set_)
+        rec = _load(recipe, set_)  # before the engine's imports (torch, timm, accelerate): a bad key answers fast
+        from mutualkd.engine import check_recipe
+        from mutualkd.recipe_doc import explain as explain_rows
+
         # The same checks as a run, writing nothing: strategy and parameters, model names
         # and, with the data, every peer probed at the data's size and the strategy's set-up.
         # Nothing is blocked process-wide: the recipe's run.block_plugins apply to it only.
