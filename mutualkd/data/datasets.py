@@ -86,16 +86,21 @@ def load_splits(cfg: DataConfig, *, seed: int = 0, resize: bool = True) -> tuple
         test = take(test, stratified_subset(test.labels, cfg.test_subset, seed=0))
 
     if resize and cfg.image_size is not None and info.image_size != (cfg.image_size, cfg.image_size):
-        size = cfg.image_size
-        n = len(train) + len(test) + (len(val) if val is not None else 0)
-        check_image_memory(n, info.in_chans, size, what=f"the {n} images of {info.name}")
-        train = Split(resize_images(train.images, size), train.labels)
-        test = Split(resize_images(test.images, size), test.labels)
-        if val is not None:
-            val = Split(resize_images(val.images, size), val.labels)
-        padding = max(1, round(info.padding * size / info.image_size[0])) if info.padding > 0 else 0
-        info = dataclasses.replace(info, image_size=(size, size), padding=padding)
+        train, val, test, info = resize_splits(train, val, test, info, cfg.image_size)
     return train, val, test, info
+
+
+def resize_splits(train: Split, val: Split | None, test: Split, info: DatasetInfo,
+                  size: int) -> tuple[Split, Split | None, Split, DatasetInfo]:
+    """Every split resized to ``size`` x ``size`` (memory checked first), the crop padding scaled with it."""
+    n = len(train) + len(test) + (len(val) if val is not None else 0)
+    check_image_memory(n, info.in_chans, size, what=f"the {n} images of {info.name}")
+    train = Split(resize_images(train.images, size), train.labels)
+    test = Split(resize_images(test.images, size), test.labels)
+    if val is not None:
+        val = Split(resize_images(val.images, size), val.labels)
+    padding = max(1, round(info.padding * size / info.image_size[0])) if info.padding > 0 else 0
+    return train, val, test, dataclasses.replace(info, image_size=(size, size), padding=padding)
 
 
 def load_dataset(cfg: DataConfig, *, seed: int = 0) -> tuple[Split, Split, DatasetInfo]:

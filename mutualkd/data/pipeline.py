@@ -35,11 +35,9 @@ import torch
 from mutualkd.data._base import (
     DatasetInfo,
     Split,
-    check_image_memory,
-    resize_images,
     stratified_subset,
 )
-from mutualkd.data.datasets import load_splits, split_indices
+from mutualkd.data.datasets import load_splits, resize_splits, split_indices
 from mutualkd.data.lookup import dataset_pipeline, dataset_sources
 from mutualkd.data.loader import BatchLoader
 from mutualkd.data.protocol import Loader  # what the engine iterates over: either pipeline's loader
@@ -179,14 +177,7 @@ def plan_device(cfg: DataConfig, *, seed: int, peers: Mapping[str, str]) -> Devi
         if h != w:
             raise DataError(f"the device pipeline resizes to square images; the resolved input is {h}x{w}",
                             field="data.image_size", hint="set data.image_size, or data.pipeline = \"stream\"")
-        n = len(train) + len(test) + (len(val) if val is not None else 0)
-        check_image_memory(n, info.in_chans, h, what=f"the {n} images of {info.name}")
-        train = Split(resize_images(train.images, h), train.labels)
-        test = Split(resize_images(test.images, h), test.labels)
-        if val is not None:
-            val = Split(resize_images(val.images, h), val.labels)
-        padding = max(1, round(info.padding * h / info.image_size[0])) if info.padding > 0 else 0
-        info = dataclasses.replace(info, image_size=(h, w), padding=padding)
+        train, val, test, info = resize_splits(train, val, test, info, h)
     info = dataclasses.replace(info, mean=inp.mean, std=inp.std)
     return DevicePlan(info, inp, train, val, test)
 
