@@ -69,6 +69,8 @@ class Scale:
     separate_student: bool = False
     convergence_factor: int = 2  # the independent check run trains this many times longer
     teacher_seed: int | None = None  # one teacher, trained with this seed, for every seed; None: one per seed
+    teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # the teacher network's own regularisation
+    teacher_optimizer: dict[str, Any] = field(default_factory=dict)  # changes to SGD for the teacher only
 
 
 def _cifar(root: Path) -> str | None:
@@ -134,8 +136,12 @@ def teacher_seed(scale: Scale, seed: int) -> int:
 
 def teacher_arm(scale: Scale, out: Path, seed: int) -> dict[str, Any]:
     s = scale
-    return _recipe(s, out, f"teacher-s{seed}", seed, [TEACHER], {"name": "independent"}, epochs=s.teacher_epochs,
-                   schedule=s.kd_schedule, batch=s.kd_batch, extra_data=s.teacher_data)
+    recipe = _recipe(s, out, f"teacher-s{seed}", seed, [TEACHER], {"name": "independent"}, epochs=s.teacher_epochs,
+                     schedule=s.kd_schedule, batch=s.kd_batch, extra_data=s.teacher_data)
+    if s.teacher_kwargs:
+        recipe["peers"][0]["kwargs"] = dict(s.teacher_kwargs)
+    recipe["optimizer"].update(s.teacher_optimizer)
+    return recipe
 
 
 def arms(scale: Scale, out: Path, seed: int) -> list[tuple[str, dict[str, Any]]]:
@@ -191,6 +197,22 @@ def chains(scale: Scale, out: Path, seeds: Sequence[int], convergence: bool) -> 
     if convergence:
         rest.append([convergence_arm(scale, out, seeds[0])[1]])
     return first + rest
+
+
+ARMS = ("independent", "kl_dml", "ie_dml", "teacher", "student", "hinton_kd", "ie_kd", "convergence")
+KD_ARMS = ("student", "hinton_kd", "ie_kd")
+
+
+def arm_of(run_name: str) -> str:
+    """The arm of a run folder's name: ``ie_kd-s2`` -> ``ie_kd``, ``convergence-x2-s0`` -> ``convergence``."""
+    return run_name.rsplit("-s", 1)[0].split("-x", 1)[0]
+
+
+def select_arms(todo: list[list[dict[str, Any]]], wanted: Sequence[str]) -> list[list[dict[str, Any]]]:
+    """Keep the runs of the ``wanted`` arms, chains in order; the KD arms bring the teacher."""
+    keep = set(wanted) | ({"teacher"} if set(wanted) & set(KD_ARMS) else set())
+    chosen = [[r for r in chain if arm_of(r["run"]["name"]) in keep] for chain in todo]
+    return [chain for chain in chosen if chain]
 
 
 def convergence_arm(scale: Scale, out: Path, seed: int) -> tuple[str, dict[str, Any]]:
@@ -328,6 +350,7 @@ def collect(out: Path, scale: Scale, seeds: Sequence[int]) -> dict[str, Any]:
                     higher_is_better=False).as_dict(),
     ]
     conv = {}
+    teacher = teacher_check(per_seed, arms_iv, cka)
     c_arm, c_recipe = convergence_arm(scale, out, seeds[0])
     c_folder = out / c_recipe["run"]["name"]
     if (c_folder / "summary.json").exists() and seeds[0] in networks.get("independent", {}):
@@ -341,7 +364,28 @@ def collect(out: Path, scale: Scale, seeds: Sequence[int]) -> dict[str, Any]:
         conv["converged"] = conv["gain_of_longer_training"] < MIN_EFFECT
     return {"scale": scale.name, "seeds": list(seeds), "arms": arms_iv, "student_is_independent": not scale.separate_student, "networks": networks, "claims": claims,
             "feature_similarity": {"per_run": cka, "claims": feature_claims}, "convergence": conv,
+            "teacher_check": teacher,
             "min_effect_top1": MIN_EFFECT, "min_effect_cka": CKA_MIN_EFFECT}
+
+
+def teacher_check(per_seed: Mapping[str, Mapping[int, float]], arms_iv: Mapping[str, Mapping[str, Any]],
+                  cka: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> dict[str, Any]:
+    """Does the teacher beat the student alone by more than the student's seed spread?
+
+    The teacher's figure is its top-1 on the full test split (``mutualkd analyze`` of a KD
+    student), else its own per-epoch evaluation; it passes when it lies above the upper end of
+    the student-alone arm's 95 % interval over seeds (a KD claim then tests a better teacher).
+    """
+    student = arms_iv.get("student")
+    full = [r["teacher_top1"] for runs in cka.values() for r in runs.values() if r.get("teacher_top1") is not None]
+    own = list(per_seed.get("teacher", {}).values())
+    if not student or not (full or own):
+        return {}
+    top = sum(full) / len(full) if full else sum(own) / len(own)
+    return {"teacher_top1": top, "on": "full test split" if full else "its own evaluation",
+            "student_alone": student["mean"], "student_high": student["high"],
+            "margin": top - student["mean"], "spread": student["high"] - student["mean"],
+            "passed": bool(top > student["high"])}
 
 
 def _f(v: float | None, nd: int = 2) -> str:
@@ -378,6 +422,13 @@ def markdown(res: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
         iv = c["interval"]
         lines.append(f"| {c['claim']} | {_f(iv['mean'], 4)} | [{_f(iv['low'], 4)}, {_f(iv['high'], 4)}] | {_f(c['p'], 3)} |"
                      f" {c['verdict']} |")
+    check = res.get("teacher_check")
+    if check:
+        lines += ["", "## Teacher check", "",
+                  f"Teacher {check['teacher_top1']:.2f} % ({check['on']}) against the student alone"
+                  f" {check['student_alone']:.2f} % (95 % interval up to {check['student_high']:.2f}): margin"
+                  f" {check['margin']:+.2f} points, seed spread {check['spread']:.2f}: "
+                  + ("passed" if check["passed"] else "failed, so the KD claims do not test a better teacher") + "."]
     conv = res["convergence"]
     if conv:
         lines += ["", "## Convergence of independent training", "",
@@ -401,6 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-convergence-check", action="store_true", help="skip the longer independent run")
     ap.add_argument("--probe-speed", action="store_true", help="print one thread's images/s per network and exit")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time, one thread each (2 on a quiet 2-core machine)")
+    ap.add_argument("--arms", nargs="+", choices=ARMS, default=None,
+                    help="train only these arms (a KD arm brings its teacher); the analysis reads every finished run")
     args = ap.parse_args(argv)
     if args.probe_speed:
         for name, v in probe_speed().items():
@@ -425,6 +478,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.time()
     if not args.analyze_only:
         todo = chains(scale, out, args.seeds, not args.no_convergence_check)
+        if args.arms:
+            todo = select_arms(todo, args.arms)
         if args.jobs <= 1 or args.print_only:
             for chain in todo:
                 for recipe in chain:

@@ -188,6 +188,13 @@ def test_the_readme_recipe_table_lists_every_recipe():
     assert not missing, f"add these recipes to the README's recipe table: {missing}"
 
 
+def test_the_readme_states_no_test_count():
+    """A count of tests in the README goes stale with the next test; the suite's time is what it gives."""
+    text = (RECIPES.parent / "README.md").read_text(encoding="utf-8")
+    counts = re.findall(r"\b\d[\d,]* (?:tests|passed|skipped)\b", text)
+    assert not counts, f"README.md states test counts {counts}: give the time of `make test` instead"
+
+
 @pytest.mark.parametrize("path", RECIPE_FILES, ids=[str(p.relative_to(RECIPES)) for p in RECIPE_FILES])
 def test_recipe_runs(path: Path, tmp_path: Path, write_fake_cifar: Callable[..., Path], read_metrics: Factory):
     raw = _raw(path)

@@ -90,6 +90,33 @@ def test_cpu_scale_shares_one_teacher_and_runs_it_first(tmp_path: Path) -> None:
         assert [r["run"]["name"] for r in chain][0] == f"teacher-s{seed}"
 
 
+def test_arms_select_the_runs_and_a_kd_arm_brings_its_teacher(tmp_path: Path) -> None:
+    assert [study.arm_of(n) for n in ("ie_kd-s2", "kl_dml-s0", "convergence-x2-s0", "teacher-s0")] == \
+        ["ie_kd", "kl_dml", "convergence", "teacher"]
+    todo = study.chains(study.make_scale("cpu", tmp_path), tmp_path, [0, 1, 2], convergence=True)
+    kept = study.select_arms(todo, ["independent", "hinton_kd"])
+    order = [r["run"]["name"] for chain in kept for r in chain]
+    assert order[0] == "teacher-s0" and all(chain for chain in kept)
+    assert set(order) == {"teacher-s0"} | {f"{a}-s{s}" for a in ("independent", "hinton_kd") for s in (0, 1, 2)}
+    assert [r["run"]["name"] for chain in study.select_arms(todo, ["kl_dml"]) for r in chain] == \
+        ["kl_dml-s0", "kl_dml-s1", "kl_dml-s2"]
+
+
+def test_teacher_check_needs_the_teacher_above_the_students_interval() -> None:
+    per_seed = {"student": {0: 88.12, 1: 88.04, 2: 87.84}, "teacher": {0: 88.9}}
+    arms_iv = {k: mean_interval(list(v.values())).as_dict() for k, v in per_seed.items()}
+    high = arms_iv["student"]["high"]
+    # the full-split figure (from analyze) wins over the teacher's own 2 000-image evaluation
+    weak = study.teacher_check(per_seed, arms_iv, {"hinton_kd": {0: {"teacher_top1": 87.65}}})
+    assert weak["teacher_top1"] == 87.65 and weak["on"] == "full test split" and not weak["passed"]
+    assert weak["spread"] == pytest.approx(high - 88.0)
+    strong = study.teacher_check(per_seed, arms_iv, {})
+    assert strong["on"] == "its own evaluation" and strong["passed"] and strong["margin"] == pytest.approx(0.9)
+    just_inside = study.teacher_check(per_seed, arms_iv, {"ie_kd": {1: {"teacher_top1": high - 0.01}}})
+    assert not just_inside["passed"]
+    assert study.teacher_check({}, {}, {}) == {}
+
+
 def test_paper_scale_uses_cifar_when_present(tmp_path: Path) -> None:
     (tmp_path / "cifar-10-batches-py").mkdir()
     assert study.make_scale("paper", tmp_path).data["dataset"] == "cifar10"
