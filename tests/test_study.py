@@ -71,6 +71,10 @@ def test_every_arm_is_a_valid_recipe_and_teachers_come_first(scale: str, tmp_pat
         assert (d["train_subset"], d["subset_seed"]) == (5000, 0) and "test_subset" not in by["ie_kd"]["data"]
         assert by["independent"]["run"]["epochs"] == by["ie_kd"]["run"]["epochs"] == 40
         assert by["ie_kd"]["data"]["subset_seed"] == by["teacher"]["data"]["subset_seed"] == 0
+        # the teacher's own regularisation stays the teacher's: the students train without dropout
+        assert by["teacher"]["peers"][0]["kwargs"] == {"drop_rate": 0.3}
+        assert all("kwargs" not in by[a]["peers"][0] for a in ("independent", "hinton_kd", "ie_kd"))
+        assert by["teacher"]["optimizer"] == by["ie_kd"]["optimizer"]
 
 
 def test_cpu_scale_shares_one_teacher_and_runs_it_first(tmp_path: Path) -> None:
