@@ -13,6 +13,9 @@ from collections.abc import Callable
 import os
 from pathlib import Path
 import pickle
+import shutil
+import subprocess
+import sys
 from typing import Any
 
 import numpy as np
@@ -165,6 +168,28 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, make_trainer: Callable[..
     tr = make_trainer(tmp_path_factory.mktemp("tiny"), name="tiny", max_steps=2)
     tr.fit()
     return tr.run_dir
+
+
+@pytest.fixture(scope="session")
+def pip_install_copy(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path], Path]:
+    """``pip_install_copy(source) -> folder``: a distribution's source tree installed with pip
+    (no dependencies) into a folder of its own, for PYTHONPATH or ``sys.path``.
+
+    pip builds in place, so it builds a copy: no build files land in the repository.
+    """
+
+    def install(source: Path) -> Path:
+        src = tmp_path_factory.mktemp("src") / source.name
+        shutil.copytree(source, src, ignore=shutil.ignore_patterns("*.egg-info", "__pycache__", "build"))
+        target = tmp_path_factory.mktemp(f"{source.name}-site")
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+             "--disable-pip-version-check", "--target", str(target), str(src)],
+            check=True,
+        )
+        return target
+
+    return install
 
 
 @pytest.fixture(scope="session")

@@ -4,13 +4,10 @@ broken plugin is reported naming it while the others keep working."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 import json
 from pathlib import Path
-import shutil
-import subprocess
-import sys
 import tomllib
 from typing import Any
 
@@ -215,17 +212,9 @@ def test_register_refuses_what_is_not_a_dataset_plugin() -> None:
 
 
 @pytest.fixture(scope="module")
-def broken_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def broken_site(pip_install_copy: Callable[[Path], Path]) -> Path:
     """The broken fixture distribution, installed with pip into a folder of its own."""
-    src = tmp_path_factory.mktemp("broken-src") / "broken-dataset"
-    shutil.copytree(FIXTURE, src)  # pip builds in place: keep build files out of the repo
-    target = tmp_path_factory.mktemp("broken-site")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--disable-pip-version-check", "--target", str(target), str(src)],
-        check=True,
-    )
-    return target
+    return pip_install_copy(FIXTURE)
 
 
 def test_installed_broken_plugins_are_reported_and_the_rest_work(broken_site: Path, tmp_path: Path,

@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator, Sequence
 import json
 import os
 from pathlib import Path
-import shutil
 import subprocess
 import sys
 from typing import Any
@@ -65,17 +64,9 @@ def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def broken_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def broken_site(pip_install_copy: Callable[[Path], Path]) -> Path:
     """The broken fixture distribution, installed with pip into a folder of its own."""
-    src = tmp_path_factory.mktemp("broken-src") / "broken-plugin"
-    shutil.copytree(FIXTURE, src)  # pip builds in place: keep build files out of the repo
-    target = tmp_path_factory.mktemp("broken-site")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--disable-pip-version-check", "--target", str(target), str(src)],
-        check=True,
-    )
-    return target
+    return pip_install_copy(FIXTURE)
 
 
 @pytest.fixture
