@@ -123,17 +123,22 @@ def run(
     except UserError as e:
         _fail(e)
     from mutualkd.engine import RunInterrupted, Trainer
+    from mutualkd.engine.process import release_process_group
 
     try:
         trainer = Trainer(rec, recipe_file=str(recipe), resume=resume)
         trainer.fit()
+        release_process_group()
     except UserError as e:
+        release_process_group()
         _fail(in_file(e, str(recipe)))  # e.g. an unreadable image found while training: [data.skip_corrupt]
     except NonFiniteLossError as e:
+        release_process_group()
         err_console.print("[bold red]training stopped:[/] ", end="")
         err_console.print(str(e), markup=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
     except RunInterrupted as e:
+        release_process_group()
         err_console.print(
             f"interrupted (signal {e.signum}); a checkpoint was written. Resume with:\n"
             f"  mutualkd run --resume {e.run_dir}",

@@ -209,3 +209,23 @@ def test_run_folder_race_between_ranks(tmp_path, quickstart_recipe, subprocess_e
     proc, run_dir, record = _launch("torchrun", tmp_path, quickstart_recipe, subprocess_env, device="cpu", delay_rank=1,
                                     delay_s=4.0)
     _check_distributed_run(proc, run_dir, record, read_metrics=read_metrics, test_size=digits_test_size)
+
+
+def test_release_process_group_tears_down_a_gloo_group_once(tmp_path: Path) -> None:
+    """A command's end releases the process group while the interpreter is whole (left to the
+    interpreter's exit, gloo's threads can abort the process); without a group it does nothing."""
+    import torch.distributed as dist
+
+    from mutualkd.engine.process import release_process_group
+
+    release_process_group()  # no group: nothing to do, no error
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        assert dist.is_initialized()
+        release_process_group()
+        assert not dist.is_initialized()
+        release_process_group()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

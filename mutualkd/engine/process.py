@@ -16,7 +16,8 @@ from torch import Tensor
 from mutualkd.config import RunConfig
 from mutualkd.errors import UserError
 
-__all__ = ["has_gpu", "make_accelerator", "configure_determinism", "reduce_max", "broadcast_from_main", "on_main"]
+__all__ = ["has_gpu", "make_accelerator", "configure_determinism", "reduce_max", "broadcast_from_main", "on_main",
+           "release_process_group"]
 
 T = TypeVar("T")
 
@@ -94,3 +95,17 @@ def on_main(acc: Accelerator, work: Callable[[], T], *, error: type[UserError] =
     if problem is not None:
         raise error(problem[0], where=problem[1], hint=problem[2])
     return result
+
+
+def release_process_group() -> None:
+    """Tear down the process group of a launch, if this process has one; for a command's end.
+
+    Left to the interpreter's exit, gloo's worker threads can outlive the interpreter and abort
+    the process (SIGABRT, "terminate called without an active exception") after the run has
+    ended well: torchrun then reports the launch as failed. Only for endings every process
+    reaches together (the run's end, a stop after a signal or a non-finite loss, a UserError
+    shared by ``on_main``): the teardown does not wait for the others.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
