@@ -106,18 +106,22 @@ def test_arms_select_the_runs_and_a_kd_arm_brings_its_teacher(tmp_path: Path) ->
         ["kl_dml-s0", "kl_dml-s1", "kl_dml-s2"]
 
 
-def test_teacher_check_needs_the_teacher_above_the_students_interval() -> None:
-    per_seed = {"student": {0: 88.12, 1: 88.04, 2: 87.84}, "teacher": {0: 88.9}}
+def test_teacher_check_needs_a_margin_larger_than_the_seed_spread() -> None:
+    per_seed = {"student": {0: 88.23, 1: 87.89, 2: 87.83}, "teacher": {0: 88.9}}
     arms_iv = {k: mean_interval(list(v.values())).as_dict() for k, v in per_seed.items()}
-    high = arms_iv["student"]["high"]
+    mean, high = arms_iv["student"]["mean"], arms_iv["student"]["high"]
     # the full-split figure (from analyze) wins over the teacher's own 2 000-image evaluation
     weak = study.teacher_check(per_seed, arms_iv, {"hinton_kd": {0: {"teacher_top1": 87.65}}})
     assert weak["teacher_top1"] == 87.65 and weak["on"] == "full test split" and not weak["passed"]
-    assert weak["spread"] == pytest.approx(high - 88.0)
+    assert weak["spread"] == pytest.approx(0.40) and not weak["above_interval"]
     strong = study.teacher_check(per_seed, arms_iv, {})
-    assert strong["on"] == "its own evaluation" and strong["passed"] and strong["margin"] == pytest.approx(0.9)
-    just_inside = study.teacher_check(per_seed, arms_iv, {"ie_kd": {1: {"teacher_top1": high - 0.01}}})
-    assert not just_inside["passed"]
+    assert strong["on"] == "its own evaluation" and strong["passed"] and strong["margin"] == pytest.approx(88.9 - mean)
+    assert strong["above_interval"] == (88.9 > high)
+    # a margin just above the spread passes even inside the (wider) t interval; just below fails
+    just_above = study.teacher_check(per_seed, arms_iv, {"ie_kd": {1: {"teacher_top1": mean + 0.41}}})
+    assert just_above["passed"] and not just_above["above_interval"]
+    just_below = study.teacher_check(per_seed, arms_iv, {"ie_kd": {1: {"teacher_top1": mean + 0.39}}})
+    assert not just_below["passed"]
     assert study.teacher_check({}, {}, {}) == {}
 
 
