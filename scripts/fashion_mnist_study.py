@@ -396,7 +396,7 @@ def teacher_check(per_seed: Mapping[str, Mapping[int, float]], arms_iv: Mapping[
 
 
 def _f(v: float | None, nd: int = 2) -> str:
-    return "—" if v is None or v != v else f"{v:.{nd}f}"
+    return "—" if v is None or v != v or v in (float("inf"), float("-inf")) else f"{v:.{nd}f}"
 
 
 def markdown(res: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
@@ -415,8 +415,9 @@ def markdown(res: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
               "| --- | --- | ---: | --- | ---: | ---: | --- |"]
     for c in res["claims"]:
         iv = c["interval"]
+        verdict = c["verdict"] if c["seeds"] else "not run (an arm has no finished run)"
         lines.append(f"| {c['claim']} ({c['better']} - {c['worse']}) | {c['source']} | {_f(iv['mean'])} |"
-                     f" [{_f(iv['low'])}, {_f(iv['high'])}] | {_f(c['t'])} | {_f(c['p'], 3)} | {c['verdict']} |")
+                     f" [{_f(iv['low'])}, {_f(iv['high'])}] | {_f(c['t'])} | {_f(c['p'], 3)} | {verdict} |")
     lines += ["", "## Feature similarity of teacher and student (linear CKA, test split)", "",
               "| arm | seed | student top-1 | teacher top-1 | CKA maps | debiased | CKA pooled | debiased |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

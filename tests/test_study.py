@@ -131,3 +131,18 @@ def test_paper_scale_uses_cifar_when_present(tmp_path: Path) -> None:
     (tmp_path / "cifar-100-python").mkdir()
     sc = study.make_scale("paper", tmp_path)
     assert sc.data["dataset"] == "cifar100" and sc.mutual_epochs == 200 and sc.kd_epochs == 160 and sc.ae_epochs == 30
+
+
+def test_the_report_says_which_claims_were_not_run_and_prints_no_infinite_interval() -> None:
+    per_seed = {"student": {0: 88.2, 1: 87.9, 2: 87.8}, "hinton_kd": {0: 88.5, 1: 88.2, 2: 88.7}, "teacher": {0: 88.4}}
+    arms_iv = {a: mean_interval(list(v.values())).as_dict() | {"per_seed": v} for a, v in per_seed.items()}
+    claims = [paired_test(c, b, w, per_seed).as_dict() | {"source": src} for c, b, w, src in study.CLAIMS]
+    res = {"scale": "cpu", "arms": arms_iv, "student_is_independent": False, "claims": claims,
+           "feature_similarity": {"per_run": {}, "claims": []}, "convergence": {}, "min_effect_top1": 0.25,
+           "teacher_check": study.teacher_check(per_seed, arms_iv, {})}
+    text = study.markdown(res, {"command": "x", "machine": "y", "wall_min": 1.0})
+    rows = {line.split(" (")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "not run" in rows["mutual learning beats independent training"]
+    assert "not run" not in rows["Hinton KD improves the student"]
+    assert "inf" not in text and "| teacher | 1 | 88.40 | [—, —] |" in text
+    assert "## Teacher check" in text and ": passed." in text
