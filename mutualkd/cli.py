@@ -123,28 +123,33 @@ def run(
     except UserError as e:
         _fail(e)
     from mutualkd.engine import RunInterrupted, Trainer
-    from mutualkd.engine.process import release_process_group
+    from mutualkd.engine.process import end_launched_process
 
+    code: int | None = None  # set when every process ends the same way; then a launch's processes end at once
     try:
-        trainer = Trainer(rec, recipe_file=str(recipe), resume=resume)
-        trainer.fit()
-        release_process_group()
-    except UserError as e:
-        release_process_group()
-        _fail(in_file(e, str(recipe)))  # e.g. an unreadable image found while training: [data.skip_corrupt]
-    except NonFiniteLossError as e:
-        release_process_group()
-        err_console.print("[bold red]training stopped:[/] ", end="")
-        err_console.print(str(e), markup=False, soft_wrap=True)
-        raise typer.Exit(e.exit_code) from None
-    except RunInterrupted as e:
-        release_process_group()
-        err_console.print(
-            f"interrupted (signal {e.signum}); a checkpoint was written. Resume with:\n"
-            f"  mutualkd run --resume {e.run_dir}",
-            markup=False,
-        )
-        raise typer.Exit(e.exit_code) from None
+        try:
+            trainer = Trainer(rec, recipe_file=str(recipe), resume=resume)
+            trainer.fit()
+            code = 0
+        except UserError as e:
+            _fail(in_file(e, str(recipe)))  # e.g. an unreadable image found while training: [data.skip_corrupt]
+        except NonFiniteLossError as e:
+            err_console.print("[bold red]training stopped:[/] ", end="")
+            err_console.print(str(e), markup=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except RunInterrupted as e:
+            err_console.print(
+                f"interrupted (signal {e.signum}); a checkpoint was written. Resume with:\n"
+                f"  mutualkd run --resume {e.run_dir}",
+                markup=False,
+            )
+            raise typer.Exit(e.exit_code) from None
+    except typer.Exit as e:
+        code = e.exit_code
+        raise
+    finally:
+        if code is not None:
+            end_launched_process(code)
 
 
 @app.command()

@@ -211,21 +211,26 @@ def test_run_folder_race_between_ranks(tmp_path, quickstart_recipe, subprocess_e
     _check_distributed_run(proc, run_dir, record, read_metrics=read_metrics, test_size=digits_test_size)
 
 
-def test_release_process_group_tears_down_a_gloo_group_once(tmp_path: Path) -> None:
-    """A command's end releases the process group while the interpreter is whole (left to the
-    interpreter's exit, gloo's threads can abort the process); without a group it does nothing."""
-    import torch.distributed as dist
-
-    from mutualkd.engine.process import release_process_group
-
-    release_process_group()  # no group: nothing to do, no error
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        assert dist.is_initialized()
-        release_process_group()
-        assert not dist.is_initialized()
-        release_process_group()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def test_a_launched_process_ends_at_once_with_its_code(tmp_path: Path) -> None:
+    """A command's end, in a process of a launch: the process group is torn down and the process
+    exits with the command's code before the interpreter's teardown (where torch.distributed's
+    threads can abort a rank that ended well); without a process group nothing happens."""
+    script = tmp_path / "end.py"
+    script.write_text(
+        "import atexit, sys\n"
+        "import torch.distributed as dist\n"
+        "from mutualkd.engine.process import end_launched_process\n"
+        "end_launched_process(5)  # no process group: returns\n"
+        "print('alone: returned', flush=True)\n"
+        "atexit.register(lambda: print('interpreter teardown ran', flush=True))\n"
+        f"dist.init_process_group('gloo', store=dist.FileStore({str(tmp_path / 'store')!r}, 1), rank=0, world_size=1)\n"
+        "print('launched: ending', end='')  # unflushed: end_launched_process flushes it\n"
+        "end_launched_process(143)\n"
+        "print('not reached')\n",
+        encoding="utf-8",
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stdout == "alone: returned\nlaunched: ending", proc.stdout
+    assert "terminate called" not in proc.stderr
