@@ -32,6 +32,7 @@ import argparse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 import json
+import math
 import os
 from pathlib import Path
 import platform
@@ -70,7 +71,6 @@ class Scale:
     convergence_factor: int = 2  # the independent check run trains this many times longer
     teacher_seed: int | None = None  # one teacher, trained with this seed, for every seed; None: one per seed
     teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # the teacher network's own regularisation
-    teacher_optimizer: dict[str, Any] = field(default_factory=dict)  # changes to SGD for the teacher only
 
 
 def _cifar(root: Path) -> str | None:
@@ -143,7 +143,6 @@ def teacher_arm(scale: Scale, out: Path, seed: int) -> dict[str, Any]:
                      schedule=s.kd_schedule, batch=s.kd_batch, extra_data=s.teacher_data)
     if s.teacher_kwargs:
         recipe["peers"][0]["kwargs"] = dict(s.teacher_kwargs)
-    recipe["optimizer"].update(s.teacher_optimizer)
     return recipe
 
 
@@ -396,7 +395,7 @@ def teacher_check(per_seed: Mapping[str, Mapping[int, float]], arms_iv: Mapping[
 
 
 def _f(v: float | None, nd: int = 2) -> str:
-    return "—" if v is None or v != v or v in (float("inf"), float("-inf")) else f"{v:.{nd}f}"
+    return "—" if v is None or not math.isfinite(v) else f"{v:.{nd}f}"
 
 
 def markdown(res: Mapping[str, Any], meta: Mapping[str, Any]) -> str:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 import contextlib
 from datetime import timedelta
+import logging
 import os
 from pathlib import Path
+import sys
 from typing import TypeVar
 
 from accelerate import Accelerator
@@ -107,14 +109,11 @@ def end_launched_process(code: int) -> None:
     interpreter's own teardown is skipped: in it, C++ threads of torch.distributed can still be
     joinable when their destructors run and abort the process (SIGABRT, "terminate called
     without an active exception") after the run ended well, so that torchrun reports the
-    launch as failed and stops the other ranks. Seen about once in two full test-suite runs
-    (dozens of two-process launches), with and without ``destroy_process_group()``.
+    launch as failed and stops the other ranks. ``destroy_process_group()`` alone does not
+    prevent it.
     """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
-    import logging
-    import sys
-
     torch.distributed.destroy_process_group()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
